@@ -1,0 +1,412 @@
+"""One typed experiment config: YAML files, ``--set`` overrides and Flower run-config all meet here.
+
+The config is a tree of frozen dataclasses. It travels through Flower as a flat run-config
+(``{"train.batch_size": 32, ...}``, scalars only) and comes back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Scalar = bool | int | float | str
+
+
+def _fail(key: str, problem: str) -> typing.NoReturn:
+    raise ValueError(f"config key {key!r}: {problem}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        _fail(key, f"must be > 0, got {value!r}")
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not (low <= value <= high):
+        _fail(key, f"must be in [{low}, {high}], got {value!r}")
+
+
+def _check_choice(key: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        _fail(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """Where a run writes and how it is seeded.
+
+    Attributes:
+        name: Run name; results go to ``<output_dir>/<name>/``.
+        output_dir: Parent folder of run directories (relative paths resolve against the
+            current directory of the process that resolves the config).
+        seed: Seeds data generation, partitioning, initialization and sampling.
+        resume: Continue from the run directory's latest checkpoint instead of starting over.
+    """
+
+    name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            _fail("run.name", f"must be a plain folder name (no '/', spaces), got {self.name!r}")
+        if not self.output_dir:
+            _fail("run.output_dir", "must not be empty")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Which images each hospital holds and how simulations split them.
+
+    Attributes:
+        source: Data set name (``phantom`` is embedded and offline; see ``fedgan.data``).
+        path: A local file or folder (``medmnist``: the ``.npz`` or its folder; ``folder``: the
+            image folder). In deployment a SuperNode's ``data-path`` replaces it.
+        subset: MedMNIST subset name (e.g. ``pneumoniamnist``).
+        image_size: Side of the square images the models see; data are resized to it.
+        channels: 1 (grayscale) or 3 (RGB).
+        num_images: Phantom only: how many scans the whole consortium holds.
+        lesion_fraction: Phantom only: share of scans with a lesion (class label 1).
+        eval_fraction: Share of the pooled data held out for central evaluation.
+        partition: How a simulation splits the pool across hospitals (``iid``, ``dirichlet``).
+        dirichlet_alpha: Label-skew concentration for ``dirichlet`` (smaller = more skewed).
+    """
+
+    source: str = "phantom"
+    path: str = ""
+    subset: str = "pneumoniamnist"
+    image_size: int = 32
+    channels: int = 1
+    num_images: int = 2400
+    lesion_fraction: float = 0.5
+    eval_fraction: float = 0.1
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size & (self.image_size - 1):
+            _fail("data.image_size", f"must be a power of two >= 16, got {self.image_size}")
+        if self.channels not in (1, 3):
+            _fail("data.channels", f"must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if self.num_images < 8:
+            _fail("data.num_images", f"must be >= 8, got {self.num_images}")
+        _check_range("data.lesion_fraction", self.lesion_fraction, 0.0, 1.0)
+        _check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.5)
+        _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The GAN family and its size.
+
+    Attributes:
+        family: Registered GAN family name (see ``fedgan.models.FAMILIES``).
+        latent_dim: Size of the generator's noise vector.
+        base_channels: Width of the narrowest layer; deeper layers double it.
+    """
+
+    family: str = "dcgan"
+    latent_dim: int = 64
+    base_channels: int = 32
+
+    def __post_init__(self) -> None:
+        _check_positive("model.latent_dim", self.latent_dim)
+        if self.base_channels < 4:
+            _fail("model.base_channels", f"must be >= 4, got {self.base_channels}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Local training at each hospital (and in the centralized baseline).
+
+    Attributes:
+        batch_size: Real images per discriminator step.
+        local_steps: GAN iterations (one D step + one G step) per hospital per round.
+        lr_g: Generator Adam learning rate.
+        lr_d: Discriminator Adam learning rate.
+        beta1: Adam beta1 (0.5 is the DCGAN setting).
+        beta2: Adam beta2.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        num_threads: Torch CPU threads per training process; 0 keeps torch's default.
+    """
+
+    batch_size: int = 32
+    local_steps: int = 20
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    device: str = "auto"
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.local_steps", self.local_steps)
+        _check_positive("train.lr_g", self.lr_g)
+        _check_positive("train.lr_d", self.lr_d)
+        _check_range("train.beta1", self.beta1, 0.0, 0.9999)
+        _check_range("train.beta2", self.beta2, 0.0, 0.99999)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail("train.device", f"unknown device {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+        if self.num_threads < 0:
+            _fail("train.num_threads", f"must be >= 0 (0 = torch default), got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    """Rounds, hospitals and the server's aggregation strategy.
+
+    Attributes:
+        num_hospitals: Simulated hospitals (SuperNodes) in a simulation.
+        num_rounds: Federated rounds.
+        strategy: Registered aggregation strategy (see ``fedgan.federated.strategies``).
+        fraction_train: Share of hospitals sampled each round.
+        min_hospitals: Fewest hospitals a round needs (0 = every hospital of the simulation).
+        proximal_mu: FedProx proximal term weight.
+        server_lr: Server learning rate of adaptive strategies (FedAdam, FedYogi, FedAdagrad).
+        round_timeout: Seconds the server waits for hospitals' replies in one round.
+    """
+
+    num_hospitals: int = 4
+    num_rounds: int = 10
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_hospitals: int = 0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check_positive("federation.num_hospitals", self.num_hospitals)
+        _check_positive("federation.num_rounds", self.num_rounds)
+        if not (0.0 < self.fraction_train <= 1.0):
+            _fail("federation.fraction_train", f"must be in (0, 1], got {self.fraction_train}")
+        if self.min_hospitals < 0:
+            _fail("federation.min_hospitals", f"must be >= 0, got {self.min_hospitals}")
+        if self.proximal_mu < 0:
+            _fail("federation.proximal_mu", f"must be >= 0, got {self.proximal_mu}")
+        _check_positive("federation.server_lr", self.server_lr)
+        _check_positive("federation.round_timeout", self.round_timeout)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Central evaluation of the global generator on the server.
+
+    Attributes:
+        every: Evaluate (sample grid, metrics) every this many rounds; the last round always.
+        grid_size: Images in the fixed-noise sample grid.
+    """
+
+    every: int = 1
+    grid_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_positive("eval.every", self.every)
+        _check_positive("eval.grid_size", self.grid_size)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment. Build it with :func:`load_config` or :func:`from_run_config`."""
+
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        # Names that live in registries are checked here, once every module has registered.
+        from fedgan.data import DATASETS, PARTITIONERS
+        from fedgan.federated.strategies import STRATEGIES
+        from fedgan.models import FAMILIES
+
+        _check_choice("data.source", self.data.source, DATASETS.names())
+        _check_choice("data.partition", self.data.partition, PARTITIONERS.names())
+        _check_choice("model.family", self.model.family, FAMILIES.names())
+        _check_choice("federation.strategy", self.federation.strategy, STRATEGIES.names())
+        if self.federation.min_hospitals > self.federation.num_hospitals:
+            _fail(
+                "federation.min_hospitals",
+                f"{self.federation.min_hospitals} exceeds federation.num_hospitals "
+                f"({self.federation.num_hospitals})",
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's directory, ``<run.output_dir>/<run.name>``."""
+        return Path(self.run.output_dir) / self.run.name
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
+
+
+def _field_types(section: type) -> dict[str, type]:
+    hints = typing.get_type_hints(section)
+    return {f.name: hints[f.name] for f in fields(section)}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Scalar:
+    """Checks ``value`` against a field's type; ints are accepted where floats are expected."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(key, f"expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _fail(key, f"expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                _fail(key, f"expected a finite number, got {value!r}")
+            return float(value)
+        _fail(key, f"expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        _fail(key, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {kind!r} for {key!r}")
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Builds a validated :class:`Config` from a nested mapping (as read from YAML).
+
+    Raises:
+        ValueError: On an unknown section or key (the message lists the allowed ones) or a
+            value of the wrong type or range.
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config must be a mapping of sections, got {type(data).__name__}")
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown config section(s) {sorted(unknown)}; allowed: {', '.join(SECTIONS)}"
+        )
+    sections: dict[str, Any] = {}
+    for name, section_type in SECTIONS.items():
+        values = data.get(name) or {}
+        if not isinstance(values, Mapping):
+            _fail(name, f"expected a mapping of keys, got {values!r}")
+        types_ = _field_types(section_type)
+        bad = set(values) - set(types_)
+        if bad:
+            key = f"{name}.{sorted(bad)[0]}"
+            _fail(key, f"unknown key; allowed in {name!r}: {', '.join(types_)}")
+        kwargs = {k: _coerce(f"{name}.{k}", v, types_[k]) for k, v in values.items()}
+        sections[name] = section_type(**kwargs)
+    return Config(**sections)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Scalar]]:
+    """The nested plain-dict form of ``config`` (what ``config.yaml`` holds)."""
+    return dataclasses.asdict(config)
+
+
+def to_run_config(config: Config) -> dict[str, Scalar]:
+    """Flattens ``config`` into Flower's run-config: ``{"section.key": scalar}``."""
+    return {
+        f"{section}.{key}": value
+        for section, values in to_dict(config).items()
+        for key, value in values.items()
+    }
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """Rebuilds a :class:`Config` from Flower's flat run-config (the inverse of
+    :func:`to_run_config`); keys missing from ``run_config`` take their defaults."""
+    nested: dict[str, dict[str, Any]] = {}
+    for flat_key, value in run_config.items():
+        section, sep, key = flat_key.partition(".")
+        if not sep:
+            raise ValueError(
+                f"run-config key {flat_key!r} is not of the form 'section.key'; "
+                f"sections: {', '.join(SECTIONS)}"
+            )
+        nested.setdefault(section, {})[key] = value
+    return from_dict(nested)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parses one ``--set section.key=value`` (the value is read as YAML: ``3``, ``true``,
+    ``0.5``, ``name``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.lr_g=1e-4)")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of the nested ``data`` with each ``section.key=value`` applied."""
+    merged = {k: dict(v or {}) for k, v in data.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML experiment (or the defaults when ``path`` is None) and applies overrides.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: On unknown keys or bad values (see :func:`from_dict`).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found (see configs/ for examples)")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded or {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_yaml(config: Config) -> str:
+    """The YAML text of ``config`` (sections in declaration order)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def with_changes(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """Returns ``config`` with some keys of some sections replaced, validated again."""
+    updated = {}
+    for name, changes in sections.items():
+        updated[name] = replace(getattr(config, name), **changes)
+    return replace(config, **updated)
+
+
+__all__ = [
+    "Config",
+    "DataSection",
+    "EvalSection",
+    "FederationSection",
+    "ModelSection",
+    "RunSection",
+    "TrainSection",
+    "apply_overrides",
+    "dump_yaml",
+    "from_dict",
+    "from_run_config",
+    "load_config",
+    "to_dict",
+    "to_run_config",
+    "with_changes",
+]

@@ -1,0 +1,100 @@
+"""Hospital data: sources by name, partitions for simulations, local data for deployments."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import TensorDataset
+
+from fedgan.data.partition import PARTITIONERS
+from fedgan.data.sources import DATASETS, ImagePool, fit_images, folder_pool, npz_pool
+
+if TYPE_CHECKING:
+    from fedgan.config import DataSection
+
+__all__ = [
+    "DATASETS",
+    "PARTITIONERS",
+    "ImagePool",
+    "eval_dataset",
+    "fit_images",
+    "hospital_dataset",
+    "local_dataset",
+    "pooled_dataset",
+]
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1], the range the generators produce."""
+    return images * 2.0 - 1.0
+
+
+@lru_cache(maxsize=4)
+def _pools(cfg: DataSection, seed: int) -> tuple[ImagePool, ImagePool]:
+    # Cached per process: a simulation's ClientApp is called every round in the same worker.
+    return DATASETS.get(cfg.source).load(cfg, seed)
+
+
+@lru_cache(maxsize=4)
+def _partition(cfg: DataSection, seed: int, num_hospitals: int) -> tuple:
+    train, _ = _pools(cfg, seed)
+    parts = PARTITIONERS.get(cfg.partition)(
+        train.labels.numpy(), num_hospitals, seed=seed, alpha=cfg.dirichlet_alpha
+    )
+    return tuple(parts)
+
+
+def hospital_pool(cfg: DataSection, seed: int, hospital: int, num_hospitals: int) -> ImagePool:
+    """Hospital ``hospital``'s share of the training pool, as its scanner renders it."""
+    if not 0 <= hospital < num_hospitals:
+        raise ValueError(f"hospital index {hospital} is outside 0..{num_hospitals - 1}")
+    train, _ = _pools(cfg, seed)
+    part = train.subset(_partition(cfg, seed, num_hospitals)[hospital])
+    view = DATASETS.get(cfg.source).hospital_view(part.images, hospital, seed)
+    return ImagePool(view, part.labels)
+
+
+def hospital_dataset(cfg: DataSection, seed: int, hospital: int, num_hospitals: int) -> TensorDataset:
+    """The training data of one simulated hospital: ``(image in [-1, 1], label)`` pairs."""
+    pool = hospital_pool(cfg, seed, hospital, num_hospitals)
+    return TensorDataset(to_signed(pool.images), pool.labels)
+
+
+def pooled_dataset(cfg: DataSection, seed: int, num_hospitals: int) -> TensorDataset:
+    """Every hospital's training data in one set: the centralized baseline sees exactly these."""
+    pools = [hospital_pool(cfg, seed, h, num_hospitals) for h in range(num_hospitals)]
+    return TensorDataset(
+        to_signed(torch.cat([p.images for p in pools])), torch.cat([p.labels for p in pools])
+    )
+
+
+def eval_dataset(cfg: DataSection, seed: int, num_hospitals: int) -> TensorDataset:
+    """Held-out real images for central evaluation, rendered round-robin by every hospital's
+    scanner so they follow the consortium's mix of sites."""
+    _, pool = _pools(cfg, seed)
+    source = DATASETS.get(cfg.source)
+    images = pool.images.clone()
+    for h in range(num_hospitals):
+        idx = torch.arange(h, len(images), num_hospitals)
+        images[idx] = source.hospital_view(pool.images[idx], h, seed + 99_991)
+    return TensorDataset(to_signed(images), pool.labels)
+
+
+def local_dataset(path: str | Path, cfg: DataSection) -> TensorDataset:
+    """A deployed hospital's own data from its SuperNode ``data-path``: a MedMNIST-layout
+    ``.npz`` (its train split) or a folder of images.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"data-path {str(p)!r} does not exist; set the SuperNode's node config "
+            "data-path to this site's .npz file or image folder"
+        )
+    pool = npz_pool(p, "train", cfg) if p.is_file() and p.suffix == ".npz" else folder_pool(p, cfg)
+    return TensorDataset(to_signed(pool.images), pool.labels)

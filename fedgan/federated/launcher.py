@@ -1,0 +1,266 @@
+"""Runs the Flower app on a SuperLink this process starts and stops (``fedgan simulate``).
+
+Flower's state (``FLWR_HOME``: the connection config, the SuperLink database and logs) lives in
+the run directory, so runs never share or clobber a user's ``~/.flwr``. Runtime dependency
+installation stays off: the app runs in the environment fedgan is installed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+import fedgan
+
+CONNECTION = "fedgan"
+_FINISHED = "finished"
+
+
+class RunFailed(RuntimeError):
+    """The Flower run ended in a state other than completed."""
+
+
+def app_dir() -> Path:
+    """The Flower app's project folder (holding ``pyproject.toml`` with ``[tool.flwr.app]``).
+
+    Raises:
+        FileNotFoundError: If fedgan is not run from a source checkout.
+    """
+    root = Path(fedgan.__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text(encoding="utf-8"):
+        raise FileNotFoundError(
+            f"no Flower app found at {root}: install fedgan from its source checkout "
+            "(pip install -e .) so that `flwr run` can package it"
+        )
+    return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for Flower processes of this run: own ``FLWR_HOME``, no runtime
+    dependency installation, no update checks."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_connection(
+    flwr_home: Path,
+    address: str,
+    *,
+    root_certificates: str | None = None,
+    name: str = CONNECTION,
+) -> Path:
+    """Writes ``$FLWR_HOME/config.toml`` with one SuperLink connection named ``name``."""
+    conn: dict[str, Any] = {"address": address}
+    if root_certificates:
+        conn["root-certificates"] = str(root_certificates)
+    else:
+        conn["insecure"] = True
+    path = flwr_home / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tomli_w.dumps({"superlink": {"default": name, name: conn}}).encode())
+    return path
+
+
+@dataclass
+class SuperLinkProcess:
+    """A SuperLink started by :func:`superlink`."""
+
+    process: subprocess.Popen
+    address: str
+    log_file: Path
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stops ``proc`` and everything in its process group (SIGTERM, then SIGKILL)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout)
+
+
+@contextmanager
+def superlink(
+    flwr_home: Path,
+    *,
+    simulation: bool,
+    extra_args: list[str] | None = None,
+    startup_timeout: float = 60.0,
+) -> Iterator[SuperLinkProcess]:
+    """Starts a SuperLink on free loopback ports and stops it (and its children) on exit.
+
+    Args:
+        flwr_home: This run's Flower home (database and log go there).
+        simulation: Start the simulation runtime instead of waiting for SuperNodes.
+        extra_args: More ``flower-superlink`` arguments (TLS, node authentication).
+        startup_timeout: Seconds to wait for the Control API.
+
+    Raises:
+        RuntimeError: If the SuperLink exits or does not open its Control API in time.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    # Flower >= 1.41 serves the Control, Fleet and Runtime APIs on one HTTP port.
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log_file = flwr_home / "superlink.log"
+    cmd = [
+        _bin("flower-superlink"),
+        *(extra_args or ["--insecure"]),
+        "--isolation", "subprocess",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--database", str(flwr_home / "state.db"),
+        "--disable-runtime-dependency-installation",
+        "--log-file", str(log_file),
+    ]
+    if simulation:
+        cmd.append("--simulation")
+    with (flwr_home / "superlink.stdout").open("ab") as out:
+        proc = subprocess.Popen(
+            cmd, env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _port_open(address):
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"flower-superlink exited with code {proc.returncode}; see {log_file}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start in {startup_timeout}s; see {log_file}")
+            time.sleep(0.2)
+        yield SuperLinkProcess(proc, address, log_file)
+    finally:
+        stop_process(proc)
+
+
+def write_run_config(path: Path, run_config: Mapping[str, Any]) -> Path:
+    """Writes a flat run-config as a TOML file ``flwr run --run-config`` accepts."""
+    path.write_bytes(tomli_w.dumps(dict(run_config)).encode())
+    return path
+
+
+def submit_run(
+    flwr_home: Path,
+    run_config_file: Path,
+    *,
+    federation_config: Mapping[str, Any] | None = None,
+    stream: bool = True,
+    timeout: float | None = None,
+) -> int:
+    """``flwr run <app> fedgan --run-config FILE [--federation-config ...] [--stream]``.
+
+    Returns:
+        The run id.
+    """
+    cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(run_config_file)]
+    for key, value in (federation_config or {}).items():
+        cmd += ["--federation-config", f"{key}={json.dumps(value)}"]
+    env = flower_env(flwr_home)
+    if not stream:
+        res = subprocess.run(cmd + ["--format", "json"], env=env, capture_output=True, text=True,
+                             timeout=timeout, check=False)
+        return _run_id_from_json(res.stdout, res.stderr)
+    # Stream the run's logs to our stdout while it runs; the run id is read from the first lines.
+    proc = subprocess.Popen(cmd + ["--stream"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    run_id = None
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if run_id is None and "Successfully started run" in line:
+                run_id = int(line.rsplit("run", 1)[1].split()[0])
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if run_id is None:
+        raise RunFailed(f"`flwr run` did not start a run (exit code {proc.returncode})")
+    return run_id
+
+
+def _run_id_from_json(stdout: str, stderr: str) -> int:
+    try:
+        payload = json.loads(stdout.strip().splitlines()[-1])
+        return int(payload["run-id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise RunFailed(f"`flwr run` did not start a run:\n{stdout}\n{stderr}") from None
+
+
+def run_status(flwr_home: Path, run_id: int) -> str:
+    """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
+    res = subprocess.run(
+        [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=flower_env(flwr_home), capture_output=True, text=True, check=False, timeout=60,
+    )
+    try:
+        payload = json.loads(res.stdout)
+        return str(payload["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"unknown ({res.stdout.strip() or res.stderr.strip()})"
+
+
+def wait_for_run(flwr_home: Path, run_id: int, *, timeout: float, poll: float = 1.0) -> str:
+    """Polls until the run is finished and returns its final status.
+
+    Raises:
+        TimeoutError: If the run has not finished within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run_status(flwr_home, run_id)
+        if status.startswith(_FINISHED):
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still {status!r} after {timeout:.0f}s")
+        time.sleep(poll)

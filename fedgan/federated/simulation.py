@@ -1,0 +1,81 @@
+"""``fedgan simulate``: N simulated hospitals through Flower's simulation runtime, on a SuperLink
+started for this run and stopped after it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fedgan.config import Config, to_run_config, with_changes
+from fedgan.federated.launcher import (
+    RunFailed,
+    submit_run,
+    superlink,
+    wait_for_run,
+    write_connection,
+    write_run_config,
+)
+from fedgan.rundir import RunDir
+
+
+def absolute(cfg: Config) -> Config:
+    """``cfg`` with an absolute ``run.output_dir`` (the ServerApp runs in another process)."""
+    return with_changes(cfg, run={"output_dir": str(Path(cfg.run.output_dir).resolve())})
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuses, before anything starts, to write over a finished or crashed run.
+
+    Raises:
+        FileExistsError: If the run directory holds a run and ``run.resume`` is false.
+    """
+    rd = RunDir(cfg.run_dir)
+    if not cfg.run.resume and (rd.metrics_path.exists() or rd.latest_checkpoint_path()):
+        raise FileExistsError(
+            f"run directory {str(rd.path)!r} already holds a run; pass --set run.resume=true to "
+            "continue it, or --set run.name=<new name>"
+        )
+
+
+def federation_config(cfg: Config) -> dict[str, int | float]:
+    """Simulation settings: one SuperNode per hospital, one CPU each (Ray then sets one torch
+    thread per worker), a share of the GPU per hospital when there is one."""
+    hospitals = cfg.federation.num_hospitals
+    fed: dict[str, int | float] = {
+        "num_supernodes": hospitals,
+        "client_resources_num_cpus": 1,
+        "init_args_num_cpus": max(1, os.cpu_count() or 1),
+    }
+    if torch.cuda.is_available() and cfg.train.device != "cpu":
+        fed["client_resources_num_gpus"] = round(1.0 / min(hospitals, 8), 3)
+        fed["init_args_num_gpus"] = torch.cuda.device_count()
+    return fed
+
+
+def simulate(cfg: Config, *, timeout: float = 24 * 3600.0) -> dict:
+    """Runs the federated simulation described by ``cfg`` and returns its summary.
+
+    Raises:
+        FileExistsError: See :func:`check_run_dir`.
+        RunFailed: If the Flower run does not finish as completed.
+    """
+    cfg = absolute(cfg)
+    check_run_dir(cfg)
+    flwr_home = cfg.run_dir / ".flwr"
+    with superlink(flwr_home, simulation=True) as link:
+        write_connection(flwr_home, link.address)
+        rc_file = write_run_config(flwr_home / "run_config.toml", to_run_config(cfg))
+        run_id = submit_run(flwr_home, rc_file, federation_config=federation_config(cfg),
+                            timeout=timeout)
+        status = wait_for_run(flwr_home, run_id, timeout=timeout)
+    if status != "finished:completed":
+        raise RunFailed(
+            f"Flower run {run_id} ended as {status!r}; see {link.log_file} and the log above"
+        )
+    summary_path = RunDir(cfg.run_dir).summary_path
+    if not summary_path.exists():
+        raise RunFailed(f"run {run_id} completed but wrote no {summary_path}")
+    return json.loads(summary_path.read_text(encoding="utf-8"))

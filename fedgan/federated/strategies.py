@@ -1,0 +1,108 @@
+"""Aggregation strategies by name, each wrapped to record what every hospital reported."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Strategy,
+)
+
+from fedgan.federated.records import nbytes
+from fedgan.registry import Registry
+
+if TYPE_CHECKING:
+    from fedgan.config import FederationSection
+
+StrategyFactory = Callable[[dict[str, Any], "FederationSection"], Strategy]
+
+STRATEGIES: Registry[StrategyFactory] = Registry("aggregation strategy")
+
+STRATEGIES.add("fedavg", lambda common, cfg: _recording(FedAvg)(**common))
+STRATEGIES.add("fedavgm", lambda common, cfg: _recording(FedAvgM)(**common, server_learning_rate=1.0))
+STRATEGIES.add("fedmedian", lambda common, cfg: _recording(FedMedian)(**common))
+STRATEGIES.add("fedtrimmedavg", lambda common, cfg: _recording(FedTrimmedAvg)(**common, beta=0.2))
+STRATEGIES.add("fedadam", lambda common, cfg: _recording(FedAdam)(**common, eta=cfg.server_lr))
+STRATEGIES.add("fedyogi", lambda common, cfg: _recording(FedYogi)(**common, eta=cfg.server_lr))
+STRATEGIES.add(
+    "fedadagrad", lambda common, cfg: _recording(FedAdagrad)(**common, eta=cfg.server_lr)
+)
+
+
+@dataclass
+class HospitalReport:
+    """One hospital's training reply as the server saw it."""
+
+    node_id: int
+    metrics: dict[str, float]
+    bytes_up: int
+
+
+@dataclass
+class RoundLog:
+    """What the recording wrapper saw in the latest round."""
+
+    sent: int = 0
+    bytes_down: int = 0
+    reports: list[HospitalReport] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _recording(base: type[Strategy]) -> type[Strategy]:
+    """A subclass of ``base`` that keeps each round's per-hospital replies in ``round_log``."""
+
+    class Recording(base):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.round_log = RoundLog()
+
+        def configure_train(
+            self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        ) -> Iterable[Message]:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            self.round_log = RoundLog(sent=len(messages), bytes_down=nbytes(arrays) * len(messages))
+            return messages
+
+        def aggregate_train(
+            self, server_round: int, replies: Iterable[Message]
+        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            replies = list(replies)
+            for msg in replies:
+                node = msg.metadata.src_node_id
+                if msg.has_error():
+                    self.round_log.failures.append((node, str(msg.error.reason)))
+                    continue
+                metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+                up = sum(nbytes(a) for a in msg.content.array_records.values())
+                self.round_log.reports.append(
+                    HospitalReport(node, {k: float(v) for k, v in metrics.items()}, up)  # type: ignore[arg-type]
+                )
+            return super().aggregate_train(server_round, replies)
+
+    Recording.__name__ = Recording.__qualname__ = base.__name__
+    return Recording
+
+
+def build_strategy(cfg: FederationSection) -> Strategy:
+    """The configured strategy; server-side only (no federated evaluation round)."""
+    min_train = cfg.min_hospitals or max(1, math.ceil(cfg.fraction_train * cfg.num_hospitals))
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": min_train,
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": cfg.min_hospitals or cfg.num_hospitals,
+    }
+    return STRATEGIES.get(cfg.strategy)(common, cfg)

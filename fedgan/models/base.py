@@ -1,0 +1,52 @@
+"""The GAN family interface and registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import nn
+
+from fedgan.registry import Registry
+
+if TYPE_CHECKING:
+    from fedgan.config import ModelSection
+
+
+class ImageShape(NamedTuple):
+    """Channels and side of the square images a model generates."""
+
+    channels: int
+    size: int
+
+
+@dataclass(frozen=True)
+class GanFamily:
+    """A GAN family: how to build its networks and the losses its steps minimize.
+
+    Attributes:
+        name: Registered name (``model.family``).
+        build: ``(model_cfg, shape) -> {"generator": G, "discriminator": D}``.
+        d_loss: ``(d(real), d(fake)) -> loss`` minimized by the discriminator.
+        g_loss: ``d(fake) -> loss`` minimized by the generator.
+        dp_compatible: Whether Opacus can privatize the discriminator as built.
+    """
+
+    name: str
+    build: Callable[[ModelSection, ImageShape], dict[str, nn.Module]]
+    d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    g_loss: Callable[[torch.Tensor], torch.Tensor]
+    dp_compatible: bool = True
+
+
+FAMILIES: Registry[GanFamily] = Registry("GAN family")
+
+
+def build_networks(model_cfg: ModelSection, shape: ImageShape, *, seed: int) -> dict[str, nn.Module]:
+    """Builds the family's networks with seeded initial weights."""
+    family = FAMILIES.get(model_cfg.family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return family.build(model_cfg, shape)

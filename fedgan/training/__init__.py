@@ -1,0 +1,20 @@
+"""Pure GAN step functions and the local training loop (no Flower imports)."""
+
+from fedgan.training.loop import (
+    LocalStats,
+    batches,
+    make_optimizers,
+    resolve_device,
+    train_local,
+)
+from fedgan.training.steps import d_step, g_step
+
+__all__ = [
+    "LocalStats",
+    "batches",
+    "d_step",
+    "g_step",
+    "make_optimizers",
+    "resolve_device",
+    "train_local",
+]

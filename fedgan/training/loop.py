@@ -1,0 +1,130 @@
+"""The local training loop shared by every hospital and by the centralized baseline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.optim import Adam, Optimizer
+from torch.utils.data import TensorDataset
+
+from fedgan.models.base import GanFamily
+from fedgan.training.steps import d_step, g_step
+
+if TYPE_CHECKING:
+    from fedgan.config import TrainSection
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as given.
+
+    Raises:
+        ValueError: If CUDA is asked for on a machine without it.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
+    return device
+
+
+def make_optimizers(nets: Mapping[str, nn.Module], cfg: TrainSection) -> dict[str, Optimizer]:
+    """Adam for each network with the configured (TTUR-capable) learning rates."""
+    lrs = {"generator": cfg.lr_g, "discriminator": cfg.lr_d}
+    return {
+        name: Adam(net.parameters(), lr=lrs[name], betas=(cfg.beta1, cfg.beta2))
+        for name, net in nets.items()
+    }
+
+
+def batches(
+    images: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches of ``images`` (each epoch a new permutation; no partial batch
+    unless the whole set is smaller than one batch)."""
+    n = len(images)
+    if n == 0:
+        raise ValueError("cannot train on an empty data set")
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator).to(images.device)
+        for start in range(0, n - size + 1, size):
+            yield images[order[start : start + size]]
+
+
+@dataclass(frozen=True)
+class LocalStats:
+    """What one stretch of local training reports.
+
+    Attributes:
+        steps: GAN iterations run.
+        examples: Real images the discriminator saw.
+        d_loss: Mean discriminator loss.
+        g_loss: Mean generator loss.
+        seconds: Wall time of the loop.
+    """
+
+    steps: int
+    examples: int
+    d_loss: float
+    g_loss: float
+    seconds: float
+
+
+def train_local(
+    family: GanFamily,
+    nets: Mapping[str, nn.Module],
+    optimizers: Mapping[str, Optimizer],
+    dataset: TensorDataset,
+    cfg: TrainSection,
+    *,
+    steps: int,
+    seed: int,
+    device: torch.device,
+) -> LocalStats:
+    """Runs ``steps`` GAN iterations (one D step, one G step each) on ``dataset``.
+
+    Args:
+        family: Losses of the GAN family.
+        nets: ``{"generator": G, "discriminator": D}``, already on ``device``.
+        optimizers: One optimizer per network (state kept by the caller across calls).
+        dataset: Images in [-1, 1] (first tensor of the data set).
+        cfg: Batch size and the rest of the training settings.
+        steps: Number of iterations.
+        seed: Seeds batch order and noise.
+        device: Where to train.
+
+    Returns:
+        Loss means, examples seen and wall time.
+    """
+    start = time.perf_counter()
+    generator, discriminator = nets["generator"], nets["discriminator"]
+    generator.train()
+    discriminator.train()
+    images = dataset.tensors[0].to(device, non_blocking=True)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    latent = generator.latent_dim
+    d_total = torch.zeros((), device=device)
+    g_total = torch.zeros((), device=device)
+    examples = 0
+    batch_iter = batches(images, cfg.batch_size, cpu_gen)
+    for _ in range(steps):
+        real = next(batch_iter)
+        z = torch.randn(len(real), latent, device=device, generator=noise_gen)
+        d_total += d_step(family, generator, discriminator, optimizers["discriminator"], real, z)
+        z = torch.randn(len(real), latent, device=device, generator=noise_gen)
+        g_total += g_step(family, generator, discriminator, optimizers["generator"], z)
+        examples += len(real)
+    return LocalStats(
+        steps=steps,
+        examples=examples,
+        d_loss=float(d_total) / max(steps, 1),
+        g_loss=float(g_total) / max(steps, 1),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,109 @@
+"""Round bookkeeping shared by the federated server and the centralized baseline: resume,
+checkpoints, sample grids, ``metrics.jsonl`` and ``summary.json``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fedgan.config import Config, dump_yaml
+from fedgan.evaluation import CentralEvaluator
+from fedgan.models import build_networks, pack_state
+from fedgan.rundir import RunDir
+from fedgan.training.hospital import config_shape
+
+
+class RunRecorder:
+    """Owns one run directory for the length of a run.
+
+    Args:
+        cfg: The resolved config; its ``run_dir`` is used.
+        mode: ``"federated"`` or ``"centralized"`` (written to every record).
+        log: Progress printer (one line per round).
+    """
+
+    def __init__(self, cfg: Config, mode: str, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.mode = mode
+        self.log = log
+        self.run_dir = RunDir(cfg.run_dir)
+        self.evaluator = CentralEvaluator(cfg, config_shape(cfg), self.run_dir.samples)
+        self.started = time.time()
+        self.last_tick = time.perf_counter()
+        self.start_round = 0
+
+    def start(self) -> dict[str, torch.Tensor]:
+        """Prepares the directory and returns the networks to start from.
+
+        A fresh run writes ``config.yaml`` and round-0 weights; with ``run.resume`` the latest
+        checkpoint is loaded and ``start_round`` set to its round.
+
+        Raises:
+            FileExistsError: If the directory already holds a run and ``run.resume`` is false.
+        """
+        rd = self.run_dir
+        latest = rd.latest_checkpoint_path()
+        if self.cfg.run.resume and latest is not None:
+            ckpt = rd.load_checkpoint(latest)
+            self.start_round = int(ckpt["round"])
+            rd.truncate_metrics_after(self.start_round)
+            self.log(f"resuming {rd.path} from round {self.start_round}")
+            return ckpt["state"]
+        if latest is not None or rd.metrics_path.exists():
+            raise FileExistsError(
+                f"run directory {str(rd.path)!r} already holds a run; set run.resume=true to "
+                "continue it, or choose another run.name"
+            )
+        rd.write_config(dump_yaml(self.cfg))
+        nets = build_networks(self.cfg.model, config_shape(self.cfg), seed=self.cfg.run.seed)
+        state = pack_state(nets)
+        rd.save_checkpoint(0, state, {"mode": self.mode})
+        self.evaluator.sample_grid(0, state)
+        return state
+
+    def due(self, round_: int) -> bool:
+        last = round_ == self.cfg.federation.num_rounds
+        return last or round_ % self.cfg.eval.every == 0
+
+    def end_round(self, round_: int, state: dict[str, torch.Tensor], record: dict[str, Any]) -> dict:
+        """Checkpoints ``state``, evaluates it when due and appends the round's record."""
+        now = time.perf_counter()
+        record = {"round": round_, "mode": self.mode, **record}
+        record["round_seconds"] = now - self.last_tick
+        self.run_dir.save_checkpoint(round_, state, {"mode": self.mode})
+        if self.due(round_):
+            t0 = time.perf_counter()
+            record["eval"] = self.evaluator.evaluate(round_, state)
+            record["eval_seconds"] = time.perf_counter() - t0
+        self.run_dir.append_metrics(record)
+        agg = record.get("aggregate", {})
+        self.log(
+            f"[{self.mode}] round {round_}/{self.cfg.federation.num_rounds}  "
+            f"d_loss={agg.get('d_loss', float('nan')):.3f}  "
+            f"g_loss={agg.get('g_loss', float('nan')):.3f}  "
+            f"{record['round_seconds']:.1f}s  -> {self.run_dir.path}"
+        )
+        self.last_tick = time.perf_counter()
+        return record
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Writes ``summary.json`` from the metrics so far."""
+        records = self.run_dir.read_metrics()
+        last = records[-1] if records else {}
+        summary = {
+            "name": self.cfg.run.name,
+            "mode": self.mode,
+            "rounds": last.get("round", 0),
+            "final": {"aggregate": last.get("aggregate", {}), "eval": last.get("eval", {})},
+            "wall_seconds": time.time() - self.started,
+            "examples_seen": sum(r.get("aggregate", {}).get("examples_seen", 0) for r in records),
+            "bytes_communicated": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in records),
+            "run_dir": str(self.run_dir.path),
+            **(extra or {}),
+        }
+        self.run_dir.write_summary(summary)
+        self.log(f"[{self.mode}] done: results in {self.run_dir.path}")
+        return summary
