@@ -12,7 +12,11 @@ from fedgan.config import Config, dump_yaml, load_config
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML experiment (see configs/); defaults if omitted")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one key, e.g. --set federation.num_rounds=5 (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -29,8 +33,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    print(f"fedgan: simulating {cfg.federation.num_hospitals} hospitals, "
-          f"{cfg.federation.num_rounds} rounds -> {cfg.run_dir.resolve()}", flush=True)
+    print(
+        f"fedgan: simulating {cfg.federation.num_hospitals} hospitals, "
+        f"{cfg.federation.num_rounds} rounds -> {cfg.run_dir.resolve()}",
+        flush=True,
+    )
     summary = simulate(cfg)
     print(f"fedgan: done in {summary['wall_seconds']:.0f}s; results in {summary['run_dir']}")
     return 0

@@ -155,7 +155,9 @@ class TrainSection:
         _check_range("train.beta1", self.beta1, 0.0, 0.9999)
         _check_range("train.beta2", self.beta2, 0.0, 0.99999)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            _fail("train.device", f"unknown device {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+            _fail(
+                "train.device", f"unknown device {self.device!r}; allowed: auto, cpu, cuda, cuda:N"
+            )
         if self.num_threads < 0:
             _fail("train.num_threads", f"must be >= 0 (0 = torch default), got {self.num_threads}")
 
@@ -173,6 +175,7 @@ class FederationSection:
         proximal_mu: FedProx proximal term weight.
         server_lr: Server learning rate of adaptive strategies (FedAdam, FedYogi, FedAdagrad).
         round_timeout: Seconds the server waits for hospitals' replies in one round.
+        connect_timeout: Seconds the server waits at the start for enough hospitals to connect.
     """
 
     num_hospitals: int = 4
@@ -183,6 +186,7 @@ class FederationSection:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     round_timeout: float = 3600.0
+    connect_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         _check_positive("federation.num_hospitals", self.num_hospitals)
@@ -195,6 +199,7 @@ class FederationSection:
             _fail("federation.proximal_mu", f"must be >= 0, got {self.proximal_mu}")
         _check_positive("federation.server_lr", self.server_lr)
         _check_positive("federation.round_timeout", self.round_timeout)
+        _check_positive("federation.connect_timeout", self.connect_timeout)
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,12 @@ def _coerce(key: str, value: Any, kind: type) -> Scalar:
         if isinstance(value, bool):
             return value
         _fail(key, f"expected true or false, got {value!r}")
+    if kind in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept any numeric text.
+        try:
+            value = float(value) if kind is float else int(value)
+        except ValueError:
+            _fail(key, f"expected a number, got {value!r}")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -346,7 +357,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     ``0.5``, ``name``)."""
     key, sep, raw = text.partition("=")
     if not sep or "." not in key:
-        raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.lr_g=1e-4)")
+        raise ValueError(
+            f"override {text!r} must look like section.key=value (e.g. train.lr_g=1e-4)"
+        )
     value = yaml.safe_load(raw) if raw.strip() else ""
     return key.strip(), value
 
@@ -372,7 +385,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found (see configs/ for examples)")
+            raise FileNotFoundError(
+                f"config file {str(path)!r} not found (see configs/ for examples)"
+            )
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")

@@ -57,7 +57,9 @@ def hospital_pool(cfg: DataSection, seed: int, hospital: int, num_hospitals: int
     return ImagePool(view, part.labels)
 
 
-def hospital_dataset(cfg: DataSection, seed: int, hospital: int, num_hospitals: int) -> TensorDataset:
+def hospital_dataset(
+    cfg: DataSection, seed: int, hospital: int, num_hospitals: int
+) -> TensorDataset:
     """The training data of one simulated hospital: ``(image in [-1, 1], label)`` pairs."""
     pool = hospital_pool(cfg, seed, hospital, num_hospitals)
     return TensorDataset(to_signed(pool.images), pool.labels)

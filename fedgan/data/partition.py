@@ -24,7 +24,9 @@ def _check(n: int, num_parts: int) -> None:
 
 
 @PARTITIONERS.register("iid")
-def iid_partition(labels: np.ndarray, num_parts: int, *, seed: int, **_: object) -> list[np.ndarray]:
+def iid_partition(
+    labels: np.ndarray, num_parts: int, *, seed: int, **_: object
+) -> list[np.ndarray]:
     """Shuffles the indices and deals them into ``num_parts`` near-equal shares.
 
     Returns:

@@ -93,22 +93,28 @@ def render_phantoms(
     x, y = x[None], y[None]
     sharp = size * 0.6
 
-    body = _ellipse(x, y, u(-0.03, 0.03), u(-0.03, 0.03), u(0.78, 0.92), u(0.6, 0.74), u(-0.08, 0.08), sharp)
+    body = _ellipse(
+        x, y, u(-0.03, 0.03), u(-0.03, 0.03), u(0.78, 0.92), u(0.6, 0.74), u(-0.08, 0.08), sharp
+    )
     img = 0.5 * body
     # Smooth tissue texture: a few random low-frequency waves inside the body.
     for _ in range(3):
         fx, fy, phase = u(1.0, 4.0), u(1.0, 4.0), u(0.0, 6.283)
         img = img + 0.04 * body * torch.sin(fx * x * 3.14 + fy * y * 3.14 + phase)
     lung_params = []
-    for side in (-1.0, 1.0):
-        cx, cy = side * u(0.32, 0.42), u(-0.12, 0.02)
+    for sign in (-1.0, 1.0):
+        cx, cy = sign * u(0.32, 0.42), u(-0.12, 0.02)
         ax, ay = u(0.2, 0.28), u(0.33, 0.45)
-        lung = _ellipse(x, y, cx, cy, ax, ay, side * u(0.0, 0.25), sharp)
+        lung = _ellipse(x, y, cx, cy, ax, ay, sign * u(0.0, 0.25), sharp)
         img = img * (1 - lung) + 0.1 * lung
         lung_params.append((cx, cy, ax, ay))
-    heart = _ellipse(x, y, u(0.02, 0.14), u(0.08, 0.2), u(0.16, 0.24), u(0.13, 0.19), u(-0.5, 0.1), sharp)
+    heart = _ellipse(
+        x, y, u(0.02, 0.14), u(0.08, 0.2), u(0.16, 0.24), u(0.13, 0.19), u(-0.5, 0.1), sharp
+    )
     img = img * (1 - heart) + 0.68 * heart
-    spine = _ellipse(x, y, u(-0.02, 0.02), u(0.48, 0.56), u(0.08, 0.11), u(0.08, 0.11), u(0.0, 0.1), sharp)
+    spine = _ellipse(
+        x, y, u(-0.02, 0.02), u(0.48, 0.56), u(0.08, 0.11), u(0.08, 0.11), u(0.0, 0.1), sharp
+    )
     img = img * (1 - spine) + 0.95 * spine
 
     labels = (torch.rand(n, generator=g) < lesion_fraction).long()
@@ -127,7 +133,7 @@ def render_phantoms(
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(round(3 * sigma)))
+    radius = max(1, round(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-(t * t) / (2 * sigma * sigma))
     return k / k.sum()

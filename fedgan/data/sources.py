@@ -67,15 +67,16 @@ def fit_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
             f"images have {images.shape[1]} channels; data.channels must be 1 or 3 to convert"
         )
     if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False)
+        images = F.interpolate(
+            images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return images.clamp(0.0, 1.0).contiguous()
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into (train, eval) index arrays."""
     order = np.random.default_rng(seed + 7).permutation(n)
-    n_eval = int(round(n * fraction))
+    n_eval = round(n * fraction)
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
@@ -140,8 +141,10 @@ def medmnist_file(cfg: DataSection) -> Path:
     import medmnist  # imported lazily: only the download path needs it
 
     if cfg.subset not in medmnist.INFO:
-        raise ValueError(f"data.subset {cfg.subset!r} is not a MedMNIST subset; known: "
-                         f"{', '.join(sorted(medmnist.INFO))}")
+        raise ValueError(
+            f"data.subset {cfg.subset!r} is not a MedMNIST subset; known: "
+            f"{', '.join(sorted(medmnist.INFO))}"
+        )
     root = Path.home() / ".medmnist"
     root.mkdir(parents=True, exist_ok=True)
     cls = getattr(medmnist, medmnist.INFO[cfg.subset]["python_class"])

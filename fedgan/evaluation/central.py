@@ -35,9 +35,9 @@ class CentralEvaluator:
         """Images in [-1, 1] from the generator in ``state`` (eval mode, CPU)."""
         nets = build_networks(self.cfg.model, self.shape, seed=self.cfg.run.seed)
         generator = nets["generator"]
-        load_state({"generator": generator}, {
-            k: v for k, v in state.items() if k.startswith("generator.")
-        })
+        load_state(
+            {"generator": generator}, {k: v for k, v in state.items() if k.startswith("generator.")}
+        )
         generator.eval()
         return generator(noise)
 

@@ -1,1 +1,1 @@
-"""The Flower layer: ClientApp, ServerApp, strategies and records (the only package importing flwr)."""
+"""The Flower layer: ClientApp, ServerApp, strategies, records (the only package importing flwr)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
@@ -38,17 +38,17 @@ def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
 def train(msg: Message, context: Context) -> Message:
     """One federated round at one hospital."""
     cfg = from_run_config(context.run_config)
-    round_ = int(msg.content["config"]["server-round"]) + int(
-        msg.content["config"].get("round-offset", 0)
-    )
+    train_config = msg.content.config_records["config"]
+    round_ = int(train_config["server-round"]) + int(train_config.get("round-offset", 0))  # type: ignore[arg-type]
 
     # 1. Load this hospital's data (cached in the process across rounds).
     dataset, hospital = site_data(cfg, context)
 
     # 2. Take the global networks; keep this hospital's optimizer state from earlier rounds.
-    global_state = from_arrays(msg.content["arrays"])
-    kept = context.state.get(_STATE_KEY)
-    optimizer_state = kept["optimizers"] if isinstance(kept, ConfigRecord) else None
+    global_state = from_arrays(msg.content.array_records["arrays"])
+    kept = context.state.config_records.get(_STATE_KEY)
+    blob = kept.get("optimizers") if kept is not None else None
+    optimizer_state = blob if isinstance(blob, bytes) else None
 
     # 3. Train locally.
     result = local_round(

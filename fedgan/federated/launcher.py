@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,10 +119,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=timeout)
 
 
@@ -153,18 +151,26 @@ def superlink(
     cmd = [
         _bin("flower-superlink"),
         *(extra_args or ["--insecure"]),
-        "--isolation", "subprocess",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--database", str(flwr_home / "state.db"),
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(flwr_home / "state.db"),
         "--disable-runtime-dependency-installation",
-        "--log-file", str(log_file),
+        "--log-file",
+        str(log_file),
     ]
     if simulation:
         cmd.append("--simulation")
     with (flwr_home / "superlink.stdout").open("ab") as out:
         proc = subprocess.Popen(
-            cmd, env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT,
+            cmd,
+            env=flower_env(flwr_home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
@@ -175,7 +181,9 @@ def superlink(
                     f"flower-superlink exited with code {proc.returncode}; see {log_file}"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start in {startup_timeout}s; see {log_file}")
+                raise RuntimeError(
+                    f"flower-superlink did not start in {startup_timeout}s; see {log_file}"
+                )
             time.sleep(0.2)
         yield SuperLinkProcess(proc, address, log_file)
     finally:
@@ -206,12 +214,24 @@ def submit_run(
         cmd += ["--federation-config", f"{key}={json.dumps(value)}"]
     env = flower_env(flwr_home)
     if not stream:
-        res = subprocess.run(cmd + ["--format", "json"], env=env, capture_output=True, text=True,
-                             timeout=timeout, check=False)
+        res = subprocess.run(
+            [*cmd, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         return _run_id_from_json(res.stdout, res.stderr)
     # Stream the run's logs to our stdout while it runs; the run id is read from the first lines.
-    proc = subprocess.Popen(cmd + ["--stream"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [*cmd, "--stream"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     run_id = None
     assert proc.stdout is not None
     try:
@@ -241,7 +261,11 @@ def run_status(flwr_home: Path, run_id: int) -> str:
     """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
     res = subprocess.run(
         [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-        env=flower_env(flwr_home), capture_output=True, text=True, check=False, timeout=60,
+        env=flower_env(flwr_home),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     try:
         payload = json.loads(res.stdout)

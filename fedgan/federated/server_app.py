@@ -3,6 +3,7 @@ global generator, and keep the run directory."""
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -20,7 +21,8 @@ app = ServerApp()
 
 def round_record(log_: RoundLog) -> dict:
     """The per-round metrics record: each hospital's report and their weighted aggregate."""
-    hospitals = {}
+    nan = float("nan")
+    hospitals: dict[str, dict[str, float]] = {}
     for rep in log_.reports:
         hid = int(rep.metrics.get("hospital", -1))
         name = f"hospital_{hid}" if hid >= 0 else f"node_{rep.node_id}"
@@ -28,12 +30,12 @@ def round_record(log_: RoundLog) -> dict:
             "node_id": rep.node_id,
             "num_examples": int(rep.metrics.get("num-examples", 0)),
             "examples_seen": int(rep.metrics.get("examples-seen", 0)),
-            "d_loss": rep.metrics.get("d-loss"),
-            "g_loss": rep.metrics.get("g-loss"),
-            "train_seconds": rep.metrics.get("train-seconds"),
+            "d_loss": rep.metrics.get("d-loss", nan),
+            "g_loss": rep.metrics.get("g-loss", nan),
+            "train_seconds": rep.metrics.get("train-seconds", nan),
         }
     total = sum(h["num_examples"] for h in hospitals.values())
-    aggregate = {
+    aggregate: dict[str, float] = {
         "hospitals": len(hospitals),
         "num_examples": total,
         "examples_seen": sum(h["examples_seen"] for h in hospitals.values()),
@@ -50,6 +52,30 @@ def round_record(log_: RoundLog) -> dict:
     }
 
 
+def wait_for_hospitals(grid: Grid, cfg: Config, timeout: float) -> int:
+    """Waits until enough SuperNodes are connected.
+
+    Raises:
+        RuntimeError: If fewer than the configured hospitals connect within ``timeout`` (e.g. a
+            simulation federation with fewer SuperNodes than ``federation.num_hospitals``).
+    """
+    need = cfg.federation.min_hospitals or cfg.federation.num_hospitals
+    deadline = time.monotonic() + timeout
+    while True:
+        have = len(list(grid.get_node_ids()))
+        if have >= need:
+            return have
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {have} SuperNode(s) connected but the config needs {need} "
+                f"(federation.num_hospitals={cfg.federation.num_hospitals}); in a simulation run "
+                f'`flwr run . --federation-config "num_supernodes={need}"` or '
+                f"`--run-config federation.num_hospitals={have}`; in a deployment start more "
+                "SuperNodes or lower federation.min_hospitals"
+            )
+        time.sleep(1.0)
+
+
 def run_server(grid: Grid, cfg: Config) -> dict:
     """Runs the whole federated training described by ``cfg`` on ``grid``.
 
@@ -57,20 +83,27 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         The run's summary (also written to ``summary.json``).
     """
     recorder = RunRecorder(cfg, "federated", log=lambda line: log(INFO, line))
+    # Check the federation before anything is written, so a mis-sized one leaves no run behind.
+    connected = wait_for_hospitals(grid, cfg, timeout=cfg.federation.connect_timeout)
     initial = recorder.start()
     remaining = cfg.federation.num_rounds - recorder.start_round
     if remaining <= 0:
         log(WARNING, "run already completed %s rounds; nothing to do", recorder.start_round)
         return recorder.finish()
-    strategy = build_strategy(cfg.federation)
+    log(INFO, "%s hospital(s) connected; training %s round(s)", connected, remaining)
+    round_log = RoundLog()
+    strategy = build_strategy(cfg.federation, round_log)
 
     def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
         round_ = recorder.start_round + server_round
-        record = round_record(strategy.round_log)
-        for node, reason in strategy.round_log.failures:
+        record = round_record(round_log)
+        for node, reason in round_log.failures:
             log(WARNING, "round %s: node %s did not train: %s", round_, node, reason)
+        if not round_log.reports:
+            reasons = "; ".join(r for _, r in round_log.failures) or "no replies"
+            raise RuntimeError(f"round {round_}: no hospital trained ({reasons})")
         done = recorder.end_round(round_, from_arrays(arrays), record)
         return MetricRecord({k: v for k, v in done.get("eval", {}).items()})
 

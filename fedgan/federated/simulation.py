@@ -68,8 +68,9 @@ def simulate(cfg: Config, *, timeout: float = 24 * 3600.0) -> dict:
     with superlink(flwr_home, simulation=True) as link:
         write_connection(flwr_home, link.address)
         rc_file = write_run_config(flwr_home / "run_config.toml", to_run_config(cfg))
-        run_id = submit_run(flwr_home, rc_file, federation_config=federation_config(cfg),
-                            timeout=timeout)
+        run_id = submit_run(
+            flwr_home, rc_file, federation_config=federation_config(cfg), timeout=timeout
+        )
         status = wait_for_run(flwr_home, run_id, timeout=timeout)
     if status != "finished:completed":
         raise RunFailed(

@@ -26,18 +26,26 @@ from fedgan.registry import Registry
 if TYPE_CHECKING:
     from fedgan.config import FederationSection
 
-StrategyFactory = Callable[[dict[str, Any], "FederationSection"], Strategy]
+StrategyFactory = Callable[[dict[str, Any], "FederationSection", "RoundLog"], Strategy]
 
 STRATEGIES: Registry[StrategyFactory] = Registry("aggregation strategy")
 
-STRATEGIES.add("fedavg", lambda common, cfg: _recording(FedAvg)(**common))
-STRATEGIES.add("fedavgm", lambda common, cfg: _recording(FedAvgM)(**common, server_learning_rate=1.0))
-STRATEGIES.add("fedmedian", lambda common, cfg: _recording(FedMedian)(**common))
-STRATEGIES.add("fedtrimmedavg", lambda common, cfg: _recording(FedTrimmedAvg)(**common, beta=0.2))
-STRATEGIES.add("fedadam", lambda common, cfg: _recording(FedAdam)(**common, eta=cfg.server_lr))
-STRATEGIES.add("fedyogi", lambda common, cfg: _recording(FedYogi)(**common, eta=cfg.server_lr))
+STRATEGIES.add("fedavg", lambda common, cfg, log: _recording(FedAvg, log)(**common))
 STRATEGIES.add(
-    "fedadagrad", lambda common, cfg: _recording(FedAdagrad)(**common, eta=cfg.server_lr)
+    "fedavgm", lambda common, cfg, log: _recording(FedAvgM, log)(**common, server_learning_rate=1.0)
+)
+STRATEGIES.add("fedmedian", lambda common, cfg, log: _recording(FedMedian, log)(**common))
+STRATEGIES.add(
+    "fedtrimmedavg", lambda common, cfg, log: _recording(FedTrimmedAvg, log)(**common, beta=0.2)
+)
+STRATEGIES.add(
+    "fedadam", lambda common, cfg, log: _recording(FedAdam, log)(**common, eta=cfg.server_lr)
+)
+STRATEGIES.add(
+    "fedyogi", lambda common, cfg, log: _recording(FedYogi, log)(**common, eta=cfg.server_lr)
+)
+STRATEGIES.add(
+    "fedadagrad", lambda common, cfg, log: _recording(FedAdagrad, log)(**common, eta=cfg.server_lr)
 )
 
 
@@ -52,27 +60,31 @@ class HospitalReport:
 
 @dataclass
 class RoundLog:
-    """What the recording wrapper saw in the latest round."""
+    """What the recording wrapper saw in the latest round (reset when a round is configured)."""
 
     sent: int = 0
     bytes_down: int = 0
     reports: list[HospitalReport] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)
 
+    def reset(self, sent: int, bytes_down: int) -> None:
+        self.sent, self.bytes_down = sent, bytes_down
+        self.reports, self.failures = [], []
 
-def _recording(base: type[Strategy]) -> type[Strategy]:
+
+def _recording(base: type[Strategy], round_log: RoundLog) -> Callable[..., Strategy]:
     """A subclass of ``base`` that keeps each round's per-hospital replies in ``round_log``."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.round_log = RoundLog()
+            self.round_log = round_log
 
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
             messages = list(super().configure_train(server_round, arrays, config, grid))
-            self.round_log = RoundLog(sent=len(messages), bytes_down=nbytes(arrays) * len(messages))
+            self.round_log.reset(sent=len(messages), bytes_down=nbytes(arrays) * len(messages))
             return messages
 
         def aggregate_train(
@@ -95,8 +107,14 @@ def _recording(base: type[Strategy]) -> type[Strategy]:
     return Recording
 
 
-def build_strategy(cfg: FederationSection) -> Strategy:
-    """The configured strategy; server-side only (no federated evaluation round)."""
+def build_strategy(cfg: FederationSection, round_log: RoundLog | None = None) -> Strategy:
+    """The configured strategy; server-side only (no federated evaluation round).
+
+    Args:
+        cfg: The federation section.
+        round_log: Filled with each round's per-hospital replies (a fresh one if omitted; the
+            strategy's ``round_log`` attribute holds it either way).
+    """
     min_train = cfg.min_hospitals or max(1, math.ceil(cfg.fraction_train * cfg.num_hospitals))
     common = {
         "fraction_train": cfg.fraction_train,
@@ -105,4 +123,4 @@ def build_strategy(cfg: FederationSection) -> Strategy:
         "min_evaluate_nodes": 0,
         "min_available_nodes": cfg.min_hospitals or cfg.num_hospitals,
     }
-    return STRATEGIES.get(cfg.strategy)(common, cfg)
+    return STRATEGIES.get(cfg.strategy)(common, cfg, round_log or RoundLog())

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedgan.models.base import FAMILIES, GanFamily, ImageShape, build_networks
 from fedgan.models import dcgan as _dcgan  # noqa: F401  (registers "dcgan")
+from fedgan.models.base import FAMILIES, GanFamily, ImageShape, build_networks
 
 __all__ = [
     "FAMILIES",
@@ -43,12 +43,19 @@ def load_state(nets: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor])
     for name, net in nets.items():
         prefix = f"{name}."
         own = net.state_dict()
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         missing, unexpected = set(own) - set(sub), set(sub) - set(own)
         if missing or unexpected:
             raise ValueError(
                 f"weights do not fit the {name}: missing {sorted(missing)[:3]}, unexpected "
                 f"{sorted(unexpected)[:3]}; was the checkpoint made with another model config?"
+            )
+        wrong = [k for k, v in sub.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(
+                f"weights do not fit the {name}: {k} has shape {tuple(sub[k].shape)}, the model "
+                f"expects {tuple(own[k].shape)}; was the checkpoint made with another model config?"
             )
         net.load_state_dict(
             {k: torch.as_tensor(v).to(dtype=own[k].dtype) for k, v in sub.items()}, strict=True

@@ -44,7 +44,9 @@ class GanFamily:
 FAMILIES: Registry[GanFamily] = Registry("GAN family")
 
 
-def build_networks(model_cfg: ModelSection, shape: ImageShape, *, seed: int) -> dict[str, nn.Module]:
+def build_networks(
+    model_cfg: ModelSection, shape: ImageShape, *, seed: int
+) -> dict[str, nn.Module]:
     """Builds the family's networks with seeded initial weights."""
     family = FAMILIES.get(model_cfg.family)
     with torch.random.fork_rng(devices=[]):

@@ -46,8 +46,14 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
     steps = steps_per_round(cfg)
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
         stats = train_local(
-            family, nets, optimizers, dataset, cfg.train,
-            steps=steps, seed=cfg.run.seed * 1_000_003 + round_ * 1009, device=device,
+            family,
+            nets,
+            optimizers,
+            dataset,
+            cfg.train,
+            steps=steps,
+            seed=cfg.run.seed * 1_000_003 + round_ * 1009,
+            device=device,
         )
         record = {
             "hospitals": {},

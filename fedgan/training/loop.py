@@ -109,7 +109,7 @@ def train_local(
     images = dataset.tensors[0].to(device, non_blocking=True)
     cpu_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    latent = generator.latent_dim
+    latent: int = generator.latent_dim  # type: ignore[assignment]
     d_total = torch.zeros((), device=device)
     g_total = torch.zeros((), device=device)
     examples = 0

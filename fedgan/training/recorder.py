@@ -68,7 +68,9 @@ class RunRecorder:
         last = round_ == self.cfg.federation.num_rounds
         return last or round_ % self.cfg.eval.every == 0
 
-    def end_round(self, round_: int, state: dict[str, torch.Tensor], record: dict[str, Any]) -> dict:
+    def end_round(
+        self, round_: int, state: dict[str, torch.Tensor], record: dict[str, Any]
+    ) -> dict:
         """Checkpoints ``state``, evaluates it when due and appends the round's record."""
         now = time.perf_counter()
         record = {"round": round_, "mode": self.mode, **record}
@@ -100,7 +102,9 @@ class RunRecorder:
             "final": {"aggregate": last.get("aggregate", {}), "eval": last.get("eval", {})},
             "wall_seconds": time.time() - self.started,
             "examples_seen": sum(r.get("aggregate", {}).get("examples_seen", 0) for r in records),
-            "bytes_communicated": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in records),
+            "bytes_communicated": sum(
+                r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in records
+            ),
             "run_dir": str(self.run_dir.path),
             **(extra or {}),
         }

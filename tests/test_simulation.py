@@ -1,0 +1,93 @@
+"""End to end: `fedgan simulate` through a real SuperLink and Flower's simulation engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedgan.rundir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+TOY = [
+    "data.image_size=16",
+    "data.num_images=120",
+    "model.base_channels=8",
+    "model.latent_dim=16",
+    "train.batch_size=8",
+    "train.local_steps=2",
+    "eval.grid_size=16",
+]
+
+
+def simulate(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "fedgan.cli", "simulate"]
+    for o in (f"run.output_dir={tmp_path}", "run.name=e2e", *TOY, *overrides):
+        args += ["--set", o]
+    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+def _tracked_digest() -> str:
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout
+    h = hashlib.sha256()
+    for name in sorted(files.split()):
+        p = REPO / name
+        if p.is_file():
+            h.update(name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _superlinks_of(path: Path) -> list[str]:
+    out = subprocess.run(["pgrep", "-fa", "flower-superlink"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if str(path) in line]
+
+
+def test_three_hospitals_two_rounds_then_resume(tmp_path: Path) -> None:
+    before = _tracked_digest()
+    res = simulate(tmp_path, "federation.num_hospitals=3", "federation.num_rounds=2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "round 2/2" in res.stdout and "results in" in res.stdout
+    rd = RunDir(tmp_path / "e2e")
+    records = rd.read_metrics()
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert set(r["hospitals"]) == {"hospital_0", "hospital_1", "hospital_2"}
+        assert r["aggregate"]["num_examples"] == sum(
+            h["num_examples"] for h in r["hospitals"].values()
+        )
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert rd.load_checkpoint()["round"] == 2
+    assert (rd.samples / "round_0002.png").stat().st_size > 0
+    assert json.loads(rd.summary_path.read_text())["rounds"] == 2
+    assert (rd.path / "config.yaml").exists()
+    assert _tracked_digest() == before, "a simulation modified a tracked file"
+    assert not _superlinks_of(tmp_path), "the SuperLink was left running"
+
+    # The same name again is refused (nothing is overwritten) ...
+    again = simulate(tmp_path, "federation.num_hospitals=3", "federation.num_rounds=2")
+    assert again.returncode == 2 and "run.resume=true" in again.stderr
+    # ... and resuming continues from the latest checkpoint.
+    more = simulate(
+        tmp_path, "federation.num_hospitals=3", "federation.num_rounds=3", "run.resume=true"
+    )
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3]
+
+
+def test_failed_run_exits_non_zero(tmp_path: Path) -> None:
+    res = simulate(
+        tmp_path,
+        "federation.num_hospitals=2",
+        "federation.num_rounds=1",
+        "data.source=medmnist",
+        f"data.path={tmp_path / 'no-such.npz'}",
+    )
+    assert res.returncode == 1, res.stdout[-2000:]
+    assert "finished:failed" in res.stderr
+    assert not _superlinks_of(tmp_path)
