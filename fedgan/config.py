@@ -202,6 +202,60 @@ class FederationSection:
         _check_positive("federation.connect_timeout", self.connect_timeout)
 
 
+PRIVACY_MODES = ("none", "dp-sgd", "central-dp")
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    """Differential privacy.
+
+    ``dp-sgd`` (sample-level, per hospital): Opacus DP-SGD on the discriminator; the generator
+    learns only through it, so it is private by post-processing. ``central-dp`` (hospital-level,
+    Flower's fixed-clipping wrappers): meaningful only with many hospitals per round.
+
+    Attributes:
+        mode: ``none``, ``dp-sgd`` or ``central-dp``.
+        target_epsilon: The budget every hospital must stay within (required for ``dp-sgd``
+            and ``central-dp``).
+        noise_multiplier: Fixed noise (sigma); 0 calibrates it to ``target_epsilon`` over the
+            whole planned training (rounds x local steps). With a fixed sigma a hospital stops
+            training before the round that would exceed its budget.
+        delta: Target delta; 0 means 1/(10 n) capped at 1e-5 (n: the hospital's images, or the
+            number of hospitals for ``central-dp``).
+        max_grad_norm: Per-sample (``dp-sgd``) or per-hospital update (``central-dp``) clip norm.
+        accountant: ``rdp`` (default) or ``prv``.
+        secure_mode: Cryptographically secure noise (Opacus ``secure_mode``) for production.
+        central_clipping: ``server`` or ``client``-side fixed clipping for ``central-dp``.
+    """
+
+    mode: str = "none"
+    target_epsilon: float = 0.0
+    noise_multiplier: float = 0.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    secure_mode: bool = False
+    central_clipping: str = "server"
+
+    def __post_init__(self) -> None:
+        _check_choice("privacy.mode", self.mode, list(PRIVACY_MODES))
+        _check_choice("privacy.accountant", self.accountant, ["prv", "rdp"])
+        _check_choice("privacy.central_clipping", self.central_clipping, ["client", "server"])
+        if self.target_epsilon < 0 or self.noise_multiplier < 0:
+            _fail("privacy.target_epsilon", "epsilon and noise_multiplier must be >= 0")
+        if self.mode != "none" and not self.target_epsilon > 0:
+            _fail(
+                "privacy.target_epsilon",
+                f"mode {self.mode!r} needs a budget: set privacy.target_epsilon > 0 (e.g. 3.0)",
+            )
+        _check_range("privacy.delta", self.delta, 0.0, 0.1)
+        _check_positive("privacy.max_grad_norm", self.max_grad_norm)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
 @dataclass(frozen=True)
 class EvalSection:
     """Central evaluation of the global generator on the server.
@@ -228,6 +282,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
@@ -240,6 +295,14 @@ class Config:
         _check_choice("data.partition", self.data.partition, PARTITIONERS.names())
         _check_choice("model.family", self.model.family, FAMILIES.names())
         _check_choice("federation.strategy", self.federation.strategy, STRATEGIES.names())
+        family = FAMILIES.get(self.model.family)
+        if self.privacy.mode == "dp-sgd" and family.dp_incompatibility:
+            _fail(
+                "model.family",
+                f"{self.model.family!r} cannot be trained with DP-SGD: "
+                f"{family.dp_incompatibility}. Choose one of: "
+                + ", ".join(n for n in FAMILIES.names() if not FAMILIES.get(n).dp_incompatibility),
+            )
         if self.federation.min_hospitals > self.federation.num_hospitals:
             _fail(
                 "federation.min_hospitals",
@@ -414,6 +477,7 @@ __all__ = [
     "EvalSection",
     "FederationSection",
     "ModelSection",
+    "PrivacySection",
     "RunSection",
     "TrainSection",
     "apply_overrides",

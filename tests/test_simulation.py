@@ -91,3 +91,71 @@ def test_failed_run_exits_non_zero(tmp_path: Path) -> None:
     assert res.returncode == 1, res.stdout[-2000:]
     assert "finished:failed" in res.stderr
     assert not _superlinks_of(tmp_path)
+
+
+def test_dp_federation_skips_exhausted_hospitals_and_stops_when_all_are(tmp_path: Path) -> None:
+    from fedgan.config import load_config
+    from fedgan.data import hospital_dataset
+    from fedgan.privacy import HospitalAccountant, plan_privacy
+
+    dp = [
+        "data.partition=dirichlet",
+        "data.dirichlet_alpha=1.0",
+        "data.num_images=400",
+        "federation.num_hospitals=3",
+        "federation.num_rounds=8",
+        "train.local_steps=4",
+        "privacy.mode=dp-sgd",
+        "privacy.target_epsilon=3",
+        "privacy.noise_multiplier=0.9",
+    ]
+    cfg = load_config(None, [*TOY, *dp])
+    # What each hospital's own accountant allows: the rounds it can afford.
+    affordable = {}
+    for h in range(3):
+        n = len(hospital_dataset(cfg.data, cfg.run.seed, h, 3))
+        plan = plan_privacy(cfg.privacy, num_examples=n, batch_size=8, planned_steps=32)
+        acc, r = HospitalAccountant("rdp"), 0
+        while acc.epsilon_after(plan, 4) <= 3.0:
+            acc.record(plan, 4)
+            r += 1
+        affordable[f"hospital_{h}"] = r
+    assert sorted(affordable.values()) == [0, 1, 3], affordable  # the scenario this test needs
+
+    res = simulate(tmp_path, *dp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = RunDir(tmp_path / "e2e").read_metrics()
+    assert [r["round"] for r in records] == [1, 2, 3]  # stopped when no budget was left
+    for rec in records:
+        trained = {h for h, n in affordable.items() if n >= rec["round"]}
+        assert set(rec["hospitals"]) == trained
+        assert all(0 < h["epsilon"] <= 3.0 for h in rec["hospitals"].values())
+        assert len(rec["failures"]) == 3 - len(trained)
+        assert all(f["budget_exhausted"] for f in rec["failures"])
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert "privacy budget" in summary["stopped_early"]
+    table = summary["privacy"]
+    assert set(table) == {h for h, n in affordable.items() if n > 0}
+    assert all(row["epsilon"] <= row["budget"] == 3.0 for row in table.values())
+    assert all(row["dp_steps"] == 4 * affordable[h] for h, row in table.items())
+
+
+def test_dp_accountants_survive_a_resumed_run(tmp_path: Path) -> None:
+    dp = [
+        "federation.num_hospitals=2",
+        "train.local_steps=3",
+        "privacy.mode=dp-sgd",
+        "privacy.target_epsilon=50",
+        "privacy.noise_multiplier=1.0",
+    ]
+    first = simulate(tmp_path, *dp, "federation.num_rounds=2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    rd = RunDir(tmp_path / "e2e")
+    eps2 = {h: v["epsilon"] for h, v in rd.read_metrics()[-1]["hospitals"].items()}
+    more = simulate(tmp_path, *dp, "federation.num_rounds=3", "run.resume=true")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    last = rd.read_metrics()[-1]
+    assert last["round"] == 3
+    for name, h in last["hospitals"].items():
+        assert h["dp_steps"] == 9  # 3 rounds x 3 steps: the resumed run kept counting
+        assert h["epsilon"] > eps2[name]

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import json
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
 from fedgan.config import Config, from_run_config
 from fedgan.data import hospital_dataset, local_dataset
 from fedgan.federated.records import from_arrays, to_arrays
+from fedgan.privacy import BudgetExhausted
 from fedgan.training.hospital import local_round
 
 app = ClientApp()
 
 _STATE_KEY = "fedgan.hospital"
+BUDGET_ERROR_CODE = 4031  # a hospital that has spent its privacy budget
+
+
+def _longer_history(a: str | None, b: str | None) -> str | None:
+    """Of two accountant histories, the one that has counted more steps (spent more)."""
+    steps = [(sum(h[2] for h in json.loads(x)["history"]), x) for x in (a, b) if x]
+    return max(steps)[1] if steps else None
 
 
 def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
@@ -46,15 +56,33 @@ def train(msg: Message, context: Context) -> Message:
 
     # 2. Take the global networks; keep this hospital's optimizer state from earlier rounds.
     global_state = from_arrays(msg.content.array_records["arrays"])
-    kept = context.state.config_records.get(_STATE_KEY)
-    blob = kept.get("optimizers") if kept is not None else None
+    #    Its privacy accountant persists here too; a resumed run's server sends the history it
+    #    checkpointed, and the longer of the two is used, so nothing spent is ever forgotten.
+    kept = context.state.config_records.get(_STATE_KEY, ConfigRecord())
+    blob = kept.get("optimizers")
     optimizer_state = blob if isinstance(blob, bytes) else None
-
-    # 3. Train locally.
-    result = local_round(
-        cfg, dataset, global_state, optimizer_state, round_=round_, hospital=max(hospital, 0)
+    from_server = train_config.get(f"accountant.{hospital}")
+    accountant = _longer_history(
+        kept.get("accountant") or None,  # type: ignore[arg-type]
+        from_server if isinstance(from_server, str) else None,
     )
-    context.state[_STATE_KEY] = ConfigRecord({"optimizers": result.optimizer_state})
+
+    # 3. Train locally (under DP-SGD, only if the budget allows the whole round).
+    try:
+        result = local_round(
+            cfg,
+            dataset,
+            global_state,
+            optimizer_state,
+            round_=round_,
+            hospital=max(hospital, 0),
+            accountant=accountant,
+        )
+    except BudgetExhausted as exhausted:
+        return Message(Error(code=BUDGET_ERROR_CODE, reason=str(exhausted)), reply_to=msg)
+    context.state[_STATE_KEY] = ConfigRecord(
+        {"optimizers": result.optimizer_state, "accountant": result.accountant}
+    )
 
     # 4. Reply with the trained networks and what the server needs to weigh and log them.
     metrics = MetricRecord(
@@ -66,7 +94,10 @@ def train(msg: Message, context: Context) -> Message:
             "d-loss": result.stats.d_loss,
             "g-loss": result.stats.g_loss,
             "train-seconds": result.stats.seconds,
+            **{k.replace("_", "-"): v for k, v in result.privacy.items()},
         }
     )
     content = RecordDict({"arrays": to_arrays(result.state), "metrics": metrics})
+    if result.accountant:
+        content["privacy"] = ConfigRecord({"accountant": result.accountant})
     return Message(content=content, reply_to=msg)

@@ -14,9 +14,17 @@ from flwr.serverapp import Grid, ServerApp
 from fedgan.config import Config, from_run_config, with_changes
 from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.federated.strategies import RoundLog, build_strategy
+from fedgan.privacy.accounting import BUDGET_EXHAUSTED
 from fedgan.training.recorder import RunRecorder
 
 app = ServerApp()
+
+
+PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "dp_steps", "budget")
+
+
+class AllBudgetsExhausted(Exception):
+    """Every hospital has spent its privacy budget: training ends early, as planned."""
 
 
 def round_record(log_: RoundLog) -> dict:
@@ -34,6 +42,9 @@ def round_record(log_: RoundLog) -> dict:
             "g_loss": rep.metrics.get("g-loss", nan),
             "train_seconds": rep.metrics.get("train-seconds", nan),
         }
+        for key in PRIVACY_KEYS:
+            if key.replace("_", "-") in rep.metrics:
+                hospitals[name][key] = rep.metrics[key.replace("_", "-")]
     total = sum(h["num_examples"] for h in hospitals.values())
     aggregate: dict[str, float] = {
         "hospitals": len(hospitals),
@@ -43,10 +54,16 @@ def round_record(log_: RoundLog) -> dict:
     for key in ("d_loss", "g_loss"):
         if total:
             aggregate[key] = sum(h[key] * h["num_examples"] for h in hospitals.values()) / total
+    eps = [h["epsilon"] for h in hospitals.values() if "epsilon" in h]
+    if eps:
+        aggregate["max_epsilon"] = max(eps)
     return {
         "hospitals": hospitals,
         "aggregate": aggregate,
-        "failures": [{"node_id": n, "reason": r} for n, r in log_.failures],
+        "failures": [
+            {"node_id": n, "reason": r, "budget_exhausted": r.startswith(BUDGET_EXHAUSTED)}
+            for n, r in log_.failures
+        ],
         "bytes_down": log_.bytes_down,
         "bytes_up": sum(r.bytes_up for r in log_.reports),
     }
@@ -93,29 +110,84 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     log(INFO, "%s hospital(s) connected; training %s round(s)", connected, remaining)
     round_log = RoundLog()
     strategy = build_strategy(cfg.federation, round_log)
+    # Privacy accountants of every hospital, checkpointed so that a resumed run (whose fresh
+    # SuperNodes have forgotten them) continues each hospital's history.
+    accountants: dict[str, str] = dict(recorder.resumed_meta.get("accountants", {}))
+    privacy_table: dict[str, dict] = dict(recorder.resumed_meta.get("privacy", {}))
+    nodes: dict[int, str] = {}
 
     def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
         round_ = recorder.start_round + server_round
         record = round_record(round_log)
-        for node, reason in round_log.failures:
-            log(WARNING, "round %s: node %s did not train: %s", round_, node, reason)
+        for name, rep in zip(record["hospitals"], round_log.reports, strict=True):
+            nodes[rep.node_id] = name
+            if rep.accountant:
+                accountants[name.removeprefix("hospital_")] = rep.accountant
+            if "epsilon" in record["hospitals"][name]:
+                privacy_table[name] = {k: record["hospitals"][name][k] for k in PRIVACY_KEYS} | {
+                    "accountant": cfg.privacy.accountant,
+                    "exhausted": False,
+                }
+        for failure in record["failures"]:
+            name = nodes.get(failure["node_id"], f"node_{failure['node_id']}")
+            failure["hospital"] = name
+            log(WARNING, "round %s: %s did not train: %s", round_, name, failure["reason"])
+            if failure["budget_exhausted"] and name in privacy_table:
+                privacy_table[name]["exhausted"] = True
         if not round_log.reports:
+            if record["failures"] and all(f["budget_exhausted"] for f in record["failures"]):
+                raise AllBudgetsExhausted(round_)
             reasons = "; ".join(r for _, r in round_log.failures) or "no replies"
             raise RuntimeError(f"round {round_}: no hospital trained ({reasons})")
-        done = recorder.end_round(round_, from_arrays(arrays), record)
+        done = recorder.end_round(
+            round_,
+            from_arrays(arrays),
+            record,
+            meta={"accountants": accountants, "privacy": privacy_table},
+        )
         return MetricRecord({k: v for k, v in done.get("eval", {}).items()})
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=to_arrays(initial),
-        num_rounds=remaining,
-        timeout=cfg.federation.round_timeout,
-        train_config=ConfigRecord({"round-offset": recorder.start_round}),
-        evaluate_fn=on_round,
-    )
-    return recorder.finish()
+    train_config = ConfigRecord({"round-offset": recorder.start_round})
+    for hid, history in accountants.items():
+        train_config[f"accountant.{hid}"] = history
+    extra: dict = {}
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_arrays(initial),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout,
+            train_config=train_config,
+            evaluate_fn=on_round,
+        )
+    except AllBudgetsExhausted as stop:
+        extra["stopped_early"] = (
+            f"round {stop.args[0]}: every hospital has spent its privacy budget"
+        )
+        log(WARNING, "%s; training ends here", extra["stopped_early"])
+    if privacy_table:
+        extra["privacy"] = privacy_table
+        log(
+            INFO,
+            "privacy (%s): hospital  epsilon / budget  delta  sigma  q  steps",
+            cfg.privacy.mode,
+        )
+        for name, row in sorted(privacy_table.items()):
+            log(
+                INFO,
+                "  %s  %.3f / %.3f  %.1e  %.3f  %.4f  %d%s",
+                name,
+                row["epsilon"],
+                row["budget"],
+                row["delta"],
+                row["noise_multiplier"],
+                row["sample_rate"],
+                row["dp_steps"],
+                "  (exhausted)" if row["exhausted"] else "",
+            )
+    return recorder.finish(extra)
 
 
 @app.main()

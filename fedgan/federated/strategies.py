@@ -56,6 +56,7 @@ class HospitalReport:
     node_id: int
     metrics: dict[str, float]
     bytes_up: int
+    accountant: str = ""
 
 
 @dataclass
@@ -98,8 +99,14 @@ def _recording(base: type[Strategy], round_log: RoundLog) -> Callable[..., Strat
                     continue
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 up = sum(nbytes(a) for a in msg.content.array_records.values())
+                privacy = msg.content.config_records.get("privacy")
                 self.round_log.reports.append(
-                    HospitalReport(node, {k: float(v) for k, v in metrics.items()}, up)  # type: ignore[arg-type]
+                    HospitalReport(
+                        node,
+                        {k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
+                        up,
+                        str(privacy["accountant"]) if privacy is not None else "",
+                    )
                 )
             return super().aggregate_train(server_round, replies)
 

@@ -31,14 +31,15 @@ class GanFamily:
         build: ``(model_cfg, shape) -> {"generator": G, "discriminator": D}``.
         d_loss: ``(d(real), d(fake)) -> loss`` minimized by the discriminator.
         g_loss: ``d(fake) -> loss`` minimized by the generator.
-        dp_compatible: Whether Opacus can privatize the discriminator as built.
+        dp_incompatibility: Why Opacus cannot privatize this family's discriminator (empty
+            when it can), e.g. spectral norm or a gradient penalty.
     """
 
     name: str
     build: Callable[[ModelSection, ImageShape], dict[str, nn.Module]]
     d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     g_loss: Callable[[torch.Tensor], torch.Tensor]
-    dp_compatible: bool = True
+    dp_incompatibility: str = ""
 
 
 FAMILIES: Registry[GanFamily] = Registry("GAN family")

@@ -113,4 +113,4 @@ def build(cfg: ModelSection, shape: ImageShape) -> dict[str, nn.Module]:
     }
 
 
-FAMILIES.add("dcgan", GanFamily("dcgan", build, bce_d_loss, bce_g_loss, dp_compatible=True))
+FAMILIES.add("dcgan", GanFamily("dcgan", build, bce_d_loss, bce_g_loss))

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import TensorDataset
 
 from fedgan.config import Config
 from fedgan.models import FAMILIES, ImageShape, build_networks, load_state, pack_state
+from fedgan.privacy import (
+    HospitalAccountant,
+    check_privatizable,
+    make_private_discriminator,
+    plan_privacy,
+)
 from fedgan.training.loop import LocalStats, make_optimizers, resolve_device, train_local
 
 
@@ -31,12 +37,21 @@ def config_shape(cfg: Config) -> ImageShape:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What a hospital sends back (``state``) and keeps (``optimizer_state``)."""
+    """What a hospital sends back (``state``, ``privacy``) and keeps (``optimizer_state``,
+    ``accountant``).
+
+    Attributes:
+        privacy: Under DP-SGD, what the hospital has spent so far (epsilon, delta, sigma, q,
+            steps, budget); empty otherwise.
+        accountant: Under DP-SGD, the accountant's whole history as JSON.
+    """
 
     state: dict[str, torch.Tensor]
     optimizer_state: bytes
     stats: LocalStats
     num_examples: int
+    privacy: dict[str, float] = field(default_factory=dict)
+    accountant: str = ""
 
 
 def serialize_optimizers(optimizers: Mapping[str, torch.optim.Optimizer]) -> bytes:
@@ -60,6 +75,7 @@ def local_round(
     *,
     round_: int,
     hospital: int,
+    accountant: str | None = None,
 ) -> RoundResult:
     """Trains the global networks on one hospital's data for ``train.local_steps`` iterations.
 
@@ -70,9 +86,13 @@ def local_round(
         optimizer_state: This hospital's optimizer state from its previous round, if any.
         round_: The (absolute) round number; with ``hospital`` it seeds batches and noise.
         hospital: This hospital's index.
+        accountant: Under DP-SGD, this hospital's accountant history (JSON) from earlier rounds.
 
     Raises:
-        ValueError: If the data's image shape does not match the model config.
+        ValueError: If the data's image shape does not match the model config, or the
+            discriminator cannot be privatized.
+        BudgetExhausted: Under DP-SGD, if this round would take the hospital past its budget
+            (nothing is trained, nothing is spent).
     """
     shape = image_shape(dataset)
     if shape != config_shape(cfg):
@@ -91,19 +111,88 @@ def local_round(
     optimizers = make_optimizers(nets, cfg.train)
     if optimizer_state:
         restore_optimizers(optimizers, optimizer_state)
+    family = FAMILIES.get(cfg.model.family)
+    seed = cfg.run.seed * 1_000_003 + round_ * 1009 + hospital
+    if cfg.privacy.mode != "dp-sgd":
+        stats = train_local(
+            family,
+            nets,
+            optimizers,
+            dataset,
+            cfg.train,
+            steps=cfg.train.local_steps,
+            seed=seed,
+            device=device,
+        )
+        return RoundResult(
+            state=pack_state(nets),
+            optimizer_state=serialize_optimizers(optimizers),
+            stats=stats,
+            num_examples=len(dataset),
+        )
+
+    # DP-SGD: only the discriminator touches the data; the generator learns through it.
+    check_privatizable(family, nets["discriminator"])
+    acc = (
+        HospitalAccountant.from_json(accountant)
+        if accountant
+        else HospitalAccountant(cfg.privacy.accountant)
+    )
+    plan = plan_privacy(
+        cfg.privacy,
+        num_examples=len(dataset),
+        batch_size=cfg.train.batch_size,
+        planned_steps=cfg.federation.num_rounds * cfg.train.local_steps,
+    )
+    acc.check_budget(plan, cfg.train.local_steps)  # refuses before anything is spent
+    private = make_private_discriminator(
+        nets["discriminator"],
+        optimizers["discriminator"],
+        dataset.tensors[0],
+        plan,
+        acc,
+        batch_size=cfg.train.batch_size,
+        secure_mode=cfg.privacy.secure_mode,
+        seed=seed,
+        device=device,
+    )
     stats = train_local(
-        FAMILIES.get(cfg.model.family),
-        nets,
-        optimizers,
+        family,
+        {"generator": nets["generator"], "discriminator": private.module},
+        {"generator": optimizers["generator"], "discriminator": private.optimizer},
         dataset,
         cfg.train,
         steps=cfg.train.local_steps,
-        seed=cfg.run.seed * 1_000_003 + round_ * 1009 + hospital,
+        seed=seed,
         device=device,
+        real_batches=private.batches,
     )
+    before = acc.steps
+    acc.history = private.history()
+    if acc.steps != before + cfg.train.local_steps:
+        raise RuntimeError(
+            f"accountant counted {acc.steps - before} DP steps, expected {cfg.train.local_steps}"
+        )
+    state = pack_state(nets)
+    private.module._close()  # removes the per-sample hooks
     return RoundResult(
-        state=pack_state(nets),
-        optimizer_state=serialize_optimizers(optimizers),
+        state=state,
+        optimizer_state=serialize_optimizers(
+            {
+                "generator": optimizers["generator"],
+                "discriminator": private.optimizer.original_optimizer,
+            }
+        ),
         stats=stats,
         num_examples=len(dataset),
+        privacy={
+            "epsilon": acc.epsilon(plan.delta),
+            "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "dp_steps": acc.steps,
+            "budget": plan.budget,
+            "max_grad_norm": plan.max_grad_norm,
+        },
+        accountant=acc.to_json(),
     )

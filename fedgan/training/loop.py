@@ -86,6 +86,7 @@ def train_local(
     steps: int,
     seed: int,
     device: torch.device,
+    real_batches: Iterator[torch.Tensor] | None = None,
 ) -> LocalStats:
     """Runs ``steps`` GAN iterations (one D step, one G step each) on ``dataset``.
 
@@ -98,6 +99,8 @@ def train_local(
         steps: Number of iterations.
         seed: Seeds batch order and noise.
         device: Where to train.
+        real_batches: Where real batches come from (e.g. Poisson sampling under DP-SGD);
+            shuffled fixed-size batches of ``dataset`` by default.
 
     Returns:
         Loss means, examples seen and wall time.
@@ -106,16 +109,17 @@ def train_local(
     generator, discriminator = nets["generator"], nets["discriminator"]
     generator.train()
     discriminator.train()
-    images = dataset.tensors[0].to(device, non_blocking=True)
     cpu_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     latent: int = generator.latent_dim  # type: ignore[assignment]
     d_total = torch.zeros((), device=device)
     g_total = torch.zeros((), device=device)
     examples = 0
-    batch_iter = batches(images, cfg.batch_size, cpu_gen)
+    if real_batches is None:
+        images = dataset.tensors[0].to(device, non_blocking=True)
+        real_batches = batches(images, cfg.batch_size, cpu_gen)
     for _ in range(steps):
-        real = next(batch_iter)
+        real = next(real_batches)
         z = torch.randn(len(real), latent, device=device, generator=noise_gen)
         d_total += d_step(family, generator, discriminator, optimizers["discriminator"], real, z)
         z = torch.randn(len(real), latent, device=device, generator=noise_gen)

@@ -34,6 +34,7 @@ class RunRecorder:
         self.started = time.time()
         self.last_tick = time.perf_counter()
         self.start_round = 0
+        self.resumed_meta: dict[str, Any] = {}
 
     def start(self) -> dict[str, torch.Tensor]:
         """Prepares the directory and returns the networks to start from.
@@ -49,6 +50,7 @@ class RunRecorder:
         if self.cfg.run.resume and latest is not None:
             ckpt = rd.load_checkpoint(latest)
             self.start_round = int(ckpt["round"])
+            self.resumed_meta = dict(ckpt.get("meta", {}))
             rd.truncate_metrics_after(self.start_round)
             self.log(f"resuming {rd.path} from round {self.start_round}")
             return ckpt["state"]
@@ -69,13 +71,18 @@ class RunRecorder:
         return last or round_ % self.cfg.eval.every == 0
 
     def end_round(
-        self, round_: int, state: dict[str, torch.Tensor], record: dict[str, Any]
+        self,
+        round_: int,
+        state: dict[str, torch.Tensor],
+        record: dict[str, Any],
+        meta: dict[str, Any] | None = None,
     ) -> dict:
-        """Checkpoints ``state``, evaluates it when due and appends the round's record."""
+        """Checkpoints ``state`` (with ``meta``, e.g. privacy accountants), evaluates it when
+        due and appends the round's record."""
         now = time.perf_counter()
         record = {"round": round_, "mode": self.mode, **record}
         record["round_seconds"] = now - self.last_tick
-        self.run_dir.save_checkpoint(round_, state, {"mode": self.mode})
+        self.run_dir.save_checkpoint(round_, state, {"mode": self.mode, **(meta or {})})
         if self.due(round_):
             t0 = time.perf_counter()
             record["eval"] = self.evaluator.evaluate(round_, state)

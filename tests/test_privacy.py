@@ -1,0 +1,199 @@
+"""DP-SGD: accounting across rounds, budgets never exceeded, correct GAN mechanics, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from fedgan.config import Config, load_config, with_changes
+from fedgan.data import hospital_dataset
+from fedgan.models import FAMILIES, ImageShape, build_networks, pack_state
+from fedgan.privacy import (
+    BudgetExhausted,
+    HospitalAccountant,
+    check_privatizable,
+    default_delta,
+    plan_privacy,
+)
+from fedgan.privacy.accounting import sample_rate
+from fedgan.training import d_step, g_step, make_optimizers
+from fedgan.training.hospital import config_shape, local_round
+
+
+@pytest.fixture
+def dp_config(toy_config: Config) -> Config:
+    return with_changes(
+        toy_config,
+        privacy={"mode": "dp-sgd", "target_epsilon": 5.0},
+        federation={"num_rounds": 3},
+    )
+
+
+def _run_rounds(cfg: Config, rounds: int) -> list:
+    ds = hospital_dataset(cfg.data, 0, 0, 3)
+    state = pack_state(build_networks(cfg.model, config_shape(cfg), seed=0))
+    acc, opt, out = None, None, []
+    for r in range(1, rounds + 1):
+        res = local_round(cfg, ds, state, opt, round_=r, hospital=0, accountant=acc)
+        acc, opt, state = res.accountant, res.optimizer_state, res.state
+        out.append(res)
+    return out
+
+
+def test_reported_epsilon_matches_an_independent_accountant(dp_config: Config) -> None:
+    results = _run_rounds(dp_config, 3)
+    eps = [r.privacy["epsilon"] for r in results]
+    assert eps == sorted(eps) and eps[0] > 0  # never decreases
+    last = results[-1].privacy
+    independent = RDPAccountant()
+    independent.history = [(last["noise_multiplier"], last["sample_rate"], 3 * 2)]
+    assert last["dp_steps"] == 3 * dp_config.train.local_steps
+    assert last["epsilon"] == pytest.approx(independent.get_epsilon(last["delta"]), rel=1e-9)
+    # calibrated to the whole planned training: it ends at (not past) the budget
+    assert last["epsilon"] <= 5.0 and last["epsilon"] > 4.5
+    n = len(hospital_dataset(dp_config.data, 0, 0, 3))
+    assert last["delta"] == default_delta(n)
+    assert last["sample_rate"] == sample_rate(n, dp_config.train.batch_size)
+
+
+def test_exhausted_budget_refuses_before_spending(dp_config: Config) -> None:
+    fixed = with_changes(
+        dp_config,
+        privacy={"noise_multiplier": 0.9, "target_epsilon": 3.0},
+        federation={"num_rounds": 50},
+        data={"num_images": 900},
+        train={"local_steps": 4},
+    )
+    ds = hospital_dataset(fixed.data, 0, 0, 3)
+    state = pack_state(build_networks(fixed.model, config_shape(fixed), seed=0))
+    acc = None
+    for r in range(1, 51):
+        try:
+            res = local_round(fixed, ds, state, None, round_=r, hospital=0, accountant=acc)
+        except BudgetExhausted as stop:
+            assert stop.spent <= 3.0 < stop.would_spend
+            assert HospitalAccountant.from_json(acc).epsilon(res.privacy["delta"]) == stop.spent
+            break
+        acc = res.accountant
+        assert res.privacy["epsilon"] <= 3.0
+    else:
+        pytest.fail("a fixed-noise hospital never reached its budget")
+    assert r > 2
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    budget=st.floats(0.3, 20.0),
+    n=st.integers(20, 5000),
+    batch=st.integers(4, 128),
+    rounds=st.integers(1, 12),
+    local_steps=st.integers(1, 50),
+    sigma=st.one_of(st.just(0.0), st.floats(0.4, 3.0)),
+    extra_rounds=st.integers(0, 4),
+)
+def test_no_hospital_ever_exceeds_its_budget(
+    budget, n, batch, rounds, local_steps, sigma, extra_rounds
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            "privacy.mode=dp-sgd",
+            f"privacy.target_epsilon={budget}",
+            f"privacy.noise_multiplier={sigma}",
+        ],
+    ).privacy
+    plan = plan_privacy(cfg, num_examples=n, batch_size=batch, planned_steps=rounds * local_steps)
+    acc = HospitalAccountant(cfg.accountant)
+    # Run longer than planned too: the check must stop it, whatever the configuration.
+    for _ in range(rounds + extra_rounds):
+        try:
+            acc.check_budget(plan, local_steps)
+        except BudgetExhausted:
+            break
+        acc.record(plan, local_steps)
+        assert acc.epsilon(plan.delta) <= budget
+    if sigma == 0.0:  # calibrated: the planned rounds all fit
+        assert acc.steps >= rounds * local_steps
+
+
+def test_accountant_round_trips_and_merges() -> None:
+    cfg = load_config(None, ["privacy.mode=dp-sgd", "privacy.target_epsilon=2"]).privacy
+    plan = plan_privacy(cfg, num_examples=500, batch_size=25, planned_steps=100)
+    acc = HospitalAccountant("rdp")
+    acc.record(plan, 10)
+    acc.record(plan, 15)
+    assert acc.history == [(plan.noise_multiplier, plan.sample_rate, 25)]
+    again = HospitalAccountant.from_json(acc.to_json())
+    assert again.history == acc.history and again.epsilon(1e-5) == acc.epsilon(1e-5)
+
+
+class _BadD(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+
+
+def test_unprivatizable_discriminators_are_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="GroupNorm") as err:
+        check_privatizable(FAMILIES.get("dcgan"), _BadD())
+    assert "BatchNorm" in str(err.value) and "in-place" in str(err.value)
+
+
+def test_secure_mode_without_csprng_is_a_clear_error(dp_config: Config) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here")
+    cfg = with_changes(dp_config, privacy={"secure_mode": True})
+    with pytest.raises(ValueError, match="torchcsprng"):
+        _run_rounds(cfg, 1)
+
+
+def test_private_d_step_clears_gradients_and_g_step_skips_per_sample_hooks(
+    toy_config: Config,
+) -> None:
+    nets = build_networks(toy_config.model, ImageShape(1, 16), seed=0)
+    opts = make_optimizers(nets, toy_config.train)
+    family = FAMILIES.get("dcgan")
+    d = GradSampleModule(nets["discriminator"])
+    from opacus.optimizers import DPOptimizer
+
+    dp_opt = DPOptimizer(
+        opts["discriminator"], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8
+    )
+    real, z = torch.rand(8, 1, 16, 16) * 2 - 1, torch.randn(8, 16)
+    d_step(family, nets["generator"], d, dp_opt, real, z)
+    params = list(nets["discriminator"].parameters())
+    assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in params)
+    g_step(family, nets["generator"], d, opts["generator"], z)
+    assert all(getattr(p, "grad_sample", None) is None and p.grad is None for p in params)
+    assert d.hooks_enabled  # switched back on for the next private step
+
+
+def test_zero_noise_clips_each_sample_to_max_grad_norm(toy_config: Config) -> None:
+    """As in Opacus's own tests: with no noise, the summed update of a batch whose samples all
+    exceed the clip norm has norm <= batch x max_grad_norm, and each clipped per-sample norm
+    equals max_grad_norm."""
+    from opacus.optimizers import DPOptimizer
+
+    nets = build_networks(toy_config.model, ImageShape(1, 16), seed=0)
+    d = GradSampleModule(nets["discriminator"])
+    base = torch.optim.SGD(d.parameters(), lr=1.0)
+    opt = DPOptimizer(
+        base, noise_multiplier=0.0, max_grad_norm=1e-3, expected_batch_size=8, loss_reduction="mean"
+    )
+    real, fake = torch.rand(8, 1, 16, 16), torch.rand(8, 1, 16, 16)
+    loss = FAMILIES.get("dcgan").d_loss(d(real), d(fake))
+    loss.backward()
+    opt.pre_step()
+    per_sample = torch.stack(
+        [p.grad_sample.flatten(1).norm(dim=1) for p in d.parameters() if p.grad_sample is not None]
+    ).norm(dim=0)
+    assert (per_sample > 1e-3).all()  # every sample needed clipping
+    total = torch.cat([p.grad.flatten() for p in d.parameters()]).norm()
+    assert total <= 1e-3 * 1.0001  # mean of 8 clipped samples
