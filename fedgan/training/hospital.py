@@ -155,6 +155,7 @@ def local_round(
         secure_mode=cfg.privacy.secure_mode,
         seed=seed,
         device=device,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
     )
     stats = train_local(
         family,
@@ -174,7 +175,9 @@ def local_round(
             f"accountant counted {acc.steps - before} DP steps, expected {cfg.train.local_steps}"
         )
     state = pack_state(nets)
-    private.module._close()  # removes the per-sample hooks
+    close = getattr(private.module, "_close", None)
+    if close is not None:
+        close()  # removes the per-sample hooks (hooks mode)
     return RoundResult(
         state=state,
         optimizer_state=serialize_optimizers(

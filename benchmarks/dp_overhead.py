@@ -1,0 +1,97 @@
+"""DP-SGD overhead: time per discriminator step and per full GAN iteration (D step + G step),
+DP against non-DP, same networks, same batch, measured interleaved in one run.
+Targets on CPU: D step <= 2.0x, whole iteration <= 1.6x.
+
+    python benchmarks/dp_overhead.py [--steps 40] [--set key=value ...]
+
+Prints one JSON line with the times and "d_step_ratio", "iteration_ratio".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedgan.config import load_config
+from fedgan.models import FAMILIES, build_networks
+from fedgan.training import d_step, g_step, make_optimizers, resolve_device
+from fedgan.training.hospital import config_shape
+
+
+def setup(cfg, private: bool, device: torch.device):
+    nets = build_networks(cfg.model, config_shape(cfg), seed=0)
+    for n in nets.values():
+        n.to(device)
+    opts = make_optimizers(nets, cfg.train)
+    d, opt_d = nets["discriminator"], opts["discriminator"]
+    if private:
+        data = TensorDataset(torch.zeros(cfg.train.batch_size * 20, 1, 1, 1))
+        d, opt_d, _ = PrivacyEngine(accountant="rdp").make_private(
+            module=d,
+            optimizer=opt_d,
+            data_loader=DataLoader(data, cfg.train.batch_size),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
+            grad_sample_mode=cfg.privacy.grad_sample_mode,
+        )
+    return nets["generator"], d, opts["generator"], opt_d
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    cfg = load_config(None, args.overrides)
+    device = resolve_device(cfg.train.device)
+    family = FAMILIES.get(cfg.model.family)
+    b, shape = cfg.train.batch_size, config_shape(cfg)
+    real = torch.rand(b, shape.channels, shape.size, shape.size, device=device) * 2 - 1
+    z = torch.randn(b, cfg.model.latent_dim, device=device)
+    arms = {"plain": setup(cfg, False, device), "dp": setup(cfg, True, device)}
+    times: dict[str, dict[str, list[float]]] = {a: {"d": [], "it": []} for a in arms}
+    for step in range(args.steps + 5):  # interleaved, so machine noise hits both arms alike
+        for name, (g, d, opt_g, opt_d) in arms.items():
+            td = timed(lambda: d_step(family, g, d, opt_d, real, z), device)
+            tg = timed(lambda: g_step(family, g, d, opt_g, z), device)
+            if step >= 5:  # warm-up
+                times[name]["d"].append(td)
+                times[name]["it"].append(td + tg)
+    med = {a: {k: statistics.median(v) for k, v in t.items()} for a, t in times.items()}
+    print(
+        json.dumps(
+            {
+                "device": str(device),
+                "batch": b,
+                "image_size": shape.size,
+                "grad_sample_mode": cfg.privacy.grad_sample_mode,
+                "d_step_plain_ms": round(1e3 * med["plain"]["d"], 3),
+                "d_step_dp_ms": round(1e3 * med["dp"]["d"], 3),
+                "iteration_plain_ms": round(1e3 * med["plain"]["it"], 3),
+                "iteration_dp_ms": round(1e3 * med["dp"]["it"], 3),
+                "d_step_ratio": round(med["dp"]["d"] / med["plain"]["d"], 3),
+                "iteration_ratio": round(med["dp"]["it"] / med["plain"]["it"], 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
