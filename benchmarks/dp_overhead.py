@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 from opacus import PrivacyEngine
@@ -69,8 +70,8 @@ def main() -> None:
     times: dict[str, dict[str, list[float]]] = {a: {"d": [], "it": []} for a in arms}
     for step in range(args.steps + 5):  # interleaved, so machine noise hits both arms alike
         for name, (g, d, opt_g, opt_d) in arms.items():
-            td = timed(lambda: d_step(family, g, d, opt_d, real, z), device)
-            tg = timed(lambda: g_step(family, g, d, opt_g, z), device)
+            td = timed(partial(d_step, family, g, d, opt_d, real, z), device)
+            tg = timed(partial(g_step, family, g, d, opt_g, z), device)
             if step >= 5:  # warm-up
                 times[name]["d"].append(td)
                 times[name]["it"].append(td + tg)

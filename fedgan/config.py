@@ -308,6 +308,12 @@ class Config:
                 f"{family.dp_incompatibility}. Choose one of: "
                 + ", ".join(n for n in FAMILIES.names() if not FAMILIES.get(n).dp_incompatibility),
             )
+        if self.privacy.mode == "central-dp" and self.federation.strategy != "fedavg":
+            _fail(
+                "federation.strategy",
+                "privacy.mode 'central-dp' is accounted on equal-weight FedAvg only; "
+                "set federation.strategy=fedavg",
+            )
         if self.federation.min_hospitals > self.federation.num_hospitals:
             _fail(
                 "federation.min_hospitals",

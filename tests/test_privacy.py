@@ -197,3 +197,34 @@ def test_zero_noise_clips_each_sample_to_max_grad_norm(toy_config: Config) -> No
     assert (per_sample > 1e-3).all()  # every sample needed clipping
     total = torch.cat([p.grad.flatten() for p in d.parameters()]).norm()
     assert total <= 1e-3 * 1.0001  # mean of 8 clipped samples
+
+
+def test_central_noise_is_calibrated_by_flowers_own_accountant() -> None:
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    from fedgan.federated.central_dp import central_accountant, central_noise
+
+    cfg = load_config(None, ["privacy.mode=central-dp", "privacy.target_epsilon=8"]).privacy
+    sigma = central_noise(cfg, num_hospitals=10, sampled=10, rounds=5)
+
+    def eps(s: float) -> float:
+        acc = central_accountant(cfg, 10)
+        acc.compose(GaussianPrivacyEvent(s, 10, 10), count=5)
+        return acc.get_epsilon(acc.config.target_delta)
+
+    assert eps(sigma) <= 8.0 < eps(sigma * 0.99)  # the smallest noise within the budget
+    fixed = load_config(
+        None,
+        ["privacy.mode=central-dp", "privacy.target_epsilon=8", "privacy.noise_multiplier=2.5"],
+    ).privacy
+    assert central_noise(fixed, num_hospitals=10, sampled=10, rounds=5) == 2.5
+
+
+def test_central_dp_needs_fedavg_and_a_budget() -> None:
+    with pytest.raises(ValueError, match="federation.strategy=fedavg"):
+        load_config(
+            None,
+            ["privacy.mode=central-dp", "privacy.target_epsilon=8", "federation.strategy=fedadam"],
+        )
+    with pytest.raises(ValueError, match="needs a budget"):
+        load_config(None, ["privacy.mode=central-dp"])

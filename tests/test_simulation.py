@@ -159,3 +159,37 @@ def test_dp_accountants_survive_a_resumed_run(tmp_path: Path) -> None:
     for name, h in last["hospitals"].items():
         assert h["dp_steps"] == 9  # 3 rounds x 3 steps: the resumed run kept counting
         assert h["epsilon"] > eps2[name]
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_central_dp_reports_epsilon_and_stops_at_the_budget(tmp_path: Path, clipping: str) -> None:
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    from fedgan.config import load_config
+    from fedgan.federated.central_dp import central_accountant
+
+    central = [
+        "federation.num_hospitals=2",
+        "federation.num_rounds=5",
+        "privacy.mode=central-dp",
+        "privacy.target_epsilon=12",
+        "privacy.noise_multiplier=0.8",
+        f"privacy.central_clipping={clipping}",
+        "privacy.max_grad_norm=5",
+    ]
+    cfg = load_config(None, central).privacy
+    acc, affordable = central_accountant(cfg, 2), 0
+    while not acc.would_exceed(GaussianPrivacyEvent(0.8, 2, 2)):
+        acc.compose(GaussianPrivacyEvent(0.8, 2, 2))
+        affordable += 1
+    assert 0 < affordable < 5  # the budget must end the run early for this test to mean much
+
+    res = simulate(tmp_path, *central)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = RunDir(tmp_path / "e2e").read_metrics()
+    assert [r["round"] for r in records] == list(range(1, affordable + 1))
+    eps = [r["aggregate"]["central_epsilon"] for r in records]
+    assert eps == sorted(eps) and eps[-1] <= 12.0
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert summary["privacy"]["central"]["releases"] == affordable
+    assert "central privacy budget" in summary["stopped_early"]

@@ -10,11 +10,12 @@ from torch.utils.data import TensorDataset
 
 from fedgan.config import Config, from_run_config
 from fedgan.data import hospital_dataset, local_dataset
+from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
 from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.privacy import BudgetExhausted
 from fedgan.training.hospital import local_round
 
-app = ClientApp()
+app = ClientApp(mods=[client_clipping_mod])
 
 _STATE_KEY = "fedgan.hospital"
 BUDGET_ERROR_CODE = 4031  # a hospital that has spent its privacy budget
@@ -88,6 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
+            UNIT_WEIGHT: 1,
             "hospital": hospital,
             "steps": result.stats.steps,
             "examples-seen": result.stats.examples,

@@ -10,6 +10,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedgan.config import Config, from_run_config, with_changes
 from fedgan.federated.records import from_arrays, to_arrays
@@ -69,6 +70,41 @@ def round_record(log_: RoundLog) -> dict:
     }
 
 
+def log_privacy_table(table: dict[str, dict], cfg: Config) -> None:
+    """The end-of-run privacy table in the log."""
+    if "central" in table:
+        row = table["central"]
+        log(
+            INFO,
+            "central DP (%s clipping): epsilon %.3f / %.3f at delta %.1e, %d releases, sigma %.3f",
+            row["clipping"],
+            row["epsilon"],
+            row["budget"],
+            row["delta"],
+            row["releases"],
+            row["noise_multiplier"],
+        )
+        return
+    log(
+        INFO,
+        "DP-SGD (%s): hospital  epsilon / budget  delta  sigma  q  steps",
+        cfg.privacy.accountant,
+    )
+    for name, row in sorted(table.items()):
+        log(
+            INFO,
+            "  %s  %.3f / %.3f  %.1e  %.3f  %.4f  %d%s",
+            name,
+            row["epsilon"],
+            row["budget"],
+            row["delta"],
+            row["noise_multiplier"],
+            row["sample_rate"],
+            row["dp_steps"],
+            "  (exhausted)" if row["exhausted"] else "",
+        )
+
+
 def wait_for_hospitals(grid: Grid, cfg: Config, timeout: float) -> int:
     """Waits until enough SuperNodes are connected.
 
@@ -109,7 +145,7 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         return recorder.finish()
     log(INFO, "%s hospital(s) connected; training %s round(s)", connected, remaining)
     round_log = RoundLog()
-    strategy = build_strategy(cfg.federation, round_log)
+    strategy = build_strategy(cfg.federation, round_log, cfg.privacy)
     # Privacy accountants of every hospital, checkpointed so that a resumed run (whose fresh
     # SuperNodes have forgotten them) continues each hospital's history.
     accountants: dict[str, str] = dict(recorder.resumed_meta.get("accountants", {}))
@@ -141,6 +177,19 @@ def run_server(grid: Grid, cfg: Config) -> dict:
                 raise AllBudgetsExhausted(round_)
             reasons = "; ".join(r for _, r in round_log.failures) or "no replies"
             raise RuntimeError(f"round {round_}: no hospital trained ({reasons})")
+        spent = getattr(strategy, "privacy_spent", lambda: None)()
+        if spent is not None:  # central DP: one accountant for the whole federation
+            record["aggregate"]["central_epsilon"] = spent.epsilon
+            privacy_table["central"] = {
+                "epsilon": spent.epsilon,
+                "delta": spent.delta,
+                "budget": cfg.privacy.target_epsilon,
+                "noise_multiplier": strategy.noise_multiplier,  # type: ignore[attr-defined]
+                "clipping_norm": cfg.privacy.max_grad_norm,
+                "releases": spent.num_releases,
+                "accountant": spent.accounting_method,
+                "clipping": cfg.privacy.central_clipping,
+            }
         done = recorder.end_round(
             round_,
             from_arrays(arrays),
@@ -167,26 +216,12 @@ def run_server(grid: Grid, cfg: Config) -> dict:
             f"round {stop.args[0]}: every hospital has spent its privacy budget"
         )
         log(WARNING, "%s; training ends here", extra["stopped_early"])
+    except PrivacyBudgetExhausted as stop:  # central DP: the next release would pass the budget
+        extra["stopped_early"] = f"central privacy budget: {stop}"
+        log(WARNING, "%s; training ends here", extra["stopped_early"])
     if privacy_table:
         extra["privacy"] = privacy_table
-        log(
-            INFO,
-            "privacy (%s): hospital  epsilon / budget  delta  sigma  q  steps",
-            cfg.privacy.mode,
-        )
-        for name, row in sorted(privacy_table.items()):
-            log(
-                INFO,
-                "  %s  %.3f / %.3f  %.1e  %.3f  %.4f  %d%s",
-                name,
-                row["epsilon"],
-                row["budget"],
-                row["delta"],
-                row["noise_multiplier"],
-                row["sample_rate"],
-                row["dp_steps"],
-                "  (exhausted)" if row["exhausted"] else "",
-            )
+        log_privacy_table(privacy_table, cfg)
     return recorder.finish(extra)
 
 

@@ -24,7 +24,7 @@ from fedgan.federated.records import nbytes
 from fedgan.registry import Registry
 
 if TYPE_CHECKING:
-    from fedgan.config import FederationSection
+    from fedgan.config import FederationSection, PrivacySection
 
 StrategyFactory = Callable[[dict[str, Any], "FederationSection", "RoundLog"], Strategy]
 
@@ -114,13 +114,19 @@ def _recording(base: type[Strategy], round_log: RoundLog) -> Callable[..., Strat
     return Recording
 
 
-def build_strategy(cfg: FederationSection, round_log: RoundLog | None = None) -> Strategy:
+def build_strategy(
+    cfg: FederationSection,
+    round_log: RoundLog | None = None,
+    privacy: PrivacySection | None = None,
+) -> Strategy:
     """The configured strategy; server-side only (no federated evaluation round).
 
     Args:
         cfg: The federation section.
         round_log: Filled with each round's per-hospital replies (a fresh one if omitted; the
             strategy's ``round_log`` attribute holds it either way).
+        privacy: With ``mode: central-dp``, FedAvg is wrapped in Flower's fixed-clipping DP
+            with its accountant.
     """
     min_train = cfg.min_hospitals or max(1, math.ceil(cfg.fraction_train * cfg.num_hospitals))
     common = {
@@ -130,4 +136,16 @@ def build_strategy(cfg: FederationSection, round_log: RoundLog | None = None) ->
         "min_evaluate_nodes": 0,
         "min_available_nodes": cfg.min_hospitals or cfg.num_hospitals,
     }
-    return STRATEGIES.get(cfg.strategy)(common, cfg, round_log or RoundLog())
+    round_log = round_log or RoundLog()
+    if privacy is not None and privacy.mode == "central-dp":
+        from fedgan.federated.central_dp import central_dp_strategy
+
+        return central_dp_strategy(
+            lambda base: _recording(base, round_log),
+            common,
+            privacy,
+            num_hospitals=cfg.num_hospitals,
+            sampled=min_train,
+            rounds=cfg.num_rounds,
+        )
+    return STRATEGIES.get(cfg.strategy)(common, cfg, round_log)
