@@ -55,6 +55,37 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluates a run's checkpoint with the named metrics and appends the result to its
+    ``metrics.jsonl``."""
+    import json
+    from pathlib import Path
+
+    from fedgan.evaluation import CentralEvaluator
+    from fedgan.evaluation.metrics import parse_metric_list
+    from fedgan.rundir import RunDir
+    from fedgan.training.hospital import config_shape
+
+    rd = RunDir(args.run)
+    if not rd.config_path.exists():
+        raise FileNotFoundError(f"{rd.config_path} not found: is {args.run!r} a run directory?")
+    cfg = load_config(rd.config_path, args.overrides)
+    ckpt = rd.load_checkpoint(args.checkpoint)
+    names = parse_metric_list(args.metrics or cfg.eval.metrics, "--metrics")
+    evaluator = CentralEvaluator(cfg, config_shape(cfg), rd.samples)
+    result = evaluator.metrics(int(ckpt["round"]), ckpt["state"], names)
+    record = {
+        "round": int(ckpt["round"]),
+        "mode": "evaluate",
+        "checkpoint": str(Path(args.checkpoint or rd.latest_checkpoint_path() or "")),
+        "eval": result,
+        "skipped": evaluator.skipped,
+    }
+    rd.append_metrics(record)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_yaml(_resolve(args)), end="")
     return 0
@@ -71,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _config_args(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("evaluate", help="evaluate a run's checkpoint with registered metrics")
+    p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--metrics", help="comma-separated metrics (default: the run's eval.metrics)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the run's config, e.g. eval.inception_weights=PATH",
+    )
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -266,16 +266,34 @@ class EvalSection:
     """Central evaluation of the global generator on the server.
 
     Attributes:
-        every: Evaluate (sample grid, metrics) every this many rounds; the last round always.
+        every: Evaluate (sample grid, ``metrics``) every this many rounds; the last round always.
         grid_size: Images in the fixed-noise sample grid.
+        metrics: Comma-separated registered metrics computed every ``every`` rounds (the cheap
+            domain-feature set by default: it runs in seconds on CPU).
+        final_metrics: Metrics computed once more at the last round (Inception ``fid_2k`` and
+            ``kid_2k`` cost minutes on CPU; add them here or run ``fedgan evaluate``).
+        inception_weights: Local file of the FID Inception weights; empty downloads them.
+        cache_dir: Where extractor weights and real-data features are cached; empty means
+            ``<run.output_dir>/.cache``.
+        use_training_images: Let the server read the simulated hospitals' training images for
+            memorization checks (a deployed server never has them: set false there).
     """
 
     every: int = 1
     grid_size: int = 64
+    metrics: str = "domain_fd_1k,domain_kd_1k,domain_prdc_1k,ms_ssim_diversity"
+    final_metrics: str = "memorization_1k,tstr_auc"
+    inception_weights: str = ""
+    cache_dir: str = ""
+    use_training_images: bool = True
 
     def __post_init__(self) -> None:
         _check_positive("eval.every", self.every)
         _check_positive("eval.grid_size", self.grid_size)
+        from fedgan.evaluation.metrics import parse_metric_list
+
+        parse_metric_list(self.metrics, "eval.metrics")
+        parse_metric_list(self.final_metrics, "eval.final_metrics")
 
 
 @dataclass(frozen=True)

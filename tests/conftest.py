@@ -43,3 +43,11 @@ def pneumonia_npz() -> Path:
     if not path.exists():
         pytest.skip(f"PneumoniaMNIST not found at {path} (set FEDGAN_SHARED to the shared folder)")
     return path
+
+
+@pytest.fixture
+def inception_weights() -> Path:
+    path = SHARED / "weights" / "fid_inception_2015-12-05.pth"
+    if not path.exists():
+        pytest.skip(f"FID Inception weights not found at {path} (set FEDGAN_SHARED)")
+    return path

@@ -1,17 +1,45 @@
-"""The server-side evaluator: fixed-noise sample grids of the global generator."""
+"""The central evaluator: the global generator's sample grid and registered metrics, every few
+rounds on the server (and on demand with ``fedgan evaluate``)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from torchvision.utils import save_image
 
+from fedgan.evaluation.metrics import METRICS, EvalContext, MetricUnavailable, parse_metric_list
 from fedgan.models import ImageShape, build_networks, load_state
+from fedgan.training.loop import resolve_device
 
 if TYPE_CHECKING:
     from fedgan.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample(
+    generator: nn.Module, n: int, *, seed: int, device: torch.device, batch: int = 500
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` images in [-1, 1] (CPU) from ``generator``, batched; a conditional generator (one
+    with ``num_classes``) gets balanced labels, which are returned too."""
+    g = torch.Generator().manual_seed(seed)
+    num_classes = int(getattr(generator, "num_classes", 0))
+    latent = int(getattr(generator, "latent_dim"))  # noqa: B009
+    labels = torch.arange(n) % num_classes if num_classes else None
+    out = []
+    for start in range(0, n, batch):
+        z = torch.randn(min(batch, n - start), latent, generator=g).to(device)
+        if labels is None:
+            out.append(generator(z).cpu())
+        else:
+            out.append(generator(z, labels[start : start + len(z)].to(device)).cpu())
+    return torch.cat(out), labels
 
 
 class CentralEvaluator:
@@ -20,43 +48,114 @@ class CentralEvaluator:
     Args:
         cfg: The experiment config (model, seed, eval settings).
         shape: Image shape of the data.
-        samples_dir: Where sample grids go (``round_<k>.png``).
+        samples_dir: Where sample grids and pictures go.
     """
 
     def __init__(self, cfg: Config, shape: ImageShape, samples_dir: Path) -> None:
         self.cfg = cfg
         self.shape = shape
         self.samples_dir = samples_dir
+        self.device = resolve_device(cfg.train.device)
         g = torch.Generator().manual_seed(cfg.run.seed + 424_242)
         self.fixed_noise = torch.randn(cfg.eval.grid_size, cfg.model.latent_dim, generator=g)
+        self._ctx: EvalContext | None = None
+        self.skipped: dict[str, str] = {}
 
-    @torch.no_grad()
-    def generate(self, state: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from the generator in ``state`` (eval mode, CPU)."""
+    def context(self) -> EvalContext:
+        """Real evaluation data (and, in a simulation, training data), loaded on first use."""
+        if self._ctx is None:
+            from fedgan.data import eval_dataset, pooled_dataset
+
+            cfg = self.cfg
+            n = cfg.federation.num_hospitals
+            real = eval_dataset(cfg.data, cfg.run.seed, n)
+            train = (
+                pooled_dataset(cfg.data, cfg.run.seed, n) if cfg.eval.use_training_images else None
+            )
+            cache = (
+                Path(cfg.eval.cache_dir)
+                if cfg.eval.cache_dir
+                else Path(cfg.run.output_dir) / ".cache"
+            )
+            self._ctx = EvalContext(
+                real_images=real.tensors[0],
+                real_labels=real.tensors[1],
+                train_images=train.tensors[0] if train is not None else None,
+                train_labels=train.tensors[1] if train is not None else None,
+                cache_dir=cache,
+                device=self.device,
+                inception_weights=cfg.eval.inception_weights,
+                samples_dir=self.samples_dir,
+                seed=cfg.run.seed,
+            )
+        return self._ctx
+
+    def generator(self, state: dict[str, torch.Tensor]) -> nn.Module:
         nets = build_networks(self.cfg.model, self.shape, seed=self.cfg.run.seed)
         generator = nets["generator"]
         load_state(
             {"generator": generator}, {k: v for k, v in state.items() if k.startswith("generator.")}
         )
-        generator.eval()
-        return generator(noise)
+        return generator.to(self.device).eval()
 
     def sample_grid(self, round_: int, state: dict[str, torch.Tensor]) -> Path:
         """Writes the fixed-noise grid of ``round_`` and returns its path."""
-        images = self.generate(state, self.fixed_noise)
+        generator = self.generator(state)
+        with torch.no_grad():
+            z = self.fixed_noise.to(self.device)
+            num_classes = int(getattr(generator, "num_classes", 0))
+            if num_classes:
+                images = generator(z, (torch.arange(len(z)) % num_classes).to(self.device))
+            else:
+                images = generator(z)
         path = self.samples_dir / f"round_{round_:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         nrow = max(1, int(len(images) ** 0.5))
-        save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+        save_image(images.cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
         return path
 
-    def evaluate(self, round_: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Per-round evaluation: the sample grid, and the generated images' pixel statistics
-        (a cheap sanity signal: a collapsed or saturated generator shows at once)."""
+    def metrics(
+        self, round_: int, state: dict[str, torch.Tensor], names: list[str]
+    ) -> dict[str, float]:
+        """Computes the registered metrics ``names`` for the generator in ``state``. A metric
+        that does not apply here is skipped and its reason kept in ``skipped`` (and logged)."""
+        if not names:
+            return {}
+        ctx = self.context()
+        ctx.new_evaluation()
+        generator = self.generator(state)
+        n = max(METRICS.get(name).n_generated for name in names)
+        images, labels = sample(
+            generator, n, seed=self.cfg.run.seed + 7 + round_, device=self.device
+        )
+        out: dict[str, float] = {}
+        for name in names:
+            metric = METRICS.get(name)
+            k = metric.n_generated
+            t0 = time.perf_counter()
+            try:
+                out.update(
+                    metric.compute(ctx, images[:k], None if labels is None else labels[:k], round_)
+                )
+            except MetricUnavailable as why:
+                if name not in self.skipped:
+                    logger.warning("metric %s skipped: %s", name, why)
+                self.skipped[name] = str(why)
+                continue
+            out[f"seconds_{name}"] = time.perf_counter() - t0
+        return out
+
+    def evaluate(
+        self, round_: int, state: dict[str, torch.Tensor], *, final: bool
+    ) -> dict[str, float]:
+        """One round's evaluation: the sample grid and ``eval.metrics`` (plus
+        ``eval.final_metrics`` at the last round)."""
         self.sample_grid(round_, state)
-        images = self.generate(state, self.fixed_noise)
-        return {
-            "gen_pixel_mean": float(images.mean()),
-            "gen_pixel_std": float(images.std()),
-            "gen_batch_diversity": float(images.flatten(1).std(0).mean()),
-        }
+        names = parse_metric_list(self.cfg.eval.metrics, "eval.metrics")
+        if final:
+            names += [
+                n
+                for n in parse_metric_list(self.cfg.eval.final_metrics, "eval.final_metrics")
+                if n not in names
+            ]
+        return self.metrics(round_, state, names)

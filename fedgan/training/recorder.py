@@ -12,6 +12,7 @@ import torch
 from fedgan.config import Config, dump_yaml
 from fedgan.evaluation import CentralEvaluator
 from fedgan.models import build_networks, pack_state
+from fedgan.report import plot_metrics
 from fedgan.rundir import RunDir
 from fedgan.training.hospital import config_shape
 
@@ -35,6 +36,7 @@ class RunRecorder:
         self.last_tick = time.perf_counter()
         self.start_round = 0
         self.resumed_meta: dict[str, Any] = {}
+        self._tb: Any = None
 
     def start(self) -> dict[str, torch.Tensor]:
         """Prepares the directory and returns the networks to start from.
@@ -85,9 +87,17 @@ class RunRecorder:
         self.run_dir.save_checkpoint(round_, state, {"mode": self.mode, **(meta or {})})
         if self.due(round_):
             t0 = time.perf_counter()
-            record["eval"] = self.evaluator.evaluate(round_, state)
+            final = round_ == self.cfg.federation.num_rounds
+            record["eval"] = self.evaluator.evaluate(round_, state, final=final)
             record["eval_seconds"] = time.perf_counter() - t0
         self.run_dir.append_metrics(record)
+        if "eval" in record:
+            plot_metrics(
+                self.run_dir.read_metrics(),
+                self.run_dir.path / "metrics.png",
+                title=f"{self.cfg.run.name} ({self.mode})",
+            )
+            self._tensorboard(round_, record)
         agg = record.get("aggregate", {})
         self.log(
             f"[{self.mode}] round {round_}/{self.cfg.federation.num_rounds}  "
@@ -97,6 +107,22 @@ class RunRecorder:
         )
         self.last_tick = time.perf_counter()
         return record
+
+    def _tensorboard(self, round_: int, record: dict[str, Any]) -> None:
+        """Scalars to TensorBoard (``<run>/tensorboard``) where it is installed."""
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+                return
+            self._tb = SummaryWriter(str(self.run_dir.path / "tensorboard"))
+        if self._tb is False:
+            return
+        for key, value in {**record.get("aggregate", {}), **record.get("eval", {})}.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(key, value, round_)
+        self._tb.flush()
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Writes ``summary.json`` from the metrics so far."""
@@ -113,6 +139,7 @@ class RunRecorder:
                 r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in records
             ),
             "run_dir": str(self.run_dir.path),
+            "metrics_skipped": dict(self.evaluator.skipped),
             **(extra or {}),
         }
         self.run_dir.write_summary(summary)

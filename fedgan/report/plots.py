@@ -1,0 +1,59 @@
+"""Curves of a run's metrics against rounds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def series(records: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Every numeric metric of the records as ``name -> (rounds, values)``: the losses, the
+    largest epsilon and each evaluation metric."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+
+    def add(name: str, round_: int, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            xs, ys = out.setdefault(name, ([], []))
+            xs.append(round_)
+            ys.append(float(value))
+
+    for r in records:
+        agg = r.get("aggregate", {})
+        for key in ("d_loss", "g_loss", "max_epsilon", "central_epsilon"):
+            add(key, r["round"], agg.get(key))
+        for key, value in r.get("eval", {}).items():
+            if not key.endswith("_std") and not key.startswith("gen_"):
+                add(key, r["round"], value)
+    return out
+
+
+def plot_metrics(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Writes one small panel per metric (value against round) to ``path``."""
+    data = series(records)
+    if not data:
+        return None
+    cols = min(4, len(data))
+    rows = (len(data) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, (name, (xs, ys)) in zip(axes.flat, sorted(data.items()), strict=False):
+        ax.plot(xs, ys, marker="o", markersize=2.5)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("round", fontsize=7)
+    for ax in list(axes.flat)[len(data) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
