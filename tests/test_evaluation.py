@@ -193,3 +193,17 @@ def test_evaluate_cli_appends_to_metrics(toy_config: Config) -> None:
     assert last["mode"] == "evaluate" and "domain_kd_1k" in last["eval"]
     assert main(["evaluate", "--run", str(toy_config.run_dir / "nope")]) == 2
     json.dumps(last)
+
+
+def test_curves_leave_out_timings_and_spreads() -> None:
+    from fedgan.report.plots import series
+
+    records = [
+        {"round": r, "aggregate": {"d_loss": 1.0 / r}, "eval": {
+            "domain_fd_1k": 2.0 / r, "seconds_domain_fd_1k": 0.1, "domain_kd_1k_std": 0.1,
+        }}
+        for r in (1, 2)
+    ]
+    data = series(records)
+    assert set(data) == {"d_loss", "domain_fd_1k"}
+    assert data["domain_fd_1k"] == ([1, 2], [2.0, 1.0])

@@ -28,7 +28,7 @@ def series(records: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list
         for key in ("d_loss", "g_loss", "max_epsilon", "central_epsilon"):
             add(key, r["round"], agg.get(key))
         for key, value in r.get("eval", {}).items():
-            if not key.endswith("_std") and not key.startswith("gen_"):
+            if not key.endswith("_std") and not key.startswith(("gen_", "seconds_")):
                 add(key, r["round"], value)
     return out
 
