@@ -110,15 +110,20 @@ class ModelSection:
     Attributes:
         family: Registered GAN family name (see ``fedgan.models.FAMILIES``).
         latent_dim: Size of the generator's noise vector.
-        base_channels: Width of the narrowest layer; deeper layers double it.
+        base_channels: Width of the narrowest layer; deeper layers double it (the number of
+            layers follows from the image size: the preset by resolution).
+        num_classes: Classes of a conditional family (``cgan``); every label must be below it.
     """
 
     family: str = "dcgan"
     latent_dim: int = 64
     base_channels: int = 32
+    num_classes: int = 2
 
     def __post_init__(self) -> None:
         _check_positive("model.latent_dim", self.latent_dim)
+        if self.num_classes < 2:
+            _fail("model.num_classes", f"must be >= 2, got {self.num_classes}")
         if self.base_channels < 4:
             _fail("model.base_channels", f"must be >= 4, got {self.base_channels}")
 
@@ -136,6 +141,8 @@ class TrainSection:
         beta2: Adam beta2.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         num_threads: Torch CPU threads per training process; 0 keeps torch's default.
+        n_critic: Discriminator steps per generator step; 0 takes the family's (5 for wgan-gp).
+        gp_weight: Gradient-penalty weight of ``wgan-gp``.
     """
 
     batch_size: int = 32
@@ -146,6 +153,8 @@ class TrainSection:
     beta2: float = 0.999
     device: str = "auto"
     num_threads: int = 0
+    n_critic: int = 0
+    gp_weight: float = 10.0
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -158,6 +167,10 @@ class TrainSection:
             _fail(
                 "train.device", f"unknown device {self.device!r}; allowed: auto, cpu, cuda, cuda:N"
             )
+        if self.n_critic < 0:
+            _fail("train.n_critic", f"must be >= 0 (0 = the family's default), got {self.n_critic}")
+        if self.gp_weight < 0:
+            _fail("train.gp_weight", f"must be >= 0, got {self.gp_weight}")
         if self.num_threads < 0:
             _fail("train.num_threads", f"must be >= 0 (0 = torch default), got {self.num_threads}")
 

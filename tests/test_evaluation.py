@@ -199,9 +199,15 @@ def test_curves_leave_out_timings_and_spreads() -> None:
     from fedgan.report.plots import series
 
     records = [
-        {"round": r, "aggregate": {"d_loss": 1.0 / r}, "eval": {
-            "domain_fd_1k": 2.0 / r, "seconds_domain_fd_1k": 0.1, "domain_kd_1k_std": 0.1,
-        }}
+        {
+            "round": r,
+            "aggregate": {"d_loss": 1.0 / r},
+            "eval": {
+                "domain_fd_1k": 2.0 / r,
+                "seconds_domain_fd_1k": 0.1,
+                "domain_kd_1k_std": 0.1,
+            },
+        }
         for r in (1, 2)
     ]
     data = series(records)

@@ -7,7 +7,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedgan.models import dcgan as _dcgan  # noqa: F401  (registers "dcgan")
+from fedgan.models import cgan as _cgan  # noqa: F401  (each module registers its family)
+from fedgan.models import dcgan as _dcgan  # noqa: F401
+from fedgan.models import sngan as _sngan  # noqa: F401
+from fedgan.models import wgan_gp as _wgan_gp  # noqa: F401
 from fedgan.models.base import FAMILIES, GanFamily, ImageShape, build_networks
 
 __all__ = [

@@ -33,6 +33,9 @@ class GanFamily:
         g_loss: ``d(fake) -> loss`` minimized by the generator.
         dp_incompatibility: Why Opacus cannot privatize this family's discriminator (empty
             when it can), e.g. spectral norm or a gradient penalty.
+        conditional: Generator and discriminator take class labels (``G(z, y)``, ``D(x, y)``).
+        n_critic: Discriminator (critic) steps per generator step by default.
+        gradient_penalty: The discriminator loss adds a gradient penalty (WGAN-GP).
     """
 
     name: str
@@ -40,6 +43,9 @@ class GanFamily:
     d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     g_loss: Callable[[torch.Tensor], torch.Tensor]
     dp_incompatibility: str = ""
+    conditional: bool = False
+    n_critic: int = 1
+    gradient_penalty: bool = False
 
 
 FAMILIES: Registry[GanFamily] = Registry("GAN family")

@@ -72,6 +72,7 @@ class Discriminator(nn.Module):
     """image -> one logit: x2 strided-conv stages down to 4x4, GroupNorm, LeakyReLU (not in-place).
 
     GroupNorm instead of BatchNorm keeps every sample's gradient its own (Opacus needs that).
+    ``features`` ends at the 4x4 map, so conditional variants can add a projection.
     """
 
     def __init__(self, shape: ImageShape, base_channels: int) -> None:
@@ -86,12 +87,13 @@ class Discriminator(nn.Module):
                 nn.LeakyReLU(0.2),
             ]
             ch *= 2
-        layers.append(nn.Conv2d(ch, 1, 4, 1, 0))
-        self.net = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers)
+        self.feature_channels = ch
+        self.head = nn.Conv2d(ch, 1, 4, 1, 0)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+        return self.head(self.features(x)).flatten()
 
 
 def bce_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -66,29 +66,30 @@ class PrivateDiscriminator:
     Attributes:
         module: The discriminator wrapped for per-sample gradients (train with this one).
         optimizer: The DP optimizer (clipping, noise, accounting on every step).
-        batches: Endless Poisson-sampled real batches on the training device.
+        batches: Endless Poisson-sampled real ``(images, labels)`` on the training device.
         engine: The Opacus engine whose accountant holds the hospital's whole history.
     """
 
     module: nn.Module
     optimizer: DPOptimizer
-    batches: Iterator[torch.Tensor]
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     engine: PrivacyEngine
 
     def history(self) -> list[tuple[float, float, int]]:
         return [tuple(h) for h in self.engine.accountant.history]  # type: ignore[misc]
 
 
-def _cycle(loader: DataLoader, device: torch.device) -> Iterator[torch.Tensor]:
+def _cycle(loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
-        for (batch,) in loader:
-            yield batch.to(device, non_blocking=True)
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def make_private_discriminator(
     discriminator: nn.Module,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
+    labels: torch.Tensor,
     plan: PrivacyPlan,
     accountant: HospitalAccountant,
     *,
@@ -105,6 +106,7 @@ def make_private_discriminator(
         discriminator: The (validated) discriminator, on ``device``.
         optimizer: Its optimizer, with any state restored from earlier rounds.
         images: This hospital's real images (CPU).
+        labels: Their labels (conditional families train on them).
         plan: sigma, q, clip norm.
         accountant: The hospital's history so far; Opacus's accountant continues it.
         batch_size: Expected batch size (q x n).
@@ -117,7 +119,7 @@ def make_private_discriminator(
     if secure_mode:
         require_secure_rng()
     loader = DataLoader(
-        TensorDataset(images.cpu()),
+        TensorDataset(images.cpu(), labels.cpu()),
         batch_size=batch_size,
         generator=None if secure_mode else torch.Generator().manual_seed(seed),
     )

@@ -3,6 +3,7 @@
 from fedgan.training.loop import (
     LocalStats,
     batches,
+    critic_steps,
     make_optimizers,
     resolve_device,
     train_local,
@@ -12,6 +13,7 @@ from fedgan.training.steps import d_step, g_step
 __all__ = [
     "LocalStats",
     "batches",
+    "critic_steps",
     "d_step",
     "g_step",
     "make_optimizers",

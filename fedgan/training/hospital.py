@@ -20,7 +20,13 @@ from fedgan.privacy import (
     make_private_discriminator,
     plan_privacy,
 )
-from fedgan.training.loop import LocalStats, make_optimizers, resolve_device, train_local
+from fedgan.training.loop import (
+    LocalStats,
+    critic_steps,
+    make_optimizers,
+    resolve_device,
+    train_local,
+)
 
 
 def image_shape(dataset: TensorDataset) -> ImageShape:
@@ -132,6 +138,7 @@ def local_round(
         )
 
     # DP-SGD: only the discriminator touches the data; the generator learns through it.
+    d_steps = cfg.train.local_steps * critic_steps(family, cfg.train)  # private steps per round
     check_privatizable(family, nets["discriminator"])
     acc = (
         HospitalAccountant.from_json(accountant)
@@ -142,13 +149,14 @@ def local_round(
         cfg.privacy,
         num_examples=len(dataset),
         batch_size=cfg.train.batch_size,
-        planned_steps=cfg.federation.num_rounds * cfg.train.local_steps,
+        planned_steps=cfg.federation.num_rounds * d_steps,
     )
-    acc.check_budget(plan, cfg.train.local_steps)  # refuses before anything is spent
+    acc.check_budget(plan, d_steps)  # refuses before anything is spent
     private = make_private_discriminator(
         nets["discriminator"],
         optimizers["discriminator"],
         dataset.tensors[0],
+        dataset.tensors[1],
         plan,
         acc,
         batch_size=cfg.train.batch_size,
@@ -170,10 +178,8 @@ def local_round(
     )
     before = acc.steps
     acc.history = private.history()
-    if acc.steps != before + cfg.train.local_steps:
-        raise RuntimeError(
-            f"accountant counted {acc.steps - before} DP steps, expected {cfg.train.local_steps}"
-        )
+    if acc.steps != before + d_steps:
+        raise RuntimeError(f"accountant counted {acc.steps - before} DP steps, expected {d_steps}")
     state = pack_state(nets)
     close = getattr(private.module, "_close", None)
     if close is not None:

@@ -43,10 +43,10 @@ def make_optimizers(nets: Mapping[str, nn.Module], cfg: TrainSection) -> dict[st
 
 
 def batches(
-    images: torch.Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches of ``images`` (each epoch a new permutation; no partial batch
-    unless the whole set is smaller than one batch)."""
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled ``(images, labels)`` batches (each epoch a new permutation; no partial
+    batch unless the whole set is smaller than one batch)."""
     n = len(images)
     if n == 0:
         raise ValueError("cannot train on an empty data set")
@@ -54,7 +54,13 @@ def batches(
     while True:
         order = torch.randperm(n, generator=generator).to(images.device)
         for start in range(0, n - size + 1, size):
-            yield images[order[start : start + size]]
+            idx = order[start : start + size]
+            yield images[idx], labels[idx]
+
+
+def critic_steps(family: GanFamily, cfg: TrainSection) -> int:
+    """Discriminator steps per generator step: ``train.n_critic``, or the family's default."""
+    return cfg.n_critic or family.n_critic
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class LocalStats:
 
     Attributes:
         steps: GAN iterations run.
-        examples: Real images the discriminator saw.
+        examples: Real images the discriminator saw (``n_critic`` batches per iteration).
         d_loss: Mean discriminator loss.
         g_loss: Mean generator loss.
         seconds: Wall time of the loop.
@@ -86,9 +92,9 @@ def train_local(
     steps: int,
     seed: int,
     device: torch.device,
-    real_batches: Iterator[torch.Tensor] | None = None,
+    real_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> LocalStats:
-    """Runs ``steps`` GAN iterations (one D step, one G step each) on ``dataset``.
+    """Runs ``steps`` GAN iterations (``n_critic`` D steps and one G step each) on ``dataset``.
 
     Args:
         family: Losses of the GAN family.
@@ -99,8 +105,8 @@ def train_local(
         steps: Number of iterations.
         seed: Seeds batch order and noise.
         device: Where to train.
-        real_batches: Where real batches come from (e.g. Poisson sampling under DP-SGD);
-            shuffled fixed-size batches of ``dataset`` by default.
+        real_batches: Where ``(images, labels)`` batches come from (e.g. Poisson sampling
+            under DP-SGD); shuffled fixed-size batches of ``dataset`` by default.
 
     Returns:
         Loss means, examples seen and wall time.
@@ -112,23 +118,57 @@ def train_local(
     cpu_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     latent: int = generator.latent_dim  # type: ignore[assignment]
+    num_classes = int(getattr(generator, "num_classes", 0))
+    if real_batches is None:
+        x_all, y_all = dataset.tensors[0], dataset.tensors[1]
+        real_batches = batches(x_all.to(device), y_all.to(device), cfg.batch_size, cpu_gen)
+    n_critic = critic_steps(family, cfg)
     d_total = torch.zeros((), device=device)
     g_total = torch.zeros((), device=device)
     examples = 0
-    if real_batches is None:
-        images = dataset.tensors[0].to(device, non_blocking=True)
-        real_batches = batches(images, cfg.batch_size, cpu_gen)
     for _ in range(steps):
-        real = next(real_batches)
-        z = torch.randn(len(real), latent, device=device, generator=noise_gen)
-        d_total += d_step(family, generator, discriminator, optimizers["discriminator"], real, z)
-        z = torch.randn(len(real), latent, device=device, generator=noise_gen)
-        g_total += g_step(family, generator, discriminator, optimizers["generator"], z)
-        examples += len(real)
+        for _ in range(n_critic):
+            real, labels = next(real_batches)
+            y = check_labels(labels, num_classes) if family.conditional else None
+            z = torch.randn(len(real), latent, device=device, generator=noise_gen)
+            d_total += d_step(
+                family,
+                generator,
+                discriminator,
+                optimizers["discriminator"],
+                real,
+                z,
+                y,
+                gp_weight=cfg.gp_weight,
+                noise=noise_gen,
+            )
+            examples += len(real)
+        size = cfg.batch_size
+        z = torch.randn(size, latent, device=device, generator=noise_gen)
+        y = (
+            torch.randint(0, num_classes, (size,), device=device, generator=noise_gen)
+            if family.conditional
+            else None
+        )
+        g_total += g_step(family, generator, discriminator, optimizers["generator"], z, y)
     return LocalStats(
         steps=steps,
         examples=examples,
-        d_loss=float(d_total) / max(steps, 1),
+        d_loss=float(d_total) / max(steps * n_critic, 1),
         g_loss=float(g_total) / max(steps, 1),
         seconds=time.perf_counter() - start,
     )
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels of a conditional family, checked against ``model.num_classes``.
+
+    Raises:
+        ValueError: If a label is outside ``0..num_classes-1``.
+    """
+    if len(labels) and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
+        raise ValueError(
+            f"class label {int(labels.max())} is outside 0..{num_classes - 1}: set "
+            "model.num_classes to the number of classes in the data"
+        )
+    return labels.long()

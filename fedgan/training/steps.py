@@ -9,6 +9,28 @@ from torch.optim import Optimizer
 from fedgan.models.base import GanFamily
 
 
+def forward(net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """``net(x)``, or ``net(x, labels)`` for a conditional network."""
+    return net(x) if labels is None else net(x, labels)
+
+
+def gradient_penalty(
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    labels: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """WGAN-GP's penalty: ``(||grad_x D(x_hat)|| - 1)^2`` at random interpolates of real and
+    fake images (Gulrajani et al. 2017)."""
+    alpha = torch.rand(len(real), 1, 1, 1, device=real.device, generator=generator)
+    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(
+        forward(discriminator, mixed, labels).sum(), mixed, create_graph=True
+    )
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
 def d_step(
     family: GanFamily,
     generator: nn.Module,
@@ -16,19 +38,26 @@ def d_step(
     opt_d: Optimizer,
     real: torch.Tensor,
     z: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    gp_weight: float = 10.0,
+    noise: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Updates the discriminator on one real batch and one generated batch.
 
     The real and fake losses are summed before a single backward (under DP-SGD each sample's
     gradient is then clipped once, not twice), and the gradients are cleared right after the
-    step so nothing carries over into the next step.
+    step so nothing carries over into the next step. A conditional family generates fakes of the
+    real batch's labels; a WGAN-GP family adds the gradient penalty (``gp_weight``).
 
     Returns:
         The detached loss (no host sync, so GPU steps are not serialized).
     """
     with torch.no_grad():
-        fake = generator(z)
-    loss = family.d_loss(discriminator(real), discriminator(fake))
+        fake = forward(generator, z, labels)
+    loss = family.d_loss(forward(discriminator, real, labels), forward(discriminator, fake, labels))
+    if family.gradient_penalty:
+        loss = loss + gp_weight * gradient_penalty(discriminator, real, fake, labels, noise)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
@@ -42,6 +71,7 @@ def g_step(
     discriminator: nn.Module,
     opt_g: Optimizer,
     z: torch.Tensor,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Updates the generator through the (fixed) discriminator.
 
@@ -55,7 +85,7 @@ def g_step(
         hooks()
     discriminator.requires_grad_(False)
     try:
-        loss = family.g_loss(discriminator(generator(z)))
+        loss = family.g_loss(forward(discriminator, forward(generator, z, labels), labels))
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
