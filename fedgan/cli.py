@@ -9,17 +9,30 @@ from collections.abc import Sequence
 from fedgan.config import Config, dump_yaml, load_config
 
 
+def _overrides_arg(p: argparse.ArgumentParser, help_: str) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_
+    )
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML experiment (see configs/); defaults if omitted")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key, e.g. --set federation.num_rounds=5 (repeatable)",
-    )
+    _overrides_arg(p, "override one key, e.g. --set federation.num_rounds=5 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _load_run(run: str, overrides: list[str], checkpoint: str | None):
+    """A run directory's resolved config (with ``overrides``) and one of its checkpoints.
+
+    Raises:
+        FileNotFoundError: If ``run`` is not a run directory or has no such checkpoint.
+    """
+    from fedgan.rundir import RunDir
+
+    rd = RunDir(run)
+    if not rd.config_path.exists():
+        raise FileNotFoundError(f"{rd.config_path} not found: is {run!r} a run directory?")
+    return rd, load_config(rd.config_path, overrides), rd.load_checkpoint(checkpoint)
 
 
 def _resolve(args: argparse.Namespace) -> Config:
@@ -63,14 +76,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from fedgan.evaluation import CentralEvaluator
     from fedgan.evaluation.metrics import parse_metric_list
-    from fedgan.rundir import RunDir
     from fedgan.training.hospital import config_shape
 
-    rd = RunDir(args.run)
-    if not rd.config_path.exists():
-        raise FileNotFoundError(f"{rd.config_path} not found: is {args.run!r} a run directory?")
-    cfg = load_config(rd.config_path, args.overrides)
-    ckpt = rd.load_checkpoint(args.checkpoint)
+    rd, cfg, ckpt = _load_run(args.run, args.overrides, args.checkpoint)
     names = parse_metric_list(args.metrics or cfg.eval.metrics, "--metrics")
     evaluator = CentralEvaluator(cfg, config_shape(cfg), rd.samples)
     result = evaluator.metrics(int(ckpt["round"]), ckpt["state"], names)
@@ -90,14 +98,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Writes synthetic images (PNG + MedMNIST-layout .npz) from a run's generator."""
     from pathlib import Path
 
-    from fedgan.rundir import RunDir
     from fedgan.sampling import export_samples
 
-    rd = RunDir(args.run)
-    if not rd.config_path.exists():
-        raise FileNotFoundError(f"{rd.config_path} not found: is {args.run!r} a run directory?")
-    cfg = load_config(rd.config_path)
-    ckpt = rd.load_checkpoint(args.checkpoint)
+    _, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
     counts = export_samples(
         cfg, ckpt["state"], args.n, Path(args.out), label=args.label, seed=args.seed
     )
@@ -125,14 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
     p.add_argument("--metrics", help="comma-separated metrics (default: the run's eval.metrics)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the run's config, e.g. eval.inception_weights=PATH",
-    )
+    _overrides_arg(p, "override a key of the run's config, e.g. eval.inception_weights=PATH")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("sample", help="write synthetic images from a run's generator")
     p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")

@@ -10,7 +10,7 @@ from fedgan.config import Config
 from fedgan.data import pooled_dataset
 from fedgan.models import FAMILIES, build_networks, load_state, pack_state
 from fedgan.training.hospital import config_shape
-from fedgan.training.loop import make_optimizers, resolve_device, train_local
+from fedgan.training.loop import make_optimizers, resolve_device, round_seed, train_local
 from fedgan.training.recorder import RunRecorder
 
 
@@ -52,7 +52,7 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
             dataset,
             cfg.train,
             steps=steps,
-            seed=cfg.run.seed * 1_000_003 + round_ * 1009,
+            seed=round_seed(cfg.run.seed, round_),
             device=device,
         )
         record = {

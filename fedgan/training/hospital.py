@@ -25,6 +25,7 @@ from fedgan.training.loop import (
     critic_steps,
     make_optimizers,
     resolve_device,
+    round_seed,
     train_local,
 )
 
@@ -118,7 +119,7 @@ def local_round(
     if optimizer_state:
         restore_optimizers(optimizers, optimizer_state)
     family = FAMILIES.get(cfg.model.family)
-    seed = cfg.run.seed * 1_000_003 + round_ * 1009 + hospital
+    seed = round_seed(cfg.run.seed, round_, hospital)
     if cfg.privacy.mode != "dp-sgd":
         stats = train_local(
             family,

@@ -58,6 +58,11 @@ def batches(
             yield images[idx], labels[idx]
 
 
+def round_seed(seed: int, round_: int, hospital: int = 0) -> int:
+    """The seed of one hospital's (or the pooled baseline's) training in one round."""
+    return seed * 1_000_003 + round_ * 1009 + hospital
+
+
 def critic_steps(family: GanFamily, cfg: TrainSection) -> int:
     """Discriminator steps per generator step: ``train.n_critic``, or the family's default."""
     return cfg.n_critic or family.n_critic
