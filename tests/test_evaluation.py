@@ -213,3 +213,17 @@ def test_curves_leave_out_timings_and_spreads() -> None:
     data = series(records)
     assert set(data) == {"d_loss", "domain_fd_1k"}
     assert data["domain_fd_1k"] == ([1, 2], [2.0, 1.0])
+
+
+def test_a_diverged_generator_is_recorded_not_fatal(toy_config: Config) -> None:
+    from fedgan.evaluation import CentralEvaluator
+    from fedgan.models import build_networks, pack_state
+    from fedgan.training.hospital import config_shape
+
+    state = pack_state(build_networks(toy_config.model, config_shape(toy_config), seed=0))
+    state = {
+        k: (torch.full_like(v, float("nan")) if k.endswith("running_var") else v)
+        for k, v in state.items()
+    }
+    ev = CentralEvaluator(toy_config, config_shape(toy_config), toy_config.run_dir / "s")
+    assert ev.metrics(1, state, ["domain_fd_1k"]) == {"nonfinite_fraction": 1.0}

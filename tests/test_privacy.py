@@ -228,3 +228,25 @@ def test_central_dp_needs_fedavg_and_a_budget() -> None:
         )
     with pytest.raises(ValueError, match="needs a budget"):
         load_config(None, ["privacy.mode=central-dp"])
+
+
+def test_central_dp_noise_cannot_leave_a_negative_variance() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedgan.federated.central_dp import valid_statistics
+
+    noisy = ArrayRecord(
+        {
+            "generator.net.1.running_var": Array(np.array([-0.3, 0.5], dtype=np.float32)),
+            "generator.net.1.num_batches_tracked": Array(np.array(-2.4)),
+            "generator.net.0.weight": Array(np.array([-0.3, 0.5], dtype=np.float32)),
+        }
+    )
+    fixed = {k: a.numpy() for k, a in valid_statistics(noisy).items()}
+    assert fixed["generator.net.1.running_var"].min() > 0
+    assert fixed["generator.net.1.num_batches_tracked"].shape == ()  # a 0-d counter stays 0-d
+    assert fixed["generator.net.1.num_batches_tracked"] == 0
+    np.testing.assert_array_equal(
+        fixed["generator.net.0.weight"], np.array([-0.3, 0.5], dtype=np.float32)
+    )  # weights untouched

@@ -128,6 +128,16 @@ class CentralEvaluator:
         images, labels = sample(
             generator, n, seed=self.cfg.run.seed + 7 + round_, device=self.device
         )
+        finite = torch.isfinite(images.flatten(1)).all(1)
+        if not finite.all():
+            # A diverged generator is a finding to record, not a reason to stop the federation.
+            bad = float(1 - finite.float().mean())
+            logger.warning(
+                "round %s: %.0f%% of generated images are not finite; metrics skipped",
+                round_,
+                100 * bad,
+            )
+            return {"nonfinite_fraction": bad}
         out: dict[str, float] = {}
         for name in names:
             metric = METRICS.get(name)

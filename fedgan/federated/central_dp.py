@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import Context, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -72,6 +73,21 @@ def central_noise(cfg: PrivacySection, *, num_hospitals: int, sampled: int, roun
     return high
 
 
+def valid_statistics(arrays: ArrayRecord) -> ArrayRecord:
+    """Noise on the averaged update also lands on BatchNorm statistics, which can make a
+    variance negative (and the generator emit NaN). Clamping them back into their valid range
+    is post-processing of the private release: it costs no privacy."""
+    fixed = {}
+    for key, array in arrays.items():
+        value = array.numpy()
+        if key.endswith("running_var"):
+            value = np.maximum(value, 1e-5).astype(value.dtype)
+        elif key.endswith("num_batches_tracked"):
+            value = np.maximum(np.round(value), 0).astype(value.dtype)
+        fixed[key] = Array(np.array(value, copy=True))  # keeps 0-d counters 0-d
+    return ArrayRecord(fixed)
+
+
 def central_dp_strategy(
     wrap: Callable[[type], Callable[..., Any]],
     common: dict[str, Any],
@@ -84,12 +100,19 @@ def central_dp_strategy(
     """FedAvg (equal weights) inside Flower's server- or client-side fixed-clipping wrapper,
     with the wrapper class passed through ``wrap`` (fedgan's reply recording)."""
     inner = FedAvg(**common, weighted_by_key=UNIT_WEIGHT)
-    wrapper = (
+    base = (
         DifferentialPrivacyServerSideFixedClipping
         if cfg.central_clipping == "server"
         else DifferentialPrivacyClientSideFixedClipping
     )
-    return wrap(wrapper)(
+
+    class ValidStatistics(base):  # type: ignore[valid-type, misc]
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            return (valid_statistics(arrays) if arrays is not None else None), metrics
+
+    ValidStatistics.__name__ = ValidStatistics.__qualname__ = base.__name__
+    return wrap(ValidStatistics)(
         inner,
         noise_multiplier=central_noise(
             cfg, num_hospitals=num_hospitals, sampled=sampled, rounds=rounds
