@@ -37,17 +37,18 @@ def toy_config(tmp_path: Path) -> Config:
     )
 
 
+def _shared(relative: str, what: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set FEDGAN_SHARED to the shared folder)")
+    return path
+
+
 @pytest.fixture
 def pneumonia_npz() -> Path:
-    path = SHARED / "data" / "pneumoniamnist.npz"
-    if not path.exists():
-        pytest.skip(f"PneumoniaMNIST not found at {path} (set FEDGAN_SHARED to the shared folder)")
-    return path
+    return _shared("data/pneumoniamnist.npz", "PneumoniaMNIST")
 
 
 @pytest.fixture
 def inception_weights() -> Path:
-    path = SHARED / "weights" / "fid_inception_2015-12-05.pth"
-    if not path.exists():
-        pytest.skip(f"FID Inception weights not found at {path} (set FEDGAN_SHARED)")
-    return path
+    return _shared("weights/fid_inception_2015-12-05.pth", "FID Inception weights")
