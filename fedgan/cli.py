@@ -108,6 +108,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_describe(args: argparse.Namespace) -> int:
+    """Per hospital: images, class histogram and intensity statistics; pictures of the split."""
+    import json
+    from pathlib import Path
+
+    from fedgan.data.describe import describe, format_table
+
+    cfg = _resolve(args)
+    out = Path(args.out) if args.out else cfg.run_dir.with_name(cfg.run_dir.name + "-data")
+    rows = describe(cfg, out)
+    print(
+        f"{cfg.data.source} data, {cfg.data.partition} partition over "
+        f"{cfg.federation.num_hospitals} hospitals (images in [0, 1] after preprocessing)"
+    )
+    print(format_table(rows))
+    (out / "describe.json").write_text(json.dumps(rows, indent=2))
+    print(f"fedgan: wrote {out / 'partition.png'}, {out / 'samples.png'}, {out / 'describe.json'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_yaml(_resolve(args)), end="")
     return 0
@@ -124,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _config_args(p)
         p.set_defaults(func=func)
+    data = sub.add_parser("data", help="inspect data sets and partitions").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("describe", help="per hospital: counts, classes, statistics, pictures")
+    _config_args(p)
+    p.add_argument("--out", help="where the pictures go (default: <run dir>-data)")
+    p.set_defaults(func=cmd_data_describe)
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint with registered metrics")
     p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")

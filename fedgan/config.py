@@ -75,9 +75,24 @@ class DataSection:
         channels: 1 (grayscale) or 3 (RGB).
         num_images: Phantom only: how many scans the whole consortium holds.
         lesion_fraction: Phantom only: share of scans with a lesion (class label 1).
-        eval_fraction: Share of the pooled data held out for central evaluation.
-        partition: How a simulation splits the pool across hospitals (``iid``, ``dirichlet``).
-        dirichlet_alpha: Label-skew concentration for ``dirichlet`` (smaller = more skewed).
+        eval_fraction: Share of the pooled data held out for central evaluation (whole files
+            for file sources, so a volume's slices never sit on both sides).
+        partition: How a simulation splits the pool across hospitals: ``iid``, ``dirichlet``
+            (label skew), ``quantity`` (size skew), ``site-shift`` (one site folder, or one
+            synthetic scanner profile, per hospital).
+        dirichlet_alpha: Concentration of ``dirichlet`` and ``quantity`` (smaller = more skewed).
+        fit: How images of another size reach ``image_size``: ``resize``, ``crop`` (center square
+            first), ``pad`` (pad to a square first), ``none`` (refuse other sizes).
+        augment: Random horizontal flips and small rotations of real training images.
+        augment_rotation: Largest rotation of ``augment``, in degrees.
+        window_center: DICOM display window centre (in rescaled units, e.g. HU); used when
+            ``window_width`` > 0.
+        window_width: DICOM window width; 0 uses each file's own window, else robust percentiles.
+        slice_axis: NIfTI axis (0, 1, 2) along which volumes are cut into 2D slices.
+        min_foreground: NIfTI slices with a smaller share of non-background pixels are dropped.
+        site_folders: Files lie under ``path/<site>/[<class>/]``; ``site-shift`` gives site h to
+            hospital h.
+        skip_bad_files: Skip unreadable or unusable files (counted in the log) instead of stopping.
     """
 
     source: str = "phantom"
@@ -90,6 +105,15 @@ class DataSection:
     eval_fraction: float = 0.1
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
+    fit: str = "resize"
+    augment: bool = False
+    augment_rotation: float = 10.0
+    window_center: float = 40.0
+    window_width: float = 0.0
+    slice_axis: int = 2
+    min_foreground: float = 0.05
+    site_folders: bool = False
+    skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size & (self.image_size - 1):
@@ -101,6 +125,16 @@ class DataSection:
         _check_range("data.lesion_fraction", self.lesion_fraction, 0.0, 1.0)
         _check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.5)
         _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
+        _check_choice("data.fit", self.fit, ["resize", "crop", "pad", "none"])
+        _check_range("data.augment_rotation", self.augment_rotation, 0.0, 180.0)
+        if self.window_width < 0:
+            _fail(
+                "data.window_width",
+                f"must be >= 0 (0 = each file's own window), got {self.window_width}",
+            )
+        if self.slice_axis not in (0, 1, 2):
+            _fail("data.slice_axis", f"must be 0, 1 or 2, got {self.slice_axis}")
+        _check_range("data.min_foreground", self.min_foreground, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def test_sites_differ_measurably() -> None:
     assert site_profile(7) == site_profile(7) and site_profile(7) != site_profile(8)
 
 
-@pytest.mark.parametrize("name", ["iid", "dirichlet"])
+@pytest.mark.parametrize("name", ["iid", "dirichlet", "quantity", "site-shift"])
 def test_partitions_are_disjoint_complete_and_seeded(name: str) -> None:
     labels = np.random.default_rng(0).integers(0, 3, size=500)
     split = PARTITIONERS.get(name)

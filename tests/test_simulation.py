@@ -193,3 +193,38 @@ def test_central_dp_reports_epsilon_and_stops_at_the_budget(tmp_path: Path, clip
     summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
     assert summary["privacy"]["central"]["releases"] == affordable
     assert "central privacy budget" in summary["stopped_early"]
+
+
+def test_pneumoniamnist_five_hospitals_dirichlet(tmp_path: Path, pneumonia_npz: Path) -> None:
+    """Issue 5's acceptance run: real MedMNIST data, 5 hospitals, label skew alpha = 0.5."""
+    res = simulate(
+        tmp_path,
+        "data.source=medmnist",
+        f"data.path={pneumonia_npz}",
+        "data.partition=dirichlet",
+        "data.dirichlet_alpha=0.5",
+        "data.augment=true",
+        "federation.num_hospitals=5",
+        "federation.num_rounds=2",
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = RunDir(tmp_path / "e2e").read_metrics()
+    assert [r["round"] for r in records] == [1, 2]
+    sizes = {h: v["num_examples"] for h, v in records[-1]["hospitals"].items()}
+    assert len(sizes) == 5 and all(n > 0 for n in sizes.values())
+    from fedgan.config import load_config
+    from fedgan.data import hospital_pool
+
+    cfg = load_config(
+        None,
+        [
+            "data.source=medmnist",
+            f"data.path={pneumonia_npz}",
+            "data.partition=dirichlet",
+            "data.image_size=16",
+        ],
+    )
+    shares = [len(hospital_pool(cfg.data, 0, h, 5).labels) for h in range(5)]
+    assert sum(shares) == 4708 and max(shares) > 2 * min(shares)  # skewed, complete
+    assert sorted(sizes.values()) == sorted(shares)  # each hospital trained on its own share

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedgan.data.partition import PARTITIONERS
+from fedgan.data.phantom import apply_scanner, site_profile
 from fedgan.data.sources import DATASETS, ImagePool, fit_images, folder_pool, npz_pool
 
 if TYPE_CHECKING:
@@ -42,9 +44,22 @@ def _pools(cfg: DataSection, seed: int) -> tuple[ImagePool, ImagePool]:
 def _partition(cfg: DataSection, seed: int, num_hospitals: int) -> tuple:
     train, _ = _pools(cfg, seed)
     parts = PARTITIONERS.get(cfg.partition)(
-        train.labels.numpy(), num_hospitals, seed=seed, alpha=cfg.dirichlet_alpha
+        train.labels.numpy(),
+        num_hospitals,
+        seed=seed,
+        alpha=cfg.dirichlet_alpha,
+        groups=None if train.sites is None else train.sites.numpy(),
     )
     return tuple(parts)
+
+
+def _scanner_view(cfg: DataSection, images: torch.Tensor, hospital: int, seed: int) -> torch.Tensor:
+    """Hospital ``hospital``'s rendering: the source's own (the phantom's scanners), or, for a
+    ``site-shift`` partition of data without site folders, a synthetic scanner profile."""
+    source = DATASETS.get(cfg.source)
+    if cfg.partition == "site-shift" and not cfg.site_folders and source.plain:
+        return apply_scanner(images, site_profile(hospital), seed=seed * 1000 + hospital)
+    return source.hospital_view(images, hospital, seed)
 
 
 def hospital_pool(cfg: DataSection, seed: int, hospital: int, num_hospitals: int) -> ImagePool:
@@ -53,8 +68,12 @@ def hospital_pool(cfg: DataSection, seed: int, hospital: int, num_hospitals: int
         raise ValueError(f"hospital index {hospital} is outside 0..{num_hospitals - 1}")
     train, _ = _pools(cfg, seed)
     part = train.subset(_partition(cfg, seed, num_hospitals)[hospital])
-    view = DATASETS.get(cfg.source).hospital_view(part.images, hospital, seed)
-    return ImagePool(view, part.labels)
+    if len(part.labels) == 0:
+        raise ValueError(
+            f"hospital {hospital} received no images from the {cfg.partition!r} partition; "
+            "use fewer hospitals, more data, or a larger data.dirichlet_alpha"
+        )
+    return replace(part, images=_scanner_view(cfg, part.images, hospital, seed))
 
 
 def hospital_dataset(
@@ -77,20 +96,22 @@ def eval_dataset(cfg: DataSection, seed: int, num_hospitals: int) -> TensorDatas
     """Held-out real images for central evaluation, rendered round-robin by every hospital's
     scanner so they follow the consortium's mix of sites."""
     _, pool = _pools(cfg, seed)
-    source = DATASETS.get(cfg.source)
     images = pool.images.clone()
     for h in range(num_hospitals):
         idx = torch.arange(h, len(images), num_hospitals)
-        images[idx] = source.hospital_view(pool.images[idx], h, seed + 99_991)
+        images[idx] = _scanner_view(cfg, pool.images[idx], h, seed + 99_991)
     return TensorDataset(to_signed(images), pool.labels)
 
 
-def local_dataset(path: str | Path, cfg: DataSection) -> TensorDataset:
+@lru_cache(maxsize=2)
+def local_pool(path: str, cfg: DataSection, fmt: str = "") -> ImagePool:
     """A deployed hospital's own data from its SuperNode ``data-path``: a MedMNIST-layout
-    ``.npz`` (its train split) or a folder of images.
+    ``.npz`` (its train split) or a folder of images, DICOM or NIfTI files (``fmt``: ``folder``,
+    ``dicom``, ``nifti``; detected from the files when empty). Cached per process.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
+        ValueError: For an unknown format or unusable files (naming the file and the fix).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -98,5 +119,21 @@ def local_dataset(path: str | Path, cfg: DataSection) -> TensorDataset:
             f"data-path {str(p)!r} does not exist; set the SuperNode's node config "
             "data-path to this site's .npz file or image folder"
         )
-    pool = npz_pool(p, "train", cfg) if p.is_file() and p.suffix == ".npz" else folder_pool(p, cfg)
+    if p.is_file():
+        if p.suffix != ".npz":
+            raise ValueError(
+                f"data-path {str(p)!r} is a single {p.suffix or 'extension-less'} file; point it "
+                "at a MedMNIST-layout .npz or at the folder holding the site's images"
+            )
+        return npz_pool(p, "train", cfg)
+    if fmt and fmt not in ("folder", "dicom", "nifti"):
+        raise ValueError(
+            f"data-format {fmt!r} is not a file format; use folder (PNG/JPEG/TIFF), dicom or nifti"
+        )
+    return folder_pool(p, cfg, fmt or None)
+
+
+def local_dataset(path: str | Path, cfg: DataSection, fmt: str = "") -> TensorDataset:
+    """:func:`local_pool` as training pairs ``(image in [-1, 1], label)``."""
+    pool = local_pool(str(path), cfg, fmt)
     return TensorDataset(to_signed(pool.images), pool.labels)

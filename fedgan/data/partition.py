@@ -69,3 +69,56 @@ def dirichlet_partition(
         f"dirichlet partition with alpha={alpha} left a hospital empty in 100 draws; "
         "raise data.dirichlet_alpha or lower federation.num_hospitals"
     )
+
+
+@PARTITIONERS.register("quantity")
+def quantity_partition(
+    labels: np.ndarray, num_parts: int, *, seed: int, alpha: float = 0.5, **_: object
+) -> list[np.ndarray]:
+    """Quantity skew: hospital sizes ~ Dirichlet(alpha) above a floor of a tenth of an equal share,
+    images dealt at random, so class mixes stay alike while sizes differ. Smaller ``alpha`` gives
+    more unequal sizes."""
+    _check(len(labels), num_parts)
+    if alpha <= 0:
+        raise ValueError(f"quantity alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    props = rng.dirichlet(np.full(num_parts, alpha))
+    # A floor first (a tenth of an equal share, at least one image: a hospital with a handful of
+    # scans cannot fill a batch), the rest by the drawn proportions (largest remainders).
+    floor = max(1, n // (10 * num_parts))
+    extra = props * (n - floor * num_parts)
+    sizes = np.floor(extra).astype(int)
+    sizes[np.argsort(extra - sizes)[::-1][: n - floor * num_parts - sizes.sum()]] += 1
+    sizes += floor
+    order = rng.permutation(n)
+    return [np.sort(part) for part in np.split(order, np.cumsum(sizes)[:-1])]
+
+
+@PARTITIONERS.register("site-shift")
+def site_shift_partition(
+    labels: np.ndarray,
+    num_parts: int,
+    *,
+    seed: int,
+    groups: np.ndarray | None = None,
+    **_: object,
+) -> list[np.ndarray]:
+    """Site shift: hospital ``h`` holds everything from source site ``h`` (``data.site_folders``).
+
+    Without site folders the split is IID and each hospital renders its share through its own
+    scanner profile (applied by :func:`fedgan.data.hospital_pool`), so hospitals differ by
+    acquisition rather than by labels.
+
+    Raises:
+        ValueError: If the number of site folders differs from the number of hospitals.
+    """
+    if groups is None:
+        return iid_partition(labels, num_parts, seed=seed)
+    sites = np.unique(groups)
+    if len(sites) != num_parts:
+        raise ValueError(
+            f"site-shift partition: the data hold {len(sites)} site folders but "
+            f"federation.num_hospitals is {num_parts}; make them equal"
+        )
+    return [np.flatnonzero(groups == s) for s in sites]

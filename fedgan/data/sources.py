@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fedgan.data.phantom import apply_scanner, render_phantoms, site_profile
+from fedgan.data.readers import detect_format, read_folder
+from fedgan.data.transforms import convert_channels, fit_slice
 from fedgan.registry import Registry
 
 if TYPE_CHECKING:
@@ -24,10 +26,21 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ImagePool:
-    """Labeled images in [0, 1]: ``images`` float32 ``[N, C, H, W]``, ``labels`` int64 ``[N]``."""
+    """Labeled images in [0, 1]: ``images`` float32 ``[N, C, H, W]``, ``labels`` int64 ``[N]``.
+
+    Attributes:
+        sites: The site folder each image came from (``data.site_folders``), else ``None``.
+        files: The file behind each image, where the source has files (empty otherwise).
+        skipped: ``(file, reason)`` of every bad file skipped under ``data.skip_bad_files``.
+        classes: Class names (sub-folder names), where the source names them.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
+    sites: torch.Tensor | None = None
+    files: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
@@ -38,7 +51,14 @@ class ImagePool:
 
     def subset(self, idx: np.ndarray | torch.Tensor) -> ImagePool:
         idx_t = torch.as_tensor(idx, dtype=torch.long)
-        return ImagePool(self.images[idx_t], self.labels[idx_t])
+        return ImagePool(
+            self.images[idx_t],
+            self.labels[idx_t],
+            sites=None if self.sites is None else self.sites[idx_t],
+            files=tuple(self.files[i] for i in idx_t.tolist()) if self.files else (),
+            skipped=self.skipped,
+            classes=self.classes,
+        )
 
 
 class DataSource(Protocol):
@@ -46,6 +66,8 @@ class DataSource(Protocol):
 
     def load(self, cfg: DataSection, seed: int) -> tuple[ImagePool, ImagePool]:
         """Returns ``(train_pool, eval_pool)``."""
+
+    plain: bool  # False when the source renders hospitals through scanners of its own
 
     def hospital_view(self, images: torch.Tensor, hospital: int, seed: int) -> torch.Tensor:
         """Renders ``images`` as hospital ``hospital`` would hold them."""
@@ -55,17 +77,9 @@ DATASETS: Registry[DataSource] = Registry("data source")
 
 
 def fit_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """Resizes ``[N, C, H, W]`` images in [0, 1] to ``size`` and converts channels
-    (RGB -> gray by luminance, gray -> RGB by repetition)."""
-    if images.shape[1] == 3 and channels == 1:
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
-        images = (images * weights).sum(1, keepdim=True)
-    elif images.shape[1] == 1 and channels == 3:
-        images = images.repeat(1, 3, 1, 1)
-    elif images.shape[1] != channels:
-        raise ValueError(
-            f"images have {images.shape[1]} channels; data.channels must be 1 or 3 to convert"
-        )
+    """Resizes a batch ``[N, C, H, W]`` in [0, 1] to ``size`` and converts its channels (the
+    fast path for arrays that share one shape, e.g. a MedMNIST ``.npz``)."""
+    images = convert_channels(images, channels)
     if images.shape[-2:] != (size, size):
         images = F.interpolate(
             images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
@@ -81,12 +95,16 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 class _PlainViews:
+    plain = True  # images as the files hold them; no synthetic scanner of the source's own
+
     def hospital_view(self, images: torch.Tensor, hospital: int, seed: int) -> torch.Tensor:
         return images
 
 
 class PhantomSource:
     """The embedded procedural phantoms (see :mod:`fedgan.data.phantom`)."""
+
+    plain = False  # every hospital always renders through its own scanner profile
 
     def load(self, cfg: DataSection, seed: int) -> tuple[ImagePool, ImagePool]:
         images, labels = render_phantoms(
@@ -121,6 +139,17 @@ def npz_pool(path: Path, split: str, cfg: DataSection) -> ImagePool:
     return ImagePool(fit_images(x, cfg.image_size, cfg.channels), y)
 
 
+def check_medmnist_subset(subset: str) -> None:
+    """Raises ``ValueError`` unless ``subset`` is a 2D MedMNIST subset (fedgan trains 2D GANs)."""
+    import medmnist
+
+    known = sorted(k for k in medmnist.INFO if not k.endswith("3d"))
+    if subset not in known:
+        raise ValueError(
+            f"data.subset {subset!r} is not a 2D MedMNIST subset; known: {', '.join(known)}"
+        )
+
+
 def medmnist_file(cfg: DataSection) -> Path:
     """Finds (or, where there is a network and no local file, downloads) the subset's ``.npz``.
 
@@ -140,15 +169,18 @@ def medmnist_file(cfg: DataSection) -> Path:
         )
     import medmnist  # imported lazily: only the download path needs it
 
-    if cfg.subset not in medmnist.INFO:
-        raise ValueError(
-            f"data.subset {cfg.subset!r} is not a MedMNIST subset; known: "
-            f"{', '.join(sorted(medmnist.INFO))}"
-        )
+    check_medmnist_subset(cfg.subset)
     root = Path.home() / ".medmnist"
     root.mkdir(parents=True, exist_ok=True)
     cls = getattr(medmnist, medmnist.INFO[cfg.subset]["python_class"])
-    cls(split="train", root=str(root), download=True)
+    try:
+        cls(split="train", root=str(root), download=True)
+    except RuntimeError as err:
+        url = medmnist.INFO[cfg.subset].get("url", "the MedMNIST Zenodo record")
+        raise FileNotFoundError(
+            f"could not download MedMNIST {cfg.subset!r} (no network?); download {url} and "
+            f"set data.path to the .npz file (or put it in {root})"
+        ) from err
     return root / f"{cfg.subset}.npz"
 
 
@@ -160,49 +192,89 @@ class MedMNISTSource(_PlainViews):
         return npz_pool(path, "train", cfg), npz_pool(path, "test", cfg)
 
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-
-
-def folder_pool(root: Path, cfg: DataSection) -> ImagePool:
-    """Reads every image under ``root``; sub-folder names, when present, are class labels."""
-    from PIL import Image
-
+def file_pool(root: Path, fmt: str, cfg: DataSection) -> ImagePool:
+    """Every ``fmt`` file under ``root`` as a pool (sub-folder names are class labels), fitted to
+    the model's size; ``data.site_folders`` reads ``root/<site>/...`` and records each image's
+    site for the ``site-shift`` partition."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; check data.path")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(
-            f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {str(root)!r}; check data.path"
+        raise FileNotFoundError(
+            f"data folder {str(root)!r} does not exist; point data.path (or the SuperNode's "
+            "data-path) at the folder of images"
         )
-    classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
+    if cfg.site_folders:
+        sites = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not sites:
+            raise ValueError(
+                f"data.site_folders is true but {str(root)!r} has no sub-folders; lay the data "
+                "out as <path>/<site>/[<class>/]files or set data.site_folders: false"
+            )
+        parts = [read_folder(site, fmt, cfg) for site in sites]
+    else:
+        parts = [read_folder(root, fmt, cfg)]
+    classes = sorted({c for part in parts for c in part.classes})
     index = {name: i for i, name in enumerate(classes)}
-    mode = "L" if cfg.channels == 1 else "RGB"
-    tensors, labels = [], []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read image {str(p)!r}: {err}") from err
-        t = torch.from_numpy(arr)
-        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-        tensors.append(fit_images(t.unsqueeze(0), cfg.image_size, cfg.channels)[0])
-        rel = p.parent.relative_to(root).parts
-        labels.append(index[rel[0]] if rel else 0)
-    return ImagePool(torch.stack(tensors), torch.tensor(labels, dtype=torch.long))
+    images, labels, site_ids, files = [], [], [], []
+    skipped = [x for part in parts for x in part.skipped]
+    for s, part in enumerate(parts):
+        for image, label, src in zip(part.slices, part.labels, part.sources, strict=True):
+            try:
+                images.append(fit_slice(image, cfg, src))
+            except ValueError as err:
+                if not cfg.skip_bad_files:
+                    raise ValueError(f"{err} (or set data.skip_bad_files: true)") from err
+                skipped.append((src, str(err)))
+                continue
+            labels.append(index[part.classes[label]] if part.classes else 0)
+            site_ids.append(s)
+            files.append(src)
+    if not images:
+        raise ValueError(f"no usable images under {str(root)!r}: {skipped[0][1]}")
+    return ImagePool(
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.long),
+        sites=torch.tensor(site_ids, dtype=torch.long) if cfg.site_folders else None,
+        files=tuple(files),
+        skipped=tuple(skipped),
+        classes=tuple(classes),
+    )
 
 
-class FolderSource(_PlainViews):
-    """A folder of PNG/JPEG/TIFF images (``data.path``); part of it is held out for evaluation."""
+def folder_pool(root: Path, cfg: DataSection, fmt: str | None = None) -> ImagePool:
+    """A folder of images in ``fmt`` (detected from the files when ``None``)."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data folder {str(root)!r} does not exist; point data.path (or the SuperNode's "
+            "data-path) at the folder of images"
+        )
+    return file_pool(root, fmt or detect_format(root), cfg)
+
+
+class FileSource(_PlainViews):
+    """Files under ``data.path`` in one format; whole files are held out for evaluation (the
+    slices of one volume never sit on both sides)."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
 
     def load(self, cfg: DataSection, seed: int) -> tuple[ImagePool, ImagePool]:
         if not cfg.path:
-            raise ValueError("data.source 'folder' needs data.path: the folder of images")
-        pool = folder_pool(Path(cfg.path).expanduser(), cfg)
-        train_idx, eval_idx = holdout_split(len(pool.labels), cfg.eval_fraction, seed)
+            raise ValueError(
+                f"data.source {self.fmt!r} needs data.path: the folder of {self.fmt} files"
+            )
+        pool = file_pool(Path(cfg.path).expanduser(), self.fmt, cfg)
+        names = sorted(set(pool.files))
+        order = {f: i for i, f in enumerate(names)}
+        file_ids = np.array([order[f] for f in pool.files])
+        train_files, eval_files = holdout_split(len(names), cfg.eval_fraction, seed)
+        if len(names) < 2 and cfg.eval_fraction > 0:  # one volume: hold out slices instead
+            train_idx, eval_idx = holdout_split(len(pool.labels), cfg.eval_fraction, seed)
+        else:
+            train_idx = np.flatnonzero(np.isin(file_ids, train_files))
+            eval_idx = np.flatnonzero(np.isin(file_ids, eval_files))
         return pool.subset(train_idx), pool.subset(eval_idx)
 
 
 DATASETS.add("phantom", PhantomSource())
 DATASETS.add("medmnist", MedMNISTSource())
-DATASETS.add("folder", FolderSource())
+for _fmt in ("folder", "dicom", "nifti"):
+    DATASETS.add(_fmt, FileSource(_fmt))

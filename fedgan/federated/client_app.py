@@ -36,7 +36,8 @@ def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
     node = context.node_config
     if "data-path" in node:
         hospital = int(node.get("hospital-id", -1))
-        return local_dataset(str(node["data-path"]), cfg.data), hospital
+        fmt = str(node.get("data-format", ""))
+        return local_dataset(str(node["data-path"]), cfg.data, fmt), hospital
     if "partition-id" in node:
         pid, parts = int(node["partition-id"]), int(node["num-partitions"])
         return hospital_dataset(cfg.data, cfg.run.seed, pid, parts), pid

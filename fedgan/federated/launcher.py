@@ -68,6 +68,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment for Flower processes of this run: own ``FLWR_HOME``, no runtime
     dependency installation, no update checks."""
     env = dict(os.environ)
+    # The SuperLink starts flower-superexec (and the apps) by name: find them beside this
+    # Python even when fedgan was called by its full path without an activated venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"

@@ -57,3 +57,52 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: Path, title: str = "")
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_partition(
+    rows: Sequence[dict[str, Any]], path: Path, class_names: Sequence[str] = ()
+) -> Path:
+    """Stacked bars: images of each class at each hospital."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.0))
+    bottom = [0] * len(rows)
+    hospitals = [str(r["hospital"]) for r in rows]
+    num_classes = len(rows[0]["classes"]) if rows else 0
+    for k in range(num_classes):
+        counts = [r["classes"][k] for r in rows]
+        name = class_names[k] if k < len(class_names) else f"class {k}"
+        ax.bar(hospitals, counts, bottom=bottom, label=name)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    ax.set_xlabel("hospital")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sample_rows(rows: Sequence[Any], path: Path) -> Path:
+    """One row of images (``[n, C, H, W]`` in [0, 1]) per hospital."""
+    import torch
+    from torchvision.utils import make_grid
+
+    width = max(len(r) for r in rows)
+    tiles = []
+    for r in rows:
+        pad = torch.zeros(width - len(r), *r.shape[1:])
+        tiles.append(torch.cat([r.float(), pad]))
+    grid = make_grid(torch.cat(tiles), nrow=width, padding=1, pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(width * 0.8, len(rows) * 0.8 + 0.3))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_yticks([(i + 0.5) * grid.shape[1] / len(rows) for i in range(len(rows))])
+    ax.set_yticklabels([f"hospital {i}" for i in range(len(rows))], fontsize=7)
+    ax.set_xticks([])
+    fig.tight_layout()
+    return _save(fig, path)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from fedgan.config import Config
 from fedgan.data import pooled_dataset
+from fedgan.data.transforms import augmenter
 from fedgan.models import FAMILIES, build_networks, load_state, pack_state
 from fedgan.training.hospital import config_shape
 from fedgan.training.loop import make_optimizers, resolve_device, round_seed, train_local
@@ -54,6 +55,7 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
             steps=steps,
             seed=round_seed(cfg.run.seed, round_),
             device=device,
+            augment=augmenter(cfg.data),
         )
         record = {
             "hospitals": {},

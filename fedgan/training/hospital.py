@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedgan.config import Config
+from fedgan.data.transforms import augmenter
 from fedgan.models import FAMILIES, ImageShape, build_networks, load_state, pack_state
 from fedgan.privacy import (
     HospitalAccountant,
@@ -130,6 +131,7 @@ def local_round(
             steps=cfg.train.local_steps,
             seed=seed,
             device=device,
+            augment=augmenter(cfg.data),
         )
         return RoundResult(
             state=pack_state(nets),
@@ -176,6 +178,7 @@ def local_round(
         seed=seed,
         device=device,
         real_batches=private.batches,
+        augment=augmenter(cfg.data),
     )
     before = acc.steps
     acc.history = private.history()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,6 +98,7 @@ def train_local(
     seed: int,
     device: torch.device,
     real_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> LocalStats:
     """Runs ``steps`` GAN iterations (``n_critic`` D steps and one G step each) on ``dataset``.
 
@@ -112,6 +113,7 @@ def train_local(
         device: Where to train.
         real_batches: Where ``(images, labels)`` batches come from (e.g. Poisson sampling
             under DP-SGD); shuffled fixed-size batches of ``dataset`` by default.
+        augment: Applied to every real batch (``fedgan.data.transforms.augmenter``), seeded.
 
     Returns:
         Loss means, examples seen and wall time.
@@ -134,6 +136,8 @@ def train_local(
     for _ in range(steps):
         for _ in range(n_critic):
             real, labels = next(real_batches)
+            if augment is not None and len(real):
+                real = augment(real, cpu_gen)
             y = check_labels(labels, num_classes) if family.conditional else None
             z = torch.randn(len(real), latent, device=device, generator=noise_gen)
             d_total += d_step(
