@@ -250,3 +250,16 @@ def test_central_dp_noise_cannot_leave_a_negative_variance() -> None:
     np.testing.assert_array_equal(
         fixed["generator.net.0.weight"], np.array([-0.3, 0.5], dtype=np.float32)
     )  # weights untouched
+
+
+def test_a_sites_own_budget_caps_the_run_and_requires_dp(toy_config: Config) -> None:
+    from fedgan.config import with_changes
+    from fedgan.federated.client_app import SitePolicyError, site_config
+
+    dp = with_changes(toy_config, privacy={"mode": "dp-sgd", "target_epsilon": 10.0})
+    capped = site_config(dp, {"max-epsilon": 3.0, "device": "cpu"})
+    assert capped.privacy.target_epsilon == 3.0 and capped.train.device == "cpu"
+    assert site_config(dp, {"max-epsilon": 30.0}).privacy.target_epsilon == 10.0
+    assert site_config(dp, {}) == dp
+    with pytest.raises(SitePolicyError, match="privacy.mode=dp-sgd"):
+        site_config(toy_config, {"max-epsilon": 3.0})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
-from fedgan.config import Config, from_run_config
+from fedgan.config import Config, from_run_config, with_changes
 from fedgan.data import hospital_dataset, local_dataset
 from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
 from fedgan.federated.records import from_arrays, to_arrays
@@ -19,6 +20,7 @@ app = ClientApp(mods=[client_clipping_mod])
 
 _STATE_KEY = "fedgan.hospital"
 BUDGET_ERROR_CODE = 4031  # a hospital that has spent its privacy budget
+SITE_POLICY_ERROR_CODE = 4032  # the run breaks a site's own rules (e.g. its privacy budget)
 
 
 def _longer_history(a: str | None, b: str | None) -> str | None:
@@ -35,7 +37,7 @@ def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
     """
     node = context.node_config
     if "data-path" in node:
-        hospital = int(node.get("hospital-id", -1))
+        hospital = int(node.get("hospital-id", context.node_id % 1_000_000))
         fmt = str(node.get("data-format", ""))
         return local_dataset(str(node["data-path"]), cfg.data, fmt), hospital
     if "partition-id" in node:
@@ -46,10 +48,39 @@ def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
     )
 
 
+class SitePolicyError(ValueError):
+    """The run asks for something this site's SuperNode config does not allow."""
+
+
+def site_config(cfg: Config, node: Mapping[str, object]) -> Config:
+    """The run's config under this site's own settings (its SuperNode's node config):
+    ``device`` picks where it trains; ``max-epsilon`` is the site's privacy budget, which
+    the site never lets a run exceed (and which requires DP-SGD).
+
+    Raises:
+        SitePolicyError: If the site requires DP-SGD and the run does not use it.
+    """
+    if "device" in node:
+        cfg = with_changes(cfg, train={"device": str(node["device"])})
+    if "max-epsilon" in node:
+        cap = float(node["max-epsilon"])  # type: ignore[arg-type]
+        if cfg.privacy.mode != "dp-sgd":
+            raise SitePolicyError(
+                f"this site trains only under DP-SGD with epsilon <= {cap:g} (its max-epsilon), "
+                f"but the run has privacy.mode={cfg.privacy.mode}; run with privacy.mode=dp-sgd"
+            )
+        if cfg.privacy.target_epsilon > cap:
+            cfg = with_changes(cfg, privacy={"target_epsilon": cap})
+    return cfg
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One federated round at one hospital."""
-    cfg = from_run_config(context.run_config)
+    try:
+        cfg = site_config(from_run_config(context.run_config), context.node_config)
+    except SitePolicyError as refused:
+        return Message(Error(code=SITE_POLICY_ERROR_CODE, reason=str(refused)), reply_to=msg)
     train_config = msg.content.config_records["config"]
     round_ = int(train_config["server-round"]) + int(train_config.get("round-offset", 0))  # type: ignore[arg-type]
 

@@ -8,9 +8,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 if TYPE_CHECKING:
     from fedgan.config import PrivacySection
 
@@ -81,6 +78,10 @@ def plan_privacy(
     if cfg.noise_multiplier > 0:
         sigma = cfg.noise_multiplier
     else:
+        # Opacus is imported where it is used: it costs ~2.5 s, which each ClientApp process
+        # of a non-private deployment would otherwise pay every round.
+        from opacus.accountants.utils import get_noise_multiplier
+
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=cfg.target_epsilon,
@@ -126,6 +127,8 @@ class HospitalAccountant:
     def _epsilon(self, history: list[tuple[float, float, int]], delta: float) -> float:
         if not history:
             return 0.0
+        from opacus.accountants import create_accountant
+
         acc = create_accountant(self.mechanism)
         acc.history = list(history)
         return float(acc.get_epsilon(delta=delta))

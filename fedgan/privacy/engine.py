@@ -5,16 +5,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedgan.models.base import GanFamily
 from fedgan.privacy.accounting import HospitalAccountant, PrivacyPlan
+
+if TYPE_CHECKING:  # Opacus itself is imported on use (it takes seconds to import)
+    from opacus import PrivacyEngine
+    from opacus.optimizers import DPOptimizer
 
 # The first layer's input (images) never needs a gradient; Opacus's full backward hooks warn
 # about that on every step although it is expected.
@@ -44,6 +46,8 @@ def check_privatizable(family: GanFamily, discriminator: nn.Module) -> None:
             f"model.family {family.name!r} cannot be trained with DP-SGD: "
             f"{family.dp_incompatibility}"
         )
+    from opacus.validators import ModuleValidator
+
     problems = [str(e).split(".")[0] for e in ModuleValidator.validate(discriminator, strict=False)]
     problems += [
         f"in-place activation at {name or 'top'} ({type(m).__name__}(inplace=True)) breaks "
@@ -123,6 +127,8 @@ def make_private_discriminator(
         batch_size=batch_size,
         generator=None if secure_mode else torch.Generator().manual_seed(seed),
     )
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant=plan.accountant, secure_mode=secure_mode)
     engine.accountant.history = list(accountant.history)
     noise = None if secure_mode else torch.Generator(device=device).manual_seed(seed + 1)

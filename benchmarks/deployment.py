@@ -1,0 +1,144 @@
+"""Deployment against simulation: the steady-state round time of the same study run once as a
+Flower simulation and once as a real deployment on this machine (the kits in server/ and
+clients/: TLS SuperLink with node authentication, one SuperNode per hospital, `flwr run`).
+
+    python benchmarks/deployment.py [--rounds 4] [--set key=value ...]
+
+Where the time goes is read from metrics.jsonl: each hospital's own training time against the
+round's wall time (the rest is process start-up, transfer and aggregation). Prints one JSON line
+with `deployment_round_ratio` (deployment / simulation round time, steady state: round 1 is
+dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedgan.config import load_config, to_run_config
+from fedgan.federated.launcher import free_port, write_run_config
+from fedgan.federated.simulation import simulate
+from fedgan.rundir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PYTHON_BIN": str(BIN), "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def kit(script: str, *args: str, **env: str) -> None:
+    subprocess.run([str(REPO / script), *args], env={**ENV, **env}, check=True,
+                   capture_output=True, text=True)  # fmt: skip
+
+
+def steady(records: list[dict]) -> dict[str, float]:
+    later = records[1:] or records
+    return {
+        "round_s": statistics.median(r["round_seconds"] for r in later),
+        "train_s": statistics.median(
+            max(h["train_seconds"] for h in r["hospitals"].values()) for r in later
+        ),
+    }
+
+
+def deploy(cfg, root: Path, data: list[Path]) -> list[dict]:
+    coord = root / "coordinator"
+    kit("server/make-certs.sh", str(coord / "certs"))
+    port = free_port()
+    kit("server/start-superlink.sh", str(coord), PORT=str(port), HOST="127.0.0.1")
+    envs = []
+    try:
+        for i, folder in enumerate(data):
+            site = root / f"site{i}"
+            kit("clients/make-site-key.sh", str(site / "keys"))
+            kit("server/register-site.sh", str(coord), str(site / "keys" / "site.pub"))
+            env = site / "site.env"
+            env.write_text(
+                f"SUPERLINK=127.0.0.1:{port}\nCA_CERT={coord / 'certs' / 'ca.crt'}\n"
+                f"PRIVATE_KEY={site / 'keys' / 'site'}\nDATA_PATH={folder}\nDATA_FORMAT=folder\n"
+                f"DEVICE=cpu\nHOSPITAL_ID={i}\nCPU_THREADS=1\nCLIENTAPP_PORT={free_port()}\n"
+            )
+            kit("clients/start-supernode.sh", str(env))
+            envs.append(env)
+        run_toml = write_run_config(root / "run.toml", to_run_config(cfg))
+        subprocess.run(
+            [str(BIN / "flwr"), "run", str(REPO), "fedgan", "--run-config", str(run_toml),
+             "--stream"],
+            env={**ENV, "FLWR_HOME": str(coord / "flwr")}, check=True, capture_output=True,
+        )  # fmt: skip
+    finally:
+        for env in envs:
+            kit("clients/stop-supernode.sh", str(env))
+        kit("server/stop-superlink.sh", str(coord))
+    return RunDir(cfg.run_dir).read_metrics()
+
+
+def export_folders(cfg, root: Path) -> list[Path]:
+    """Each simulated hospital's share written as a PNG folder, so both arms train on the
+    same images."""
+    import numpy as np
+    from PIL import Image
+
+    from fedgan.data import hospital_pool
+
+    folders = []
+    n = cfg.federation.num_hospitals
+    for h in range(n):
+        pool = hospital_pool(cfg.data, cfg.run.seed, h, n)
+        folder = root / f"data{h}"
+        for k, (image, label) in enumerate(zip(pool.images, pool.labels, strict=True)):
+            sub = folder / f"class{int(label)}"
+            sub.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8)).save(
+                sub / f"{k}.png"
+            )
+        folders.append(folder)
+    return folders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = [
+            "federation.num_hospitals=2",
+            f"federation.num_rounds={args.rounds}",
+            "eval.every=1000",
+            "train.device=cpu",
+            *args.overrides,
+        ]
+        sim_cfg = load_config(None, [f"run.output_dir={root}", "run.name=sim", *base])
+        t0 = time.perf_counter()
+        simulate(sim_cfg)
+        sim_wall = time.perf_counter() - t0
+        sim = steady(RunDir(sim_cfg.run_dir).read_metrics())
+        dep_cfg = load_config(None, [f"run.output_dir={root}", "run.name=dep", *base])
+        t0 = time.perf_counter()
+        dep = steady(deploy(dep_cfg, root, export_folders(sim_cfg, root)))
+        dep_wall = time.perf_counter() - t0
+    print(
+        json.dumps(
+            {
+                "simulation_round_s": round(sim["round_s"], 3),
+                "simulation_train_s": round(sim["train_s"], 3),
+                "simulation_wall_s": round(sim_wall, 1),
+                "deployment_round_s": round(dep["round_s"], 3),
+                "deployment_train_s": round(dep["train_s"], 3),
+                "deployment_wall_s": round(dep_wall, 1),
+                "deployment_round_ratio": round(dep["round_s"] / sim["round_s"], 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

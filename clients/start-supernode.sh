@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Starts this hospital's SuperNode against the coordinator's SuperLink, in the background.
+#
+#   clients/start-supernode.sh SITE_ENV
+#
+# SITE_ENV is a copy of clients/site.env.example. Writes supernode.pid and supernode.log in
+# SITE_HOME. FOREGROUND=1 runs it in the foreground (for systemd); PYTHON_BIN names the folder
+# of flower-supernode when it is not on PATH.
+set -euo pipefail
+[[ $# -eq 1 && "$1" != "-h" && "$1" != "--help" ]] || { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ -f "$1" ]] || { echo "start-supernode: site config $1 not found; copy clients/site.env.example" >&2; exit 3; }
+env_file=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
+# shellcheck disable=SC1090
+source "$env_file"
+home=${SITE_HOME:-$(dirname "$env_file")}
+[[ -n "${PYTHON_BIN:-}" ]] && export PATH="$PYTHON_BIN:$PATH"  # Flower starts its helpers by name
+fail() { echo "start-supernode: $*" >&2; exit 3; }
+
+command -v "flower-supernode" >/dev/null || fail "flower-supernode not found; install fedgan (pip install -e .) or set PYTHON_BIN"
+py=$(command -v python || command -v python3)
+"$py" -c "import fedgan" 2>/dev/null \
+    || fail "the fedgan package is not importable by $py; install it (pip install -e .) or set PYTHON_BIN"
+[[ -n "${SUPERLINK:-}" ]] || fail "SUPERLINK is empty in $env_file"
+[[ -n "${CA_CERT:-}" && -f "$CA_CERT" ]] || fail "CA_CERT '${CA_CERT:-}' not found: ask the coordinator for ca.crt"
+[[ -n "${PRIVATE_KEY:-}" && -f "$PRIVATE_KEY" ]] || fail "PRIVATE_KEY '${PRIVATE_KEY:-}' not found: create it with clients/make-site-key.sh"
+[[ -n "${DATA_PATH:-}" && -e "$DATA_PATH" ]] || fail "DATA_PATH '${DATA_PATH:-}' does not exist"
+case "${DATA_FORMAT:-}" in ""|folder|dicom|nifti) ;; *) fail "DATA_FORMAT '$DATA_FORMAT' must be folder, dicom, nifti or empty";; esac
+if [[ -f "$home/supernode.pid" ]] && kill -0 "$(cat "$home/supernode.pid")" 2>/dev/null; then
+    echo "start-supernode: already running (pid $(cat "$home/supernode.pid"))" >&2; exit 2
+fi
+
+node="data-path='$DATA_PATH'"
+[[ -n "${DATA_FORMAT:-}" ]] && node="$node data-format='$DATA_FORMAT'"
+[[ -n "${DEVICE:-}" && "${DEVICE}" != auto ]] && node="$node device='$DEVICE'"
+[[ -n "${MAX_EPSILON:-}" ]] && node="$node max-epsilon=$MAX_EPSILON"
+[[ -n "${HOSPITAL_ID:-}" ]] && node="$node hospital-id=$HOSPITAL_ID"
+
+cmd=("flower-supernode"
+    --superlink "$SUPERLINK"
+    --root-certificates "$CA_CERT"
+    --auth-supernode-private-key "$PRIVATE_KEY"
+    --node-config "$node"
+    --isolation subprocess
+    --host 127.0.0.1 --port "${CLIENTAPP_PORT:-9094}"
+    --max-retries "${MAX_RETRIES:-10}")
+export FLWR_DISABLE_UPDATE_CHECK=1
+if [[ -n "${CPU_THREADS:-}" ]]; then export OMP_NUM_THREADS=$CPU_THREADS MKL_NUM_THREADS=$CPU_THREADS; fi
+mkdir -p "$home"
+if [[ "${FOREGROUND:-0}" == 1 ]]; then
+    exec "${cmd[@]}"
+fi
+setsid "${cmd[@]}" >>"$home/supernode.log" 2>&1 < /dev/null &
+echo $! > "$home/supernode.pid"
+echo "start-supernode: pid $! -> $SUPERLINK; data $DATA_PATH; log $home/supernode.log"

@@ -1,0 +1,223 @@
+"""A real deployment on 127.0.0.1 with the kits in server/ and clients/: a TLS SuperLink with
+SuperNode authentication, two registered hospitals reading their own image folders, `flwr run`.
+
+Every process is started through a kit script that writes a PID file (or directly, with its
+PID kept) and is stopped by that PID when the test ends, also when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedgan.config import load_config, to_run_config
+from fedgan.federated.launcher import free_port, write_run_config
+from fedgan.rundir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _kit(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON_BIN": str(BIN), **env}
+    return subprocess.run(
+        [str(REPO / script), *args], env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _ok(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def _kill_group(pid: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of ours counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+@pytest.fixture
+def pids(tmp_path: Path) -> Iterator[list[int]]:
+    """PIDs to stop at the end: everything listed, plus every PID file under ``tmp_path``."""
+    started: list[int] = []
+    yield started
+    for pidfile in tmp_path.rglob("*.pid"):
+        started.append(int(pidfile.read_text()))
+    for pid in started:
+        _kill_group(pid)
+    assert not [p for p in started if _alive(p)], "a deployment process outlived the test"
+
+
+def _site_data(folder: Path, site: int) -> None:
+    from PIL import Image
+
+    from fedgan.data.phantom import apply_scanner, render_phantoms, site_profile
+
+    images, labels = render_phantoms(24, 16, seed=site)
+    images = apply_scanner(images, site_profile(site), seed=site)
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        sub = folder / ("lesion" if int(label) else "normal")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(sub / f"{k}.png")
+
+
+def _site_env(site: Path, superlink: str, ca: Path, **extra: str) -> Path:
+    values = {
+        "SUPERLINK": superlink,
+        "CA_CERT": str(ca),
+        "PRIVATE_KEY": str(site / "keys" / "site"),
+        "DATA_PATH": str(site / "data"),
+        "DATA_FORMAT": "folder",
+        "DEVICE": "cpu",
+        "CPU_THREADS": "1",
+        "CLIENTAPP_PORT": str(free_port()),
+        **extra,
+    }
+    path = site / "site.env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _nodes(coord: Path) -> list[dict]:
+    res = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "fedgan", "--format", "json"],
+        env={**os.environ, "FLWR_HOME": str(coord / "flwr"), "PATH": f"{BIN}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return json.loads(res.stdout)["nodes"]
+
+
+def test_tls_superlink_two_registered_hospitals(tmp_path: Path, pids: list[int]) -> None:
+    coord = tmp_path / "coordinator"
+    certs = coord / "certs"
+    _ok(_kit("server/make-certs.sh", str(certs)))
+    # The CA is never replaced by accident.
+    assert _kit("server/make-certs.sh", str(certs)).returncode == 2
+    port = free_port()
+    _ok(_kit("server/start-superlink.sh", str(coord), PORT=str(port), HOST="127.0.0.1"))
+    superlink = f"127.0.0.1:{port}"
+
+    sites = {name: tmp_path / name for name in ("a", "b", "stranger", "no-ca")}
+    for i, site in enumerate(sites.values()):
+        _ok(_kit("clients/make-site-key.sh", str(site / "keys")))
+        assert (site / "keys" / "site.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+        _site_data(site / "data", i)
+    for name in ("a", "b", "no-ca"):  # "stranger" is never registered
+        assert "registered" in _ok(
+            _kit("server/register-site.sh", str(coord), str(sites[name] / "keys" / "site.pub"))
+        )
+    assert _kit("server/register-site.sh", str(coord), str(tmp_path / "nope.pub")).returncode == 3
+
+    for name in ("a", "b"):
+        env = _site_env(sites[name], superlink, certs / "ca.crt")
+        _ok(_kit("clients/start-supernode.sh", str(env)))
+
+    # An unregistered SuperNode is refused: it exits and never joins.
+    env = _site_env(sites["stranger"], superlink, certs / "ca.crt", MAX_RETRIES="1")
+    _ok(_kit("clients/start-supernode.sh", str(env)))
+    stranger = int((sites["stranger"] / "supernode.pid").read_text())
+    assert _wait_exit(stranger, 90), "an unregistered SuperNode stayed connected"
+    assert "Failed to activate SuperNode" in (sites["stranger"] / "supernode.log").read_text()
+
+    # A registered SuperNode without the consortium's CA certificate cannot connect.
+    no_ca = sites["no-ca"]
+    with (no_ca / "log").open("w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--superlink", superlink,
+             "--auth-supernode-private-key", str(no_ca / "keys" / "site"),
+             "--node-config", f"data-path='{no_ca / 'data'}'",
+             "--port", str(free_port()), "--max-retries", "1"],
+            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    pids.append(proc.pid)
+    assert proc.wait(timeout=90) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in (no_ca / "log").read_text()
+
+    # The study: 2 rounds over the two registered hospitals, under DP-SGD.
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={coord / 'runs'}",
+            "run.name=deployed",
+            "data.image_size=16",
+            "model.base_channels=8",
+            "model.latent_dim=16",
+            "train.batch_size=8",
+            "train.local_steps=2",
+            "federation.num_hospitals=2",
+            "federation.num_rounds=2",
+            "privacy.mode=dp-sgd",
+            "privacy.target_epsilon=50",
+            "eval.grid_size=16",
+        ],
+    )
+    run_toml = write_run_config(tmp_path / "run.toml", to_run_config(cfg))
+    res = subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), "fedgan", "--run-config", str(run_toml), "--stream"],
+        env={**os.environ, "FLWR_HOME": str(coord / "flwr"), "PATH": f"{BIN}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0 and "done: results in" in res.stdout, res.stdout[-4000:]
+    online = [n for n in _nodes(coord) if n.get("status") == "online"]
+    assert len(online) == 2
+
+    rd = RunDir(coord / "runs" / "deployed")
+    assert rd.load_checkpoint()["round"] == 2
+    records = rd.read_metrics()
+    assert [r["round"] for r in records] == [1, 2]
+    first, second = (r["hospitals"] for r in records)
+    assert len(first) == 2 and set(first) == set(second)
+    for name, report in second.items():
+        assert report["num_examples"] == first[name]["num_examples"] > 0
+        # Each site's accountant persisted across rounds (a fresh ClientApp process per round).
+        assert report["epsilon"] > first[name]["epsilon"] > 0
+
+    _ok(_kit("clients/stop-supernode.sh", str(sites["a"] / "site.env")))
+    _ok(_kit("server/stop-superlink.sh", str(coord)))
+    assert not (coord / "superlink.pid").exists()
