@@ -344,6 +344,77 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class TaskSection:
+    """What the GAN learns: new images (``synthesis``) or an image-to-image mapping.
+
+    Attributes:
+        name: ``synthesis`` (the GAN families of ``model.family``), ``enhance`` (pix2pix:
+            U-Net generator, PatchGAN discriminator, adversarial + L1), ``super-resolution``
+            (SRGAN/ESRGAN-style residual generator with pixel-shuffle upsampling) or
+            ``translate`` (CycleGAN between two domains).
+        degradation: ``enhance``: how clean images become inputs: ``noise`` (low-dose-like:
+            Poisson photon noise plus Gaussian read noise), ``blur``, or ``noise+blur``.
+        noise_sigma: Gaussian read-noise std (images in [0, 1]).
+        photons: Poisson photon count per unit intensity (lower = noisier; 0 = none).
+        blur_sigma: Gaussian blur sigma in pixels at 32 px (scaled with the size).
+        scale: ``super-resolution`` factor: 2 or 4 (inputs are ``image_size / scale``).
+        l1_weight: Weight of the pixel L1 loss against the adversarial one.
+        adversarial_weight: Weight of the adversarial loss of the generator.
+        perceptual: ``super-resolution`` feature loss: ``discriminator`` (matching the
+            discriminator's features; no downloaded weights), ``vgg`` (VGG-19 features from
+            ``vgg_weights``), or ``none``.
+        perceptual_weight: Weight of the feature loss.
+        vgg_weights: A local torchvision VGG-19 state dict (``.pth``) for ``perceptual: vgg``.
+        relativistic: ``super-resolution``: relativistic average adversarial loss (ESRGAN).
+        target: ``translate``: the second domain; ``mr-contrast`` renders every image with an
+            MR-like tissue contrast (so the translation has a ground truth).
+        cycle_weight: ``translate``: cycle-consistency weight.
+        identity_weight: ``translate``: identity-loss weight.
+    """
+
+    name: str = "synthesis"
+    degradation: str = "noise"
+    noise_sigma: float = 0.05
+    photons: float = 200.0
+    blur_sigma: float = 1.0
+    scale: int = 4
+    l1_weight: float = 100.0
+    adversarial_weight: float = 1.0
+    perceptual: str = "discriminator"
+    perceptual_weight: float = 1.0
+    vgg_weights: str = ""
+    relativistic: bool = True
+    target: str = "mr-contrast"
+    cycle_weight: float = 10.0
+    identity_weight: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_choice("task.degradation", self.degradation, ["noise", "blur", "noise+blur"])
+        _check_choice("task.perceptual", self.perceptual, ["discriminator", "vgg", "none"])
+        _check_choice("task.target", self.target, ["mr-contrast"])
+        if self.scale not in (2, 4):
+            _fail("task.scale", f"must be 2 or 4, got {self.scale}")
+        for key in (
+            "noise_sigma",
+            "photons",
+            "blur_sigma",
+            "l1_weight",
+            "adversarial_weight",
+            "perceptual_weight",
+            "cycle_weight",
+            "identity_weight",
+        ):
+            if getattr(self, key) < 0:
+                _fail(f"task.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.perceptual == "vgg" and not self.vgg_weights:
+            _fail(
+                "task.vgg_weights",
+                "perceptual: vgg needs a local VGG-19 state dict (torchvision's "
+                "vgg19-dcbb9e9d.pth); set task.vgg_weights=PATH or use perceptual: discriminator",
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment. Build it with :func:`load_config` or :func:`from_run_config`."""
 
@@ -354,6 +425,7 @@ class Config:
     federation: FederationSection = field(default_factory=FederationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     eval: EvalSection = field(default_factory=EvalSection)
+    task: TaskSection = field(default_factory=TaskSection)
 
     def __post_init__(self) -> None:
         # Names that live in registries are checked here, once every module has registered.
@@ -365,6 +437,21 @@ class Config:
         _check_choice("data.partition", self.data.partition, PARTITIONERS.names())
         _check_choice("model.family", self.model.family, FAMILIES.names())
         _check_choice("federation.strategy", self.federation.strategy, STRATEGIES.names())
+        from fedgan.training.tasks import TASKS
+
+        _check_choice("task.name", self.task.name, ["synthesis", *TASKS.names()])
+        if self.task.name != "synthesis" and self.privacy.mode == "dp-sgd":
+            _fail(
+                "privacy.mode",
+                f"DP-SGD is not built for task {self.task.name!r} yet (its discriminators are "
+                "DP-ready: no BatchNorm); use privacy.mode=central-dp or none",
+            )
+        if self.task.name == "super-resolution" and self.data.image_size // self.task.scale < 8:
+            _fail(
+                "task.scale",
+                f"x{self.task.scale} from {self.data.image_size} px leaves inputs under 8 px; "
+                "raise data.image_size or lower task.scale",
+            )
         family = FAMILIES.get(self.model.family)
         if self.privacy.mode == "dp-sgd" and family.dp_incompatibility:
             _fail(
@@ -555,6 +642,7 @@ __all__ = [
     "ModelSection",
     "PrivacySection",
     "RunSection",
+    "TaskSection",
     "TrainSection",
     "apply_overrides",
     "dump_yaml",

@@ -42,6 +42,11 @@ def export_samples(
     Raises:
         ValueError: For ``n < 1``, a label on an unconditional generator, or a label out of range.
     """
+    if cfg.task.name != "synthesis":
+        raise ValueError(
+            f"this run learns task {cfg.task.name!r}, an image-to-image mapping; apply it to "
+            "images with fedgan enhance --run RUN --input FILES --out DIR"
+        )
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     ev = CentralEvaluator(cfg, config_shape(cfg), out)
@@ -88,3 +93,56 @@ def export_samples(
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     atomic_write_bytes(out / "synthetic.npz", buf.getvalue())
     return counts
+
+
+def enhance_files(
+    cfg: Config, state: dict[str, torch.Tensor], source: Path, out: Path
+) -> list[Path]:
+    """Runs the task's generator over every image (or slice) in ``source`` (a file or a folder)
+    and writes ``out/<name>.png`` (``<name>_sNNN.png`` for the slices of a volume).
+
+    Raises:
+        ValueError: For a ``synthesis`` run, or files of no known format.
+        FileNotFoundError: If ``source`` does not exist.
+    """
+    from torchvision.utils import save_image
+
+    from fedgan.data.readers import FORMATS, BadFile, detect_format, list_files
+    from fedgan.data.transforms import fit_slice
+    from fedgan.evaluation.paired import PairedEvaluator
+
+    if cfg.task.name == "synthesis":
+        raise ValueError(
+            "this run generates images from noise (task synthesis); fedgan enhance needs a run "
+            "of task enhance, super-resolution or translate (use fedgan sample instead)"
+        )
+    if not source.exists():
+        raise FileNotFoundError(f"--input {str(source)!r} does not exist")
+    if source.is_dir():
+        fmt = detect_format(source)
+        files = list_files(source, fmt)
+    else:
+        fmt = next((n for n in FORMATS.names() if FORMATS.get(n).matches(source)), "")
+        if not fmt:
+            raise ValueError(
+                f"{str(source)!r}: unknown image format; use PNG/JPEG/TIFF, DICOM or NIfTI"
+            )
+        files = [source]
+    size = cfg.data.image_size // (cfg.task.scale if cfg.task.name == "super-resolution" else 1)
+    generator = PairedEvaluator(cfg, out).generator(state)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in files:
+        try:
+            slices = FORMATS.get(fmt).read(path, cfg.data)
+        except BadFile as err:
+            raise ValueError(f"{err}; fix or remove the file") from err
+        inputs = torch.stack([fit_slice(s, cfg.data, str(path), size=size) for s in slices]) * 2 - 1
+        with torch.no_grad():
+            outputs = generator(inputs.to(next(generator.parameters()).device)).cpu()
+        stem = path.name.split(".")[0]
+        for k, image in enumerate(outputs):
+            name = f"{stem}.png" if len(outputs) == 1 else f"{stem}_s{k:03d}.png"
+            save_image(image, out / name, normalize=True, value_range=(-1, 1))
+            written.append(out / name)
+    return written

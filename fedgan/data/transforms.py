@@ -33,18 +33,21 @@ def convert_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"images have {c} channels; data.channels must be 1 or 3 to convert")
 
 
-def fit_slice(image: torch.Tensor, cfg: DataSection, source: str = "") -> torch.Tensor:
+def fit_slice(
+    image: torch.Tensor, cfg: DataSection, source: str = "", size: int | None = None
+) -> torch.Tensor:
     """One ``[C, H, W]`` slice to ``[data.channels, size, size]`` with MONAI's spatial transforms.
 
     ``data.fit``: ``resize`` stretches to the square, ``crop`` center-crops to a square first
     (keeps the aspect ratio), ``pad`` pads to a square first, ``none`` requires the size as is.
+    ``size`` overrides ``data.image_size`` (e.g. the low-resolution input of super-resolution).
 
     Raises:
         ValueError: Under ``fit: none``, for a slice of another size (naming ``source``).
     """
     from monai.transforms import CenterSpatialCrop, Resize, SpatialPad
 
-    size = cfg.image_size
+    size = size or cfg.image_size
     image = convert_channels(image, cfg.channels)
     h, w = image.shape[-2:]
     if (h, w) != (size, size):

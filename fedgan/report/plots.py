@@ -106,3 +106,45 @@ def sample_rows(rows: Sequence[Any], path: Path) -> Path:
     ax.set_xticks([])
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_comparison_curves(
+    curves: dict[str, dict[str, dict[str, list[float]]]], path: Path
+) -> Path:
+    """One panel per metric: its value against training examples seen, one line per arm."""
+    metrics = sorted({m for arm in curves.values() for m in arm})
+    if not metrics:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, "no evaluated metrics", ha="center", va="center")
+        ax.axis("off")
+        return _save(fig, path)
+    cols = min(3, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        for arm, series_ in curves.items():
+            if metric in series_:
+                c = series_[metric]
+                ax.plot(c["examples_seen"], c["value"], marker="o", markersize=2.5, label=arm)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("training examples seen", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def side_by_side(images: dict[str, Path], path: Path) -> Path:
+    """Each arm's sample grid in one row, titled by the arm."""
+    fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.5), squeeze=False)
+    for ax, (name, image_path) in zip(axes.flat, images.items(), strict=True):
+        if image_path.exists():
+            ax.imshow(plt.imread(image_path), cmap="gray")
+        else:
+            ax.text(0.5, 0.5, "no samples", ha="center", va="center")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)

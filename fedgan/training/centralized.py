@@ -9,10 +9,10 @@ from collections.abc import Callable
 from fedgan.config import Config
 from fedgan.data import pooled_dataset
 from fedgan.data.transforms import augmenter
-from fedgan.models import FAMILIES, build_networks, load_state, pack_state
-from fedgan.training.hospital import config_shape
+from fedgan.models import FAMILIES, load_state, pack_state
 from fedgan.training.loop import make_optimizers, resolve_device, round_seed, train_local
 from fedgan.training.recorder import RunRecorder
+from fedgan.training.tasks import TASKS, networks_for, train_task
 
 
 def steps_per_round(cfg: Config) -> int:
@@ -38,7 +38,7 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     dataset = pooled_dataset(cfg.data, cfg.run.seed, cfg.federation.num_hospitals)
-    nets = build_networks(cfg.model, config_shape(cfg), seed=cfg.run.seed)
+    nets = networks_for(cfg)
     load_state(nets, state)
     for net in nets.values():
         net.to(device)
@@ -46,17 +46,29 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
     family = FAMILIES.get(cfg.model.family)
     steps = steps_per_round(cfg)
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
-        stats = train_local(
-            family,
-            nets,
-            optimizers,
-            dataset,
-            cfg.train,
-            steps=steps,
-            seed=round_seed(cfg.run.seed, round_),
-            device=device,
-            augment=augmenter(cfg.data),
-        )
+        if cfg.task.name != "synthesis":
+            stats = train_task(
+                TASKS.get(cfg.task.name),
+                nets,
+                optimizers,
+                dataset,
+                cfg,
+                steps=steps,
+                seed=round_seed(cfg.run.seed, round_),
+                device=device,
+            )
+        else:
+            stats = train_local(
+                family,
+                nets,
+                optimizers,
+                dataset,
+                cfg.train,
+                steps=steps,
+                seed=round_seed(cfg.run.seed, round_),
+                device=device,
+                augment=augmenter(cfg.data),
+            )
         record = {
             "hospitals": {},
             "aggregate": {

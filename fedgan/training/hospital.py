@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from fedgan.config import Config
 from fedgan.data.transforms import augmenter
-from fedgan.models import FAMILIES, ImageShape, build_networks, load_state, pack_state
+from fedgan.models import FAMILIES, ImageShape, load_state, pack_state
 from fedgan.privacy import (
     HospitalAccountant,
     check_privatizable,
@@ -29,6 +29,7 @@ from fedgan.training.loop import (
     round_seed,
     train_local,
 )
+from fedgan.training.tasks import TASKS, networks_for, train_task
 
 
 def image_shape(dataset: TensorDataset) -> ImageShape:
@@ -112,15 +113,32 @@ def local_round(
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
-    nets = build_networks(cfg.model, shape, seed=cfg.run.seed)
+    nets = networks_for(cfg)
     load_state(nets, global_state)
     for net in nets.values():
         net.to(device)
     optimizers = make_optimizers(nets, cfg.train)
     if optimizer_state:
         restore_optimizers(optimizers, optimizer_state)
-    family = FAMILIES.get(cfg.model.family)
     seed = round_seed(cfg.run.seed, round_, hospital)
+    if cfg.task.name != "synthesis":  # image-to-image (DP-SGD is refused by the config)
+        stats = train_task(
+            TASKS.get(cfg.task.name),
+            nets,
+            optimizers,
+            dataset,
+            cfg,
+            steps=cfg.train.local_steps,
+            seed=seed,
+            device=device,
+        )
+        return RoundResult(
+            state=pack_state(nets),
+            optimizer_state=serialize_optimizers(optimizers),
+            stats=stats,
+            num_examples=len(dataset),
+        )
+    family = FAMILIES.get(cfg.model.family)
     if cfg.privacy.mode != "dp-sgd":
         stats = train_local(
             family,

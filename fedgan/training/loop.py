@@ -35,9 +35,14 @@ def resolve_device(name: str) -> torch.device:
 
 def make_optimizers(nets: Mapping[str, nn.Module], cfg: TrainSection) -> dict[str, Optimizer]:
     """Adam for each network with the configured (TTUR-capable) learning rates."""
-    lrs = {"generator": cfg.lr_g, "discriminator": cfg.lr_d}
+    # Image-to-image tasks have more networks ("generator_ba", "discriminator_a"): the
+    # prefix picks the learning rate.
     return {
-        name: Adam(net.parameters(), lr=lrs[name], betas=(cfg.beta1, cfg.beta2))
+        name: Adam(
+            net.parameters(),
+            lr=cfg.lr_g if name.startswith("generator") else cfg.lr_d,
+            betas=(cfg.beta1, cfg.beta2),
+        )
         for name, net in nets.items()
     }
 

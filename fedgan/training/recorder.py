@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from fedgan.config import Config, dump_yaml
-from fedgan.evaluation import CentralEvaluator
-from fedgan.models import build_networks, pack_state
+from fedgan.evaluation import make_evaluator
+from fedgan.models import pack_state
 from fedgan.report import plot_metrics
 from fedgan.rundir import RunDir
-from fedgan.training.hospital import config_shape
+from fedgan.training.tasks import networks_for
 
 
 class RunRecorder:
@@ -31,7 +31,7 @@ class RunRecorder:
         self.mode = mode
         self.log = log
         self.run_dir = RunDir(cfg.run_dir)
-        self.evaluator = CentralEvaluator(cfg, config_shape(cfg), self.run_dir.samples)
+        self.evaluator = make_evaluator(cfg, self.run_dir.samples)
         self.started = time.time()
         self.last_tick = time.perf_counter()
         self.start_round = 0
@@ -62,7 +62,7 @@ class RunRecorder:
                 "continue it, or choose another run.name"
             )
         rd.write_config(dump_yaml(self.cfg))
-        nets = build_networks(self.cfg.model, config_shape(self.cfg), seed=self.cfg.run.seed)
+        nets = networks_for(self.cfg)
         state = pack_state(nets)
         rd.save_checkpoint(0, state, {"mode": self.mode})
         self.evaluator.sample_grid(0, state)

@@ -1,0 +1,120 @@
+"""Networks of the image-to-image tasks, built from MONAI's blocks.
+
+- :func:`unet_generator`: pix2pix / CycleGAN generator (MONAI ``UNet``, instance norm, tanh).
+- :class:`SRGenerator`: SRGAN/ESRGAN-style residual generator with pixel-shuffle upsampling
+  (MONAI ``SubpixelUpsample``), predicting a residual over bicubic interpolation.
+- :func:`patch_discriminator`: PatchGAN (MONAI ``PatchDiscriminator``) with GroupNorm, never
+  BatchNorm, so Opacus can privatize it; it returns its intermediate features too, which the
+  feature (perceptual) loss matches without any downloaded weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Tanh(nn.Module):
+    """Wraps a network so it outputs in [-1, 1], the images' range."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(x))
+
+
+def _levels(size: int, deepest: int = 4) -> int:
+    # Down to 4x4 at most: a 16 px image gets 3 levels, 32 px and more get 4.
+    return max(2, min(deepest, int(math.log2(size)) - 2))
+
+
+def unet_generator(channels: int, size: int, width: int) -> nn.Module:
+    """A U-Net from ``channels`` to ``channels`` images (skip connections at every level)."""
+    from monai.networks.nets import UNet
+
+    levels = _levels(size)
+    return Tanh(
+        UNet(
+            spatial_dims=2,
+            in_channels=channels,
+            out_channels=channels,
+            channels=tuple(width * 2**i for i in range(levels + 1)),
+            strides=(2,) * levels,
+            num_res_units=1,
+            norm="INSTANCE",
+        )
+    )
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.PReLU(width),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.2 * self.body(x)  # residual scaling, as in ESRGAN
+
+
+class SRGenerator(nn.Module):
+    """Low-resolution ``[N, C, h, w]`` to ``[N, C, h*scale, w*scale]``: residual blocks at low
+    resolution, then one pixel-shuffle x2 stage per factor of two, added to bicubic upsampling
+    (the network learns only what interpolation misses)."""
+
+    def __init__(self, channels: int, scale: int, width: int, blocks: int = 6) -> None:
+        super().__init__()
+        from monai.networks.blocks import SubpixelUpsample
+
+        self.scale = scale
+        self.head = nn.Conv2d(channels, width, 3, padding=1)
+        self.body = nn.Sequential(*(_Residual(width) for _ in range(blocks)))
+        self.up = nn.Sequential(
+            *(
+                nn.Sequential(
+                    SubpixelUpsample(2, width, width, scale_factor=2, apply_pad_pool=False),
+                    nn.PReLU(width),
+                )
+                for _ in range(int(math.log2(scale)))
+            )
+        )
+        self.tail = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(self.tail.weight)  # start as plain bicubic interpolation
+        nn.init.zeros_(self.tail.bias)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        features = self.head(x)
+        features = features + self.body(features)
+        return (base + self.tail(self.up(features))).clamp(-1, 1)
+
+
+class PatchD(nn.Module):
+    """MONAI's PatchGAN discriminator returning ``(patch logits, [intermediate features])``."""
+
+    def __init__(self, in_channels: int, width: int, size: int) -> None:
+        super().__init__()
+        from monai.networks.nets import PatchDiscriminator
+
+        self.net = PatchDiscriminator(
+            spatial_dims=2,
+            channels=width,
+            in_channels=in_channels,
+            num_layers_d=2 if size <= 16 else 3,
+            norm=("GROUP", {"num_groups": 4}),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        *features, logits = self.net(x)
+        return logits, features
+
+
+def patch_discriminator(in_channels: int, width: int, size: int) -> PatchD:
+    return PatchD(in_channels, width, size)

@@ -1,0 +1,102 @@
+"""`fedgan compare`: study plans, arms, and a tiny real comparison (centralized + federated)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedgan.report.compare import Arm, load_study, parse_variant, run_study, study_from_args
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_variants_parse_and_bad_ones_are_named() -> None:
+    arm = parse_variant("iid:data.partition=iid,federation.num_hospitals=3")
+    assert arm == Arm("iid", "federated", ("data.partition=iid", "federation.num_hospitals=3"))
+    assert parse_variant("pooled@centralized:train.lr=0.001").mode == "centralized"
+    with pytest.raises(ValueError, match="NAME:key=value"):
+        parse_variant("iid:data.partition")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        parse_variant("x@sideways:train.lr=0.1")
+    with pytest.raises(ValueError, match="evaluated the same way"):
+        parse_variant("cheat:eval.metrics=domain_fd_1k")
+
+
+@pytest.mark.parametrize(
+    "plan", sorted((REPO / "simulations").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_shipped_study_plans_resolve(plan: Path, tmp_path: Path) -> None:
+    study = load_study(plan, ["data.path=/nowhere/pneumoniamnist.npz"])
+    assert any(a.mode == "centralized" for a in study.arms)
+    assert study.expected.keys() >= {"cpu", "gpu"}
+    configs = [study.arm_config(a, tmp_path) for a in study.arms]  # every arm validates
+    assert len({c.eval for c in configs}) == 1
+    assert {c.run.seed for c in configs} == {configs[0].run.seed}
+
+
+def test_study_plan_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="simulations"):
+        load_study(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms: {a: {}}\nrounds: 3\n")
+    with pytest.raises(ValueError, match="unknown keys.*rounds"):
+        load_study(bad)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("arms: {a: {set: {train.lr: -1}}}\n")
+    with pytest.raises(ValueError, match="train.lr"):
+        load_study(twice).arm_config(load_study(twice).arms[0], tmp_path)
+
+
+@pytest.mark.slow
+def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(tmp_path: Path) -> None:
+    toy = [
+        "data.image_size=16",
+        "data.num_images=96",
+        "model.base_channels=8",
+        "model.latent_dim=16",
+        "train.batch_size=8",
+        "train.local_steps=2",
+        "federation.num_hospitals=2",
+        "federation.num_rounds=2",
+        "eval.grid_size=16",
+        "eval.final_metrics=memorization_1k",
+    ]
+    study = study_from_args(
+        None, toy, ["dp:privacy.mode=dp-sgd,privacy.target_epsilon=20"], centralized=True
+    )
+    out = tmp_path / "cmp"
+    run_study(study, out, log=lambda _: None)
+    comparison = json.loads((out / "comparison.json").read_text())
+    arms = comparison["arms"]
+    assert list(arms) == ["centralized", "federated", "dp"]
+    assert arms["centralized"]["mode"] == "centralized" and arms["federated"]["mode"] == "federated"
+    # The same evaluated metrics for every arm, and the same training budget.
+    metric_sets = {frozenset(a["final"]) for a in arms.values()}
+    assert len(metric_sets) == 1 and "domain_fd_1k" in comparison["metrics"]
+    assert "memorization_nn_ratio" in comparison["metrics"]
+    assert len({a["examples_seen"] for a in arms.values() if a["privacy"] == "none"}) == 1
+    assert arms["federated"]["same_examples_as_baseline"] is True
+    assert arms["federated"]["bytes_communicated"] > 0 == arms["centralized"]["bytes_communicated"]
+    # Privacy: each DP hospital's epsilon is reported and within its budget.
+    eps = arms["dp"]["epsilon_per_hospital"]
+    assert len(eps) == 2 and all(0 < e <= 20 for e in eps.values())
+    assert arms["federated"]["max_epsilon"] is None
+    # Curves per arm against examples seen; everything traceable to a run directory.
+    for name, arm in arms.items():
+        curve = arm["curves"]["domain_fd_1k"]
+        assert curve["round"] == [1, 2] and curve["examples_seen"][0] > 0
+        assert (out / arm["config"]).is_file() and (out / arm["samples"]).is_file()
+        assert f"**{name}**" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| domain_fd_1k ↓ |" in report and "max ε per hospital" in report
+    assert "<table>" in (out / "report.html").read_text()
+    for picture in ("curves.png", "samples.png"):
+        assert (out / picture).stat().st_size > 5000
+
+    # Running the study again reuses every finished arm and rewrites the same table.
+    messages: list[str] = []
+    again = run_study(study, out, log=messages.append)
+    assert sum("finished earlier" in m for m in messages) == 3
+    assert again["arms"]["dp"]["final"] == arms["dp"]["final"]
