@@ -266,6 +266,7 @@ def collect(study: Study, out: Path, configs: dict[str, Config]) -> dict[str, An
             "epsilon_per_hospital": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
             "final": _final_metrics(records),
+            "not_computed": dict(summary.get("metrics_skipped") or {}),
             "curves": _curves(records),
         }
     baseline = next((a for a in arms.values() if a["mode"] == "centralized"), None)
@@ -340,7 +341,12 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
     plot_comparison_curves({n: a["curves"] for n, a in arms.items()}, out / "curves.png")
     side_by_side({n: out / a["samples"] for n, a in arms.items()}, out / "samples.png")
     head, rows = _table(comparison)
-    notes = []
+    notes = [
+        f"Not computed for {n}: "
+        + "; ".join(f"{metric} ({why})" for metric, why in a["not_computed"].items())
+        for n, a in arms.items()
+        if a["not_computed"]
+    ]
     if any(a["same_examples_as_baseline"] is False for a in arms.values()):
         differ = [n for n, a in arms.items() if a["same_examples_as_baseline"] is False]
         notes.append(
