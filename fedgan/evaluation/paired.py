@@ -63,6 +63,7 @@ def comparison_picture(columns: dict[str, torch.Tensor], path: Path, rows: int =
     import torch.nn.functional as F
 
     size = max(t.shape[-1] for t in columns.values())
+    size *= max(1, 96 // size)  # small images are enlarged (nearest) so the picture is legible
     tiles = []
     for zoom in (False, True):
         for i in range(min(rows, len(next(iter(columns.values()))))):

@@ -1,6 +1,6 @@
 """Networks of the image-to-image tasks, built from MONAI's blocks.
 
-- :func:`unet_generator`: pix2pix / CycleGAN generator (MONAI ``UNet``, instance norm, tanh).
+- :func:`unet_generator`: pix2pix / CycleGAN generator (MONAI ``UNet``, instance norm, residual).
 - :class:`SRGenerator`: SRGAN/ESRGAN-style residual generator with pixel-shuffle upsampling
   (MONAI ``SubpixelUpsample``), predicting a residual over bicubic interpolation.
 - :func:`patch_discriminator`: PatchGAN (MONAI ``PatchDiscriminator``) with GroupNorm, never
@@ -17,15 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Tanh(nn.Module):
-    """Wraps a network so it outputs in [-1, 1], the images' range."""
+class ResidualMap(nn.Module):
+    """``x + gain * net(x)`` clipped to [-1, 1], with ``gain`` learnt from 0 (ReZero): the
+    generator starts as the identity (its input is already close to the output in enhancement
+    and translation of the same anatomy), so the adversarial loss of a strong early
+    discriminator cannot throw it far from the data."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.gain = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.net(x))
+        return (x + self.gain * self.net(x)).clamp(-1, 1)
 
 
 def _levels(size: int, deepest: int = 4) -> int:
@@ -34,11 +38,12 @@ def _levels(size: int, deepest: int = 4) -> int:
 
 
 def unet_generator(channels: int, size: int, width: int) -> nn.Module:
-    """A U-Net from ``channels`` to ``channels`` images (skip connections at every level)."""
+    """A residual U-Net from ``channels`` to ``channels`` images (skip connections at every
+    level; see :class:`ResidualMap`)."""
     from monai.networks.nets import UNet
 
     levels = _levels(size)
-    return Tanh(
+    return ResidualMap(
         UNet(
             spatial_dims=2,
             in_channels=channels,

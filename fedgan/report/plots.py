@@ -51,12 +51,7 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: Path, title: str = "")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -93,7 +93,7 @@ def _width(cfg: Config) -> int:
 
 
 class EnhanceTask(ImageTask):
-    """pix2pix: degraded -> clean; U-Net generator, conditional PatchGAN, adversarial + L1."""
+    """pix2pix: degraded -> clean; U-Net generator, conditional PatchGAN, LSGAN + L1."""
 
     name = "enhance"
 
@@ -111,13 +111,15 @@ class EnhanceTask(ImageTask):
         g, d = nets["generator"], nets["discriminator"]
         x, y = batch.inputs, batch.targets
         fake = g(x)
-        real_logits, _ = d(torch.cat([x, y], 1))
-        fake_logits, _ = d(torch.cat([x, fake.detach()], 1))
+        # Least-squares GAN loss (pix2pix's reference code): bounded generator gradients
+        # even when the discriminator is confident.
+        real_out, _ = d(torch.cat([x, y], 1))
+        fake_out, _ = d(torch.cat([x, fake.detach()], 1))
         d_loss = _step(
-            opts["discriminator"], 0.5 * (_bce(real_logits, 1.0) + _bce(fake_logits, 0.0))
+            opts["discriminator"], 0.5 * (_lsgan(real_out, 1.0) + _lsgan(fake_out, 0.0))
         )
-        logits, _ = d(torch.cat([x, fake], 1))
-        loss = cfg.adversarial_weight * _bce(logits, 1.0) + cfg.l1_weight * F.l1_loss(fake, y)
+        out, _ = d(torch.cat([x, fake], 1))
+        loss = cfg.adversarial_weight * _lsgan(out, 1.0) + cfg.l1_weight * F.l1_loss(fake, y)
         return d_loss, _step(opts["generator"], loss)
 
     def baselines(self, cfg):  # type: ignore[no-untyped-def]
