@@ -108,9 +108,7 @@ def plot_comparison_curves(
 ) -> Path:
     """One panel per metric: its value against training examples seen, one line per arm."""
     # Final-only metrics have one point per arm: they live in the table, not in the curves.
-    metrics = sorted(
-        {m for arm in curves.values() for m, c in arm.items() if len(c["value"]) > 1}
-    )
+    metrics = sorted({m for arm in curves.values() for m, c in arm.items() if len(c["value"]) > 1})
     if not metrics:
         fig, ax = plt.subplots(figsize=(4, 2))
         ax.text(0.5, 0.5, "no evaluated metrics", ha="center", va="center")

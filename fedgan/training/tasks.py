@@ -115,9 +115,7 @@ class EnhanceTask(ImageTask):
         # even when the discriminator is confident.
         real_out, _ = d(torch.cat([x, y], 1))
         fake_out, _ = d(torch.cat([x, fake.detach()], 1))
-        d_loss = _step(
-            opts["discriminator"], 0.5 * (_lsgan(real_out, 1.0) + _lsgan(fake_out, 0.0))
-        )
+        d_loss = _step(opts["discriminator"], 0.5 * (_lsgan(real_out, 1.0) + _lsgan(fake_out, 0.0)))
         out, _ = d(torch.cat([x, fake], 1))
         loss = cfg.adversarial_weight * _lsgan(out, 1.0) + cfg.l1_weight * F.l1_loss(fake, y)
         return d_loss, _step(opts["generator"], loss)
