@@ -91,6 +91,7 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(tmp_path: 
         assert f"**{name}**" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "| domain_fd_1k ↓ |" in report and "max ε per hospital" in report
+    assert "## ε per hospital" in report and "| hospital | dp |" in report
     assert "<table>" in (out / "report.html").read_text()
     for picture in ("curves.png", "samples.png"):
         assert (out / picture).stat().st_size > 5000

@@ -371,6 +371,7 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         "round). ε is the largest any hospital spent.",
         "",
         *(f"{n}\n" for n in notes),
+        *_epsilon_table(arms),
         "## Curves",
         "",
         "![curves](curves.png)",
@@ -390,6 +391,19 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
     ]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.html", _html(comparison, head, rows, notes))
+
+
+def _epsilon_table(arms: dict[str, Any]) -> list[str]:
+    """Markdown lines: ε spent by each hospital in each private arm (none if no arm is)."""
+    private = {n: a["epsilon_per_hospital"] for n, a in arms.items() if a["epsilon_per_hospital"]}
+    if not private:
+        return []
+    hospitals = sorted({h for eps in private.values() for h in eps})
+    lines = ["## ε per hospital", "", "| hospital | " + " | ".join(private) + " |",
+             "|" + "---|" * (len(private) + 1)]  # fmt: skip
+    for h in hospitals:
+        lines.append(f"| {h} | " + " | ".join(_fmt(eps.get(h)) for eps in private.values()) + " |")
+    return [*lines, ""]
 
 
 def _html(comparison: dict, head: list[str], rows: list[list[str]], notes: list[str]) -> str:
