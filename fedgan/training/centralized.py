@@ -8,11 +8,10 @@ from collections.abc import Callable
 
 from fedgan.config import Config
 from fedgan.data import pooled_dataset
-from fedgan.data.transforms import augmenter
-from fedgan.models import FAMILIES, load_state, pack_state
-from fedgan.training.loop import make_optimizers, resolve_device, round_seed, train_local
+from fedgan.models import load_state, pack_state
+from fedgan.training.loop import make_optimizers, resolve_device, round_seed
 from fedgan.training.recorder import RunRecorder
-from fedgan.training.tasks import TASKS, networks_for, train_task
+from fedgan.training.tasks import networks_for, train_steps
 
 
 def steps_per_round(cfg: Config) -> int:
@@ -43,32 +42,17 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
     for net in nets.values():
         net.to(device)
     optimizers = make_optimizers(nets, cfg.train)
-    family = FAMILIES.get(cfg.model.family)
     steps = steps_per_round(cfg)
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
-        if cfg.task.name != "synthesis":
-            stats = train_task(
-                TASKS.get(cfg.task.name),
-                nets,
-                optimizers,
-                dataset,
-                cfg,
-                steps=steps,
-                seed=round_seed(cfg.run.seed, round_),
-                device=device,
-            )
-        else:
-            stats = train_local(
-                family,
-                nets,
-                optimizers,
-                dataset,
-                cfg.train,
-                steps=steps,
-                seed=round_seed(cfg.run.seed, round_),
-                device=device,
-                augment=augmenter(cfg.data),
-            )
+        stats = train_steps(
+            cfg,
+            nets,
+            optimizers,
+            dataset,
+            steps=steps,
+            seed=round_seed(cfg.run.seed, round_),
+            device=device,
+        )
         record = {
             "hospitals": {},
             "aggregate": {

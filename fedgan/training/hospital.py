@@ -29,7 +29,7 @@ from fedgan.training.loop import (
     round_seed,
     train_local,
 )
-from fedgan.training.tasks import TASKS, networks_for, train_task
+from fedgan.training.tasks import networks_for, train_steps
 
 
 def image_shape(dataset: TensorDataset) -> ImageShape:
@@ -121,16 +121,9 @@ def local_round(
     if optimizer_state:
         restore_optimizers(optimizers, optimizer_state)
     seed = round_seed(cfg.run.seed, round_, hospital)
-    if cfg.task.name != "synthesis":  # image-to-image (DP-SGD is refused by the config)
-        stats = train_task(
-            TASKS.get(cfg.task.name),
-            nets,
-            optimizers,
-            dataset,
-            cfg,
-            steps=cfg.train.local_steps,
-            seed=seed,
-            device=device,
+    if cfg.privacy.mode != "dp-sgd":  # (image-to-image tasks never reach DP: the config refuses)
+        stats = train_steps(
+            cfg, nets, optimizers, dataset, steps=cfg.train.local_steps, seed=seed, device=device
         )
         return RoundResult(
             state=pack_state(nets),
@@ -139,24 +132,6 @@ def local_round(
             num_examples=len(dataset),
         )
     family = FAMILIES.get(cfg.model.family)
-    if cfg.privacy.mode != "dp-sgd":
-        stats = train_local(
-            family,
-            nets,
-            optimizers,
-            dataset,
-            cfg.train,
-            steps=cfg.train.local_steps,
-            seed=seed,
-            device=device,
-            augment=augmenter(cfg.data),
-        )
-        return RoundResult(
-            state=pack_state(nets),
-            optimizer_state=serialize_optimizers(optimizers),
-            stats=stats,
-            num_examples=len(dataset),
-        )
 
     # DP-SGD: only the discriminator touches the data; the generator learns through it.
     d_steps = cfg.train.local_steps * critic_steps(family, cfg.train)  # private steps per round

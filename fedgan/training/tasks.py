@@ -21,9 +21,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 from fedgan.data.degrade import degrade, downsample, mr_contrast, upsample
+from fedgan.data.transforms import augmenter
+from fedgan.models.base import FAMILIES
 from fedgan.models.image2image import SRGenerator, patch_discriminator, unet_generator
 from fedgan.registry import Registry
-from fedgan.training.loop import LocalStats, batches
+from fedgan.training.loop import LocalStats, batches, train_local
 
 if TYPE_CHECKING:
     from torch.utils.data import TensorDataset
@@ -360,3 +362,24 @@ def networks_for(cfg: Config) -> dict[str, nn.Module]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         return TASKS.get(cfg.task.name).build(cfg)
+
+
+def train_steps(
+    cfg: Config,
+    nets: Nets,
+    optimizers: Opts,
+    dataset: TensorDataset,
+    *,
+    steps: int,
+    seed: int,
+    device: torch.device,
+) -> LocalStats:
+    """``steps`` non-private updates of whatever ``cfg`` trains: the task's networks, or the
+    GAN family's generator and discriminator (with ``data.augment``). The one dispatch that a
+    hospital's round and the centralized baseline share."""
+    if cfg.task.name != "synthesis":
+        return train_task(TASKS.get(cfg.task.name), nets, optimizers, dataset, cfg,
+                          steps=steps, seed=seed, device=device)  # fmt: skip
+    family = FAMILIES.get(cfg.model.family)
+    return train_local(family, nets, optimizers, dataset, cfg.train, steps=steps, seed=seed,
+                       device=device, augment=augmenter(cfg.data))  # fmt: skip
