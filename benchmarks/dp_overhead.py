@@ -4,6 +4,10 @@ Targets on CPU: D step <= 2.0x, whole iteration <= 1.6x.
 
     python benchmarks/dp_overhead.py [--steps 40] [--set key=value ...]
 
+The DP arm is built by fedgan's own ``make_private_discriminator`` (what a hospital trains
+with), so ``--set privacy.grad_sample_mode=ew`` or ``hooks`` measures Opacus's per-sample paths
+against the default paired ghost clipping.
+
 Prints one JSON line with the times and "d_step_ratio", "iteration_ratio".
 """
 
@@ -16,11 +20,10 @@ import time
 from functools import partial
 
 import torch
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
 
 from fedgan.config import load_config
 from fedgan.models import FAMILIES, build_networks
+from fedgan.privacy import HospitalAccountant, PrivacyPlan, make_private_discriminator
 from fedgan.training import d_step, g_step, make_optimizers, resolve_device
 from fedgan.training.hospital import config_shape
 
@@ -32,16 +35,15 @@ def setup(cfg, private: bool, device: torch.device):
     opts = make_optimizers(nets, cfg.train)
     d, opt_d = nets["discriminator"], opts["discriminator"]
     if private:
-        data = TensorDataset(torch.zeros(cfg.train.batch_size * 20, 1, 1, 1))
-        d, opt_d, _ = PrivacyEngine(accountant="rdp").make_private(
-            module=d,
-            optimizer=opt_d,
-            data_loader=DataLoader(data, cfg.train.batch_size),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=True,
+        n = cfg.train.batch_size * 20
+        plan = PrivacyPlan(1.0, 1 / 20, 1e-5, 10.0, "rdp", 1.0, 1000)
+        images = torch.zeros(n, 1, 1, 1)
+        p = make_private_discriminator(
+            d, opt_d, images, torch.zeros(n, dtype=torch.long), plan, HospitalAccountant("rdp"),
+            batch_size=cfg.train.batch_size, secure_mode=False, seed=0, device=device,
             grad_sample_mode=cfg.privacy.grad_sample_mode,
-        )
+        )  # fmt: skip
+        d, opt_d = p.module, p.optimizer
     return nets["generator"], d, opts["generator"], opt_d
 
 

@@ -273,9 +273,10 @@ class PrivacySection:
         accountant: ``rdp`` (default) or ``prv``.
         secure_mode: Cryptographically secure noise (Opacus ``secure_mode``) for production.
         central_clipping: ``server`` or ``client``-side fixed clipping for ``central-dp``.
-        grad_sample_mode: How Opacus computes per-sample gradients: ``ew`` (PyTorch's
-            ExpandedWeights, fastest here; Conv/Linear/GroupNorm/LayerNorm layers) or ``hooks``
-            (every layer Opacus supports).
+        grad_sample_mode: How each pair's gradient is clipped: ``ghost`` (paired ghost
+            clipping, ``fedgan.privacy.ghost``: the fastest, Conv2d/Linear plus every layer Opacus
+            has a per-sample gradient for), ``ew`` (PyTorch's ExpandedWeights through Opacus) or
+            ``hooks`` (Opacus hooks). All give the same update.
     """
 
     mode: str = "none"
@@ -286,13 +287,13 @@ class PrivacySection:
     accountant: str = "rdp"
     secure_mode: bool = False
     central_clipping: str = "server"
-    grad_sample_mode: str = "ew"
+    grad_sample_mode: str = "ghost"
 
     def __post_init__(self) -> None:
         _check_choice("privacy.mode", self.mode, list(PRIVACY_MODES))
         _check_choice("privacy.accountant", self.accountant, ["prv", "rdp"])
         _check_choice("privacy.central_clipping", self.central_clipping, ["client", "server"])
-        _check_choice("privacy.grad_sample_mode", self.grad_sample_mode, ["ew", "hooks"])
+        _check_choice("privacy.grad_sample_mode", self.grad_sample_mode, ["ew", "ghost", "hooks"])
         if self.target_epsilon < 0 or self.noise_multiplier < 0:
             _fail("privacy.target_epsilon", "epsilon and noise_multiplier must be >= 0")
         if self.mode != "none" and not self.target_epsilon > 0:

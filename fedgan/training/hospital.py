@@ -178,9 +178,7 @@ def local_round(
     if acc.steps != before + d_steps:
         raise RuntimeError(f"accountant counted {acc.steps - before} DP steps, expected {d_steps}")
     state = pack_state(nets)
-    close = getattr(private.module, "_close", None)
-    if close is not None:
-        close()  # removes the per-sample hooks (hooks mode)
+    private.close()  # removes the per-sample hooks
     return RoundResult(
         state=state,
         optimizer_state=serialize_optimizers(

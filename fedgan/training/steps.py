@@ -47,7 +47,9 @@ def d_step(
 
     The real and fake losses are summed before a single backward (under DP-SGD each sample's
     gradient is then clipped once, not twice), and the gradients are cleared right after the
-    step so nothing carries over into the next step. A conditional family generates fakes of the
+    step so nothing carries over into the next step. A discriminator with ``clipped_backward``
+    (paired ghost clipping) sees ``cat([real, fake])`` in one forward, row ``i`` and ``n + i``
+    forming the pair that is clipped together. A conditional family generates fakes of the
     real batch's labels; a WGAN-GP family adds the gradient penalty (``gp_weight``).
 
     Returns:
@@ -55,11 +57,23 @@ def d_step(
     """
     with torch.no_grad():
         fake = forward(generator, z, labels)
-    loss = family.d_loss(forward(discriminator, real, labels), forward(discriminator, fake, labels))
+    clipped_backward = getattr(discriminator, "clipped_backward", None)
+    if clipped_backward is not None:  # DP-SGD, paired ghost clipping (fedgan.privacy.ghost)
+        n = len(real)
+        both = forward(discriminator, torch.cat([real, fake]),
+                       None if labels is None else torch.cat([labels, labels]))  # fmt: skip
+        loss = family.d_loss(both[:n], both[n:])
+    else:
+        loss = family.d_loss(
+            forward(discriminator, real, labels), forward(discriminator, fake, labels)
+        )
     if family.gradient_penalty:
         loss = loss + gp_weight * gradient_penalty(discriminator, real, fake, labels, noise)
     opt_d.zero_grad(set_to_none=True)
-    loss.backward()
+    if clipped_backward is not None:
+        clipped_backward(loss)
+    else:
+        loss.backward()
     opt_d.step()
     opt_d.zero_grad(set_to_none=True)
     return loss.detach()
