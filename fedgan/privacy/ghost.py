@@ -55,9 +55,9 @@ class _Workspace:
 
     On CPU a fresh tensor of several MB costs its page faults on every step (glibc hands large
     blocks back to the system when they are freed); reusing the im2col and per-pair buffers
-    cut a private step's overhead over a plain one from 46% to 27% at 32 px. Poisson batches vary in size, so each
-    buffer keeps the largest size seen and smaller batches use its beginning. Buffers start
-    zeroed: padding borders are never written and stay zero.
+    cut a private step's overhead over a plain one from 46% to 27% at 32 px. Poisson batches
+    vary in size, so each buffer keeps the largest size seen and smaller batches use its
+    beginning. Buffers start zeroed: padding borders are never written and stay zero.
     """
 
     def __init__(self) -> None:
