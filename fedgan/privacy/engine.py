@@ -16,6 +16,7 @@ from fedgan.privacy.accounting import HospitalAccountant, PrivacyPlan
 
 if TYPE_CHECKING:  # Opacus itself is imported on use (it takes seconds to import)
     from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizer
 
 # The first layer's input (images) never needs a gradient; Opacus's full backward hooks warn
@@ -140,17 +141,19 @@ def make_private_discriminator(
     engine.accountant.history = list(accountant.history)
     noise = None if secure_mode else torch.Generator(device=device).manual_seed(seed + 1)
     if grad_sample_mode == "ghost":
-        return _paired_ghost(discriminator, optimizer, loader, plan, engine, noise, device)
-    module, dp_optimizer, dp_loader = engine.make_private(
-        module=discriminator,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=noise,
-        grad_sample_mode=grad_sample_mode,
-    )
+        module, dp_optimizer, dp_loader = _paired_ghost(discriminator, optimizer, loader, plan,
+                                                        engine, noise)  # fmt: skip
+    else:
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=discriminator,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise,
+            grad_sample_mode=grad_sample_mode,
+        )
     if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
         raise RuntimeError(
             f"sampling rate mismatch: loader {dp_loader.sample_rate} vs plan {plan.sample_rate}"
@@ -165,8 +168,7 @@ def _paired_ghost(
     plan: PrivacyPlan,
     engine: PrivacyEngine,
     noise: torch.Generator | None,
-    device: torch.device,
-) -> PrivateDiscriminator:
+) -> tuple[nn.Module, DPOptimizer, DPDataLoader]:
     """What ``engine.make_private`` assembles, with :class:`PairedClipping` in place of an
     Opacus GradSampleModule: Opacus's Poisson loader, its optimizer for clipped-then-summed
     gradients (it adds the noise and scales) and the engine's accountant hook."""
@@ -175,18 +177,12 @@ def _paired_ghost(
 
     from fedgan.privacy.ghost import PairedClipping
 
-    module = PairedClipping(discriminator, plan.max_grad_norm)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
-    if abs(dp_loader.sample_rate - plan.sample_rate) > 1e-12:
-        raise RuntimeError(
-            f"sampling rate mismatch: loader {dp_loader.sample_rate} vs plan {plan.sample_rate}"
-        )
-    expected_batch_size = int(len(loader.dataset) * dp_loader.sample_rate)  # type: ignore[arg-type]
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=expected_batch_size,
+        expected_batch_size=int(len(loader.dataset) * dp_loader.sample_rate),  # type: ignore[arg-type]
         loss_reduction="mean",
         generator=engine.secure_rng if engine.secure_mode else noise,
         secure_mode=engine.secure_mode,
@@ -194,4 +190,4 @@ def _paired_ghost(
     dp_optimizer.attach_step_hook(
         engine.accountant.get_optimizer_hook_fn(sample_rate=dp_loader.sample_rate)
     )
-    return PrivateDiscriminator(module, dp_optimizer, _cycle(dp_loader, device), engine)
+    return PairedClipping(discriminator, plan.max_grad_norm), dp_optimizer, dp_loader
