@@ -15,6 +15,22 @@ SHARED = Path(os.environ.get("FEDGAN_SHARED", REPO.parent / "shared"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+TOY_OVERRIDES = [  # 16 px images, narrow networks, two short rounds
+    "data.image_size=16",
+    "model.base_channels=8",
+    "model.latent_dim=16",
+    "train.batch_size=8",
+    "train.local_steps=2",
+    "federation.num_rounds=2",
+    "eval.grid_size=16",
+]
+
+
+@pytest.fixture
+def toy_overrides() -> list[str]:
+    """The settings every toy run shares, for tests that add their own (``--set`` style)."""
+    return list(TOY_OVERRIDES)
+
 
 @pytest.fixture
 def toy_config(tmp_path: Path) -> Config:
@@ -24,15 +40,9 @@ def toy_config(tmp_path: Path) -> Config:
         [
             f"run.output_dir={tmp_path / 'runs'}",
             "run.name=toy",
-            "data.image_size=16",
+            *TOY_OVERRIDES,
             "data.num_images=96",
-            "model.base_channels=8",
-            "model.latent_dim=16",
-            "train.batch_size=8",
-            "train.local_steps=2",
             "federation.num_hospitals=3",
-            "federation.num_rounds=2",
-            "eval.grid_size=16",
         ],
     )
 

@@ -50,17 +50,13 @@ def test_study_plan_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(tmp_path: Path) -> None:
+def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
+    tmp_path: Path, toy_overrides: list[str]
+) -> None:
     toy = [
-        "data.image_size=16",
+        *toy_overrides,
         "data.num_images=96",
-        "model.base_channels=8",
-        "model.latent_dim=16",
-        "train.batch_size=8",
-        "train.local_steps=2",
         "federation.num_hospitals=2",
-        "federation.num_rounds=2",
-        "eval.grid_size=16",
         "eval.final_metrics=memorization_1k",
     ]
     study = study_from_args(

@@ -129,7 +129,9 @@ def _nodes(coord: Path) -> list[dict]:
     return json.loads(res.stdout)["nodes"]
 
 
-def test_tls_superlink_two_registered_hospitals(tmp_path: Path, pids: list[int]) -> None:
+def test_tls_superlink_two_registered_hospitals(
+    tmp_path: Path, pids: list[int], toy_overrides: list[str]
+) -> None:
     coord = tmp_path / "coordinator"
     certs = coord / "certs"
     _ok(_kit("server/make-certs.sh", str(certs)))
@@ -182,16 +184,10 @@ def test_tls_superlink_two_registered_hospitals(tmp_path: Path, pids: list[int])
         [
             f"run.output_dir={coord / 'runs'}",
             "run.name=deployed",
-            "data.image_size=16",
-            "model.base_channels=8",
-            "model.latent_dim=16",
-            "train.batch_size=8",
-            "train.local_steps=2",
+            *toy_overrides,
             "federation.num_hospitals=2",
-            "federation.num_rounds=2",
             "privacy.mode=dp-sgd",
             "privacy.target_epsilon=50",
-            "eval.grid_size=16",
         ],
     )
     run_toml = write_run_config(tmp_path / "run.toml", to_run_config(cfg))

@@ -146,65 +146,29 @@ def test_enhance_command_on_png_dicom_and_nifti(tmp_path: Path, capsys) -> None:
                              "train.local_steps=1", "federation.num_rounds=1",
                              f"run.output_dir={tmp_path}", "run.name=sr"])  # fmt: skip
     train_centralized(cfg, log=lambda _: None)
+
+    def enhance(run: Path, source: Path, out: str) -> int:
+        return main(["enhance", "--run", str(run), "--input", str(source),
+                     "--out", str(tmp_path / out)])  # fmt: skip
+
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(np.full((20, 20), 90, dtype=np.uint8)).save(inputs / "a.png")
-    rc = main(
-        ["enhance", "--run", str(cfg.run_dir), "--input", str(inputs), "--out", str(tmp_path / "o")]
-    )
-    assert rc == 0 and Image.open(tmp_path / "o" / "a.png").size == (32, 32)
-    ct = get_testdata_file("CT_small.dcm")
-    if ct is not None:
-        assert (
-            main(
-                [
-                    "enhance",
-                    "--run",
-                    str(cfg.run_dir),
-                    "--input",
-                    str(ct),
-                    "--out",
-                    str(tmp_path / "d"),
-                ]
-            )
-            == 0
-        )
-        assert (tmp_path / "d" / "CT_small.png").exists()
+    assert enhance(cfg.run_dir, inputs, "o") == 0
+    assert Image.open(tmp_path / "o" / "a.png").size == (32, 32)
+    ct = get_testdata_file("CT_small.dcm")  # bundled with pydicom
+    assert ct is not None
+    assert enhance(cfg.run_dir, Path(ct), "d") == 0
+    assert (tmp_path / "d" / "CT_small.png").exists()
     vol = np.zeros((12, 12, 4), dtype=np.float32)
     vol[2:10, 2:10, 1:3] = 5.0
     nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
-    assert (
-        main(
-            [
-                "enhance",
-                "--run",
-                str(cfg.run_dir),
-                "--input",
-                str(tmp_path / "v.nii.gz"),
-                "--out",
-                str(tmp_path / "n"),
-            ]
-        )
-        == 0
-    )
+    assert enhance(cfg.run_dir, tmp_path / "v.nii.gz", "n") == 0
     assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["v_s000.png", "v_s001.png"]
     synth = load_config(None, [*TOY, "train.local_steps=1", "federation.num_rounds=1",
                                f"run.output_dir={tmp_path}", "run.name=gan"])  # fmt: skip
     train_centralized(synth, log=lambda _: None)
-    assert (
-        main(
-            [
-                "enhance",
-                "--run",
-                str(synth.run_dir),
-                "--input",
-                str(inputs),
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert enhance(synth.run_dir, inputs, "x") == 2  # a synthesis run is refused
     assert "fedgan sample" in capsys.readouterr().err
 
 
