@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from fedgan.config import Config, dump_yaml, load_config
+from fedgan.experiment import resolve
 
 
 def _overrides_arg(p: argparse.ArgumentParser, help_: str) -> None:
@@ -32,11 +33,11 @@ def _load_run(run: str, overrides: list[str], checkpoint: str | None):
     rd = RunDir(run)
     if not rd.config_path.exists():
         raise FileNotFoundError(f"{rd.config_path} not found: is {run!r} a run directory?")
-    return rd, load_config(rd.config_path, overrides), rd.load_checkpoint(checkpoint)
+    return rd, resolve(load_config(rd.config_path, overrides)), rd.load_checkpoint(checkpoint)
 
 
 def _resolve(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    return resolve(load_config(args.config, args.overrides))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -57,7 +58,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_centralized(args: argparse.Namespace) -> int:
-    from fedgan.training.centralized import train_centralized
+    from fedgan.runs.centralized import train_centralized
 
     cfg = _resolve(args)
     if args.dry_run:
@@ -74,13 +75,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from fedgan.evaluation import CentralEvaluator
     from fedgan.evaluation.metrics import parse_metric_list
-    from fedgan.training.hospital import config_shape
+    from fedgan.runs import make_evaluator
 
     rd, cfg, ckpt = _load_run(args.run, args.overrides, args.checkpoint)
     names = parse_metric_list(args.metrics or cfg.eval.metrics, "--metrics")
-    evaluator = CentralEvaluator(cfg, config_shape(cfg), rd.samples)
+    evaluator = make_evaluator(cfg, rd.samples)
     result = evaluator.metrics(int(ckpt["round"]), ckpt["state"], names)
     record = {
         "round": int(ckpt["round"]),
@@ -98,7 +98,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Writes synthetic images (PNG + MedMNIST-layout .npz) from a run's generator."""
     from pathlib import Path
 
-    from fedgan.sampling import export_samples
+    from fedgan.runs.apply import export_samples
 
     _, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
     counts = export_samples(
@@ -132,7 +132,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Centralized baseline and federated run(s) from one config, compared in one report."""
     from pathlib import Path
 
-    from fedgan.report.compare import dump_study_configs, load_study, run_study, study_from_args
+    from fedgan.studies import dump_study_configs, load_study, run_study, study_from_args
 
     if args.study:
         if args.config or args.variants:
@@ -142,7 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         study = study_from_args(
             args.config, args.overrides, args.variants, centralized=not args.no_centralized
         )
-    base = load_config(study.config, list(study.overrides))
+    base = resolve(load_config(study.config, list(study.overrides)))
     out = Path(args.out) if args.out else Path(base.run.output_dir) / study.name
     if args.dry_run:
         print(dump_study_configs(study, out), end="")
@@ -158,7 +158,7 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     slices) and writes one PNG per image or slice."""
     from pathlib import Path
 
-    from fedgan.sampling import enhance_files
+    from fedgan.runs.apply import enhance_files
 
     _, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
     written = enhance_files(cfg, ckpt["state"], Path(args.input), Path(args.out))

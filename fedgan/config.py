@@ -219,8 +219,17 @@ class FederationSection:
         strategy: Registered aggregation strategy (see ``fedgan.federated.strategies``).
         fraction_train: Share of hospitals sampled each round.
         min_hospitals: Fewest hospitals a round needs (0 = every hospital of the simulation).
-        proximal_mu: FedProx proximal term weight.
-        server_lr: Server learning rate of adaptive strategies (FedAdam, FedYogi, FedAdagrad).
+        proximal_mu: ``fedprox``: weight of the proximal term ``mu/2 ||w - w_global||^2`` that
+            every hospital adds to each network's local objective.
+        server_lr: Server learning rate (eta) of ``fedadam``, ``fedyogi`` and ``fedadagrad``.
+        server_tau: Adaptivity (tau) of ``fedadam``, ``fedyogi`` and ``fedadagrad``.
+        avgm_lr: ``fedavgm``: server learning rate applied to the averaged update.
+        avgm_momentum: ``fedavgm``: server momentum (0 = plain FedAvg with ``avgm_lr``).
+        trim_beta: ``fedtrimmedavg``: share of the highest and of the lowest values cut per
+            coordinate.
+        malicious_hospitals: ``krum``, ``multikrum``, ``bulyan``: how many hospitals may be
+            Byzantine (Krum needs more than 2 f + 2 hospitals a round, Bulyan 4 f + 3).
+        krum_select: ``multikrum``: how many of the best-scored updates are averaged.
         round_timeout: Seconds the server waits for hospitals' replies in one round.
         connect_timeout: Seconds the server waits at the start for enough hospitals to connect.
     """
@@ -232,6 +241,12 @@ class FederationSection:
     min_hospitals: int = 0
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    server_tau: float = 1e-3
+    avgm_lr: float = 1.0
+    avgm_momentum: float = 0.0
+    trim_beta: float = 0.2
+    malicious_hospitals: int = 0
+    krum_select: int = 1
     round_timeout: float = 3600.0
     connect_timeout: float = 60.0
 
@@ -245,8 +260,21 @@ class FederationSection:
         if self.proximal_mu < 0:
             _fail("federation.proximal_mu", f"must be >= 0, got {self.proximal_mu}")
         _check_positive("federation.server_lr", self.server_lr)
+        _check_positive("federation.server_tau", self.server_tau)
+        _check_positive("federation.avgm_lr", self.avgm_lr)
+        _check_range("federation.avgm_momentum", self.avgm_momentum, 0.0, 0.999)
+        if not (0.0 <= self.trim_beta < 0.5):
+            _fail("federation.trim_beta", f"must be in [0, 0.5), got {self.trim_beta}")
+        if self.malicious_hospitals < 0:
+            _fail("federation.malicious_hospitals", f"must be >= 0, got {self.malicious_hospitals}")
+        _check_positive("federation.krum_select", self.krum_select)
         _check_positive("federation.round_timeout", self.round_timeout)
         _check_positive("federation.connect_timeout", self.connect_timeout)
+
+    @property
+    def sampled(self) -> int:
+        """Hospitals a round trains: ``min_hospitals``, or the sampled share of all of them."""
+        return self.min_hospitals or max(1, math.ceil(self.fraction_train * self.num_hospitals))
 
 
 PRIVACY_MODES = ("none", "dp-sgd", "central-dp")
@@ -338,10 +366,26 @@ class EvalSection:
     def __post_init__(self) -> None:
         _check_positive("eval.every", self.every)
         _check_positive("eval.grid_size", self.grid_size)
-        from fedgan.evaluation.metrics import parse_metric_list
+        for key in ("metrics", "final_metrics"):
+            names = metric_names(getattr(self, key))
+            if len(set(names)) != len(names):
+                _fail(f"eval.{key}", f"names a metric twice: {getattr(self, key)!r}")
 
-        parse_metric_list(self.metrics, "eval.metrics")
-        parse_metric_list(self.final_metrics, "eval.final_metrics")
+    @property
+    def metric_list(self) -> list[str]:
+        """``metrics`` as a list of names."""
+        return metric_names(self.metrics)
+
+    @property
+    def final_metric_list(self) -> list[str]:
+        """``final_metrics`` as a list of names."""
+        return metric_names(self.final_metrics)
+
+
+def metric_names(text: str) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]`` (names are checked against the registry by
+    ``fedgan.experiment.resolve``)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 @dataclass(frozen=True)
@@ -417,7 +461,10 @@ class TaskSection:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole experiment. Build it with :func:`load_config` or :func:`from_run_config`."""
+    """A whole experiment. Build it with :func:`load_config` or :func:`from_run_config`, then
+    check it as a whole with ``fedgan.experiment.resolve`` (registered names, rules between
+    sections): each section here checks only its own fields, and this module imports nothing
+    of fedgan."""
 
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -427,52 +474,6 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     eval: EvalSection = field(default_factory=EvalSection)
     task: TaskSection = field(default_factory=TaskSection)
-
-    def __post_init__(self) -> None:
-        # Names that live in registries are checked here, once every module has registered.
-        from fedgan.data import DATASETS, PARTITIONERS
-        from fedgan.federated.strategies import STRATEGIES
-        from fedgan.models import FAMILIES
-
-        _check_choice("data.source", self.data.source, DATASETS.names())
-        _check_choice("data.partition", self.data.partition, PARTITIONERS.names())
-        _check_choice("model.family", self.model.family, FAMILIES.names())
-        _check_choice("federation.strategy", self.federation.strategy, STRATEGIES.names())
-        from fedgan.training.tasks import TASKS
-
-        _check_choice("task.name", self.task.name, ["synthesis", *TASKS.names()])
-        if self.task.name != "synthesis" and self.privacy.mode == "dp-sgd":
-            _fail(
-                "privacy.mode",
-                f"DP-SGD is not built for task {self.task.name!r} yet (its discriminators are "
-                "DP-ready: no BatchNorm); use privacy.mode=central-dp or none",
-            )
-        if self.task.name == "super-resolution" and self.data.image_size // self.task.scale < 8:
-            _fail(
-                "task.scale",
-                f"x{self.task.scale} from {self.data.image_size} px leaves inputs under 8 px; "
-                "raise data.image_size or lower task.scale",
-            )
-        family = FAMILIES.get(self.model.family)
-        if self.privacy.mode == "dp-sgd" and family.dp_incompatibility:
-            _fail(
-                "model.family",
-                f"{self.model.family!r} cannot be trained with DP-SGD: "
-                f"{family.dp_incompatibility}. Choose one of: "
-                + ", ".join(n for n in FAMILIES.names() if not FAMILIES.get(n).dp_incompatibility),
-            )
-        if self.privacy.mode == "central-dp" and self.federation.strategy != "fedavg":
-            _fail(
-                "federation.strategy",
-                "privacy.mode 'central-dp' is accounted on equal-weight FedAvg only; "
-                "set federation.strategy=fedavg",
-            )
-        if self.federation.min_hospitals > self.federation.num_hospitals:
-            _fail(
-                "federation.min_hospitals",
-                f"{self.federation.min_hospitals} exceeds federation.num_hospitals "
-                f"({self.federation.num_hospitals})",
-            )
 
     @property
     def run_dir(self) -> Path:
@@ -587,13 +588,22 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(
             f"override {text!r} must look like section.key=value (e.g. train.lr_g=1e-4)"
         )
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ValueError(
+            f"override {text!r}: the value is not valid YAML; quote it (key='text')"
+        ) from None
     return key.strip(), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Returns a copy of the nested ``data`` with each ``section.key=value`` applied."""
-    merged = {k: dict(v or {}) for k, v in data.items()}
+    merged: dict[str, Any] = {}
+    for name, values in data.items():
+        if values is not None and not isinstance(values, Mapping):
+            _fail(str(name), f"expected a mapping of keys, got {values!r}")
+        merged[name] = dict(values or {})
     for text in overrides:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
@@ -615,7 +625,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise FileNotFoundError(
                 f"config file {str(path)!r} not found (see configs/ for examples)"
             )
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise ValueError(f"{path}:{where}: {problem}; fix the YAML syntax there") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
         data = loaded or {}

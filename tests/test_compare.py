@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgan.report.compare import Arm, load_study, parse_variant, run_study, study_from_args
+from fedgan.studies import Arm, load_study, parse_variant, run_study, study_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 

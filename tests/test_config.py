@@ -14,6 +14,7 @@ from fedgan.config import (
     load_config,
     to_run_config,
 )
+from fedgan.experiment import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def test_overrides_are_typed() -> None:
 )
 def test_bad_input_names_the_key_and_the_fix(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(None, [override])
+        resolve(load_config(None, [override]))
 
 
 def test_missing_config_file_is_clear(tmp_path: Path) -> None:
@@ -82,7 +83,7 @@ def test_shipped_configs_load() -> None:
     paths = sorted((REPO / "configs").glob("*.yaml"))
     assert paths, "configs/ holds no experiment"
     for path in paths:
-        assert isinstance(load_config(path), Config)
+        assert isinstance(resolve(load_config(path)), Config)
 
 
 def test_run_config_rejects_flat_keys() -> None:

@@ -12,8 +12,9 @@ from fedgan.config import Config, load_config, with_changes
 from fedgan.evaluation import functional as fn
 from fedgan.evaluation.features import DomainFeatures, InceptionFeatures
 from fedgan.evaluation.metrics import METRICS, classifier_auc
+from fedgan.experiment import resolve
 from fedgan.rundir import RunDir
-from fedgan.training.centralized import train_centralized
+from fedgan.runs.centralized import train_centralized
 
 
 def _features(n: int = 600, d: int = 16, seed: int = 0) -> torch.Tensor:
@@ -136,7 +137,7 @@ def test_domain_features_are_cached_and_invalidated(tmp_path) -> None:
 
 def test_unknown_metric_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="eval.metrics.*known:"):
-        load_config(None, ["eval.metrics=fid_2k,best_metric"])
+        resolve(load_config(None, ["eval.metrics=fid_2k,best_metric"]))
     assert {"fid_2k", "kid_2k", "domain_fd_1k", "tstr_auc", "memorization_1k"} <= set(METRICS)
 
 

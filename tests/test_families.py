@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from fedgan.config import load_config
+from fedgan.experiment import resolve
 from fedgan.models import FAMILIES, ImageShape, build_networks, pack_state
 from fedgan.models.sngan import hinge_d_loss, hinge_g_loss
 from fedgan.models.wgan_gp import critic_loss, generator_loss
 from fedgan.training import d_step, g_step, make_optimizers
-from fedgan.training.steps import forward, gradient_penalty
+from fedgan.training.objectives.synthesis import forward, gradient_penalty
 
 FAMILY_NAMES = ["dcgan", "wgan-gp", "sngan", "cgan"]
 PRESETS = [ImageShape(1, 32), ImageShape(1, 64), ImageShape(3, 128)]  # 128 px: MedGAN's
@@ -116,9 +117,9 @@ def test_dp_table_and_refusals() -> None:
         with pytest.raises(
             ValueError, match="cannot be trained with DP-SGD.*Choose one of: cgan, dcgan"
         ):
-            load_config(
+            resolve(load_config(
                 None, [f"model.family={family}", "privacy.mode=dp-sgd", "privacy.target_epsilon=3"]
-            )
+            ))  # fmt: skip
 
 
 def test_conditional_family_trains_under_dp_sgd(tmp_path) -> None:
@@ -147,7 +148,7 @@ def test_conditional_family_trains_under_dp_sgd(tmp_path) -> None:
 
 
 def test_labels_outside_num_classes_are_a_clear_error() -> None:
-    from fedgan.training.loop import check_labels
+    from fedgan.training.objectives.synthesis import check_labels
 
     with pytest.raises(ValueError, match="model.num_classes"):
         check_labels(torch.tensor([0, 1, 2]), 2)
@@ -156,19 +157,18 @@ def test_labels_outside_num_classes_are_a_clear_error() -> None:
 def test_wgan_gp_runs_n_critic_steps_per_generator_step(toy_config) -> None:
     from fedgan.config import with_changes
     from fedgan.data import hospital_dataset
-    from fedgan.training.loop import train_local
+    from fedgan.training import StepContext, make_objective, shuffled_batches, train
 
     cfg = with_changes(toy_config, model={"family": "wgan-gp"})
     nets = build_networks(cfg.model, ImageShape(1, 16), seed=0)
-    stats = train_local(
-        FAMILIES.get("wgan-gp"),
+    ctx = StepContext.seeded(0, torch.device("cpu"))
+    stats = train(
+        make_objective(cfg),
         nets,
         make_optimizers(nets, cfg.train),
-        hospital_dataset(cfg.data, 0, 0, 3),
-        cfg.train,
+        shuffled_batches(hospital_dataset(cfg.data, 0, 0, 3), cfg.train.batch_size, ctx, seed=0),
         steps=2,
-        seed=0,
-        device=torch.device("cpu"),
+        ctx=ctx,
     )
     assert stats.examples == 2 * 5 * cfg.train.batch_size  # 5 critic batches per G step
 
@@ -179,7 +179,7 @@ def test_fedgan_sample_writes_the_requested_count_and_labels(toy_config, tmp_pat
     from fedgan.cli import main
     from fedgan.config import with_changes
     from fedgan.data import local_dataset
-    from fedgan.training.centralized import train_centralized
+    from fedgan.runs.centralized import train_centralized
 
     cfg = with_changes(
         toy_config,
@@ -218,7 +218,7 @@ def test_short_centralized_training_does_not_diverge_or_collapse(family: str, tm
     from fedgan.evaluation.functional import pairwise_ssim
     from fedgan.models import load_state
     from fedgan.rundir import RunDir
-    from fedgan.training.centralized import train_centralized
+    from fedgan.runs.centralized import train_centralized
 
     presets = {
         "wgan-gp": "configs/wgan-gp.yaml",

@@ -12,6 +12,7 @@ from torch import nn
 
 from fedgan.config import Config, load_config, with_changes
 from fedgan.data import hospital_dataset
+from fedgan.experiment import resolve
 from fedgan.models import FAMILIES, ImageShape, build_networks, pack_state
 from fedgan.privacy import (
     BudgetExhausted,
@@ -222,10 +223,10 @@ def test_central_noise_is_calibrated_by_flowers_own_accountant() -> None:
 
 def test_central_dp_needs_fedavg_and_a_budget() -> None:
     with pytest.raises(ValueError, match="federation.strategy=fedavg"):
-        load_config(
+        resolve(load_config(
             None,
             ["privacy.mode=central-dp", "privacy.target_epsilon=8", "federation.strategy=fedadam"],
-        )
+        ))  # fmt: skip
     with pytest.raises(ValueError, match="needs a budget"):
         load_config(None, ["privacy.mode=central-dp"])
 

@@ -9,9 +9,11 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedgan.config import load_config
+from fedgan.experiment import resolve
 from fedgan.federated.records import from_arrays, nbytes, to_arrays
 from fedgan.federated.server_app import round_record
 from fedgan.federated.strategies import STRATEGIES, build_strategy
+from fedgan.runs.records import HospitalReport
 
 
 @pytest.fixture(autouse=True)
@@ -26,13 +28,15 @@ def _reply(state: dict[str, torch.Tensor], n: int, hospital: int) -> Message:
         {
             "arrays": to_arrays(state),
             "metrics": MetricRecord(
-                {
-                    "num-examples": n,
-                    "hospital": hospital,
-                    "examples-seen": 8,
-                    "d-loss": float(hospital),
-                    "g-loss": 1.0,
-                }
+                HospitalReport(
+                    hospital=hospital,
+                    num_examples=n,
+                    examples_seen=8,
+                    steps=1,
+                    d_loss=float(hospital),
+                    g_loss=1.0,
+                    train_seconds=0.1,
+                ).to_metrics()
             ),
         }
     )
@@ -49,11 +53,11 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
     np.testing.assert_allclose(out["discriminator.b"], [[6.0, 1.0]])
     # the inputs were not aggregated in place
     assert torch.equal(a["generator.w"], torch.tensor([1.0, 2.0]))
-    record = round_record(strategy.round_log)
-    assert set(record["hospitals"]) == {"hospital_0", "hospital_1"}
-    assert record["aggregate"]["num_examples"] == 400
-    assert record["aggregate"]["d_loss"] == pytest.approx(0.75)  # 0*0.25 + 1*0.75
-    assert record["bytes_up"] == 2 * nbytes(to_arrays(a))
+    record = round_record(1, strategy.round_log)
+    assert set(record.hospitals) == {"hospital_0", "hospital_1"}
+    assert record.aggregate["num_examples"] == 400
+    assert record.aggregate["d_loss"] == pytest.approx(0.75)  # 0*0.25 + 1*0.75
+    assert record.bytes_up == 2 * nbytes(to_arrays(a))
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())
@@ -70,7 +74,7 @@ def test_every_strategy_builds_and_aggregates(name: str) -> None:
 
 def test_unknown_strategy_lists_known() -> None:
     with pytest.raises(ValueError, match="fedavg"):
-        load_config(None, ["federation.strategy=fedx"])
+        resolve(load_config(None, ["federation.strategy=fedx"]))
 
 
 def test_records_round_trip() -> None:

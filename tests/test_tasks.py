@@ -16,8 +16,10 @@ from torch import nn
 from fedgan.config import load_config
 from fedgan.data.degrade import degrade, downsample, mr_contrast, upsample
 from fedgan.evaluation.paired import PairedEvaluator, paired_scores
+from fedgan.experiment import resolve
 from fedgan.models import pack_state
-from fedgan.training.tasks import TASKS, cycle_loss, networks_for
+from fedgan.training import make_objective, networks_for
+from fedgan.training.objectives.translate import cycle_loss
 
 TOY = ["data.num_images=64", "model.base_channels=8", "train.batch_size=8"]
 
@@ -38,13 +40,14 @@ def test_shapes_of_each_task_and_scale(task: str, size: int, scale: int, side: i
                              f"task.scale={scale}"])  # fmt: skip
     nets = networks_for(cfg)
     clean = torch.rand(3, 1, size, size) * 2 - 1
-    pairs = TASKS.get(task).eval_pairs(clean, cfg.task, 0)
-    assert pairs.inputs.shape == (3, 1, side, side)
-    out = nets["generator"](pairs.inputs)
-    assert out.shape == pairs.targets.shape == (3, 1, size, size)
+    objective = make_objective(cfg)
+    inputs, targets = objective.eval_pairs(clean, 0)
+    assert inputs.shape == (3, 1, side, side) and objective.input_size == side
+    out = nets["generator"](inputs)
+    assert out.shape == targets.shape == (3, 1, size, size)
     assert out.min() >= -1 and out.max() <= 1
     logits, features = nets["discriminator"](
-        out if task != "enhance" else torch.cat([pairs.inputs, out], 1)
+        out if task != "enhance" else torch.cat([inputs, out], 1)
     )
     assert logits.ndim == 4 and features
     for net in nets.values():  # DP-ready: no BatchNorm anywhere
@@ -110,28 +113,34 @@ def test_paired_scores_on_hand_made_images() -> None:
 
 def test_untrained_sr_generator_is_bicubic_and_nlm_beats_noise(tmp_path: Path) -> None:
     sr = load_config(None, [*TOY, "task.name=super-resolution", f"run.output_dir={tmp_path}"])
-    ev = PairedEvaluator(sr, tmp_path / "s")
+    ev = PairedEvaluator(sr, tmp_path / "s", make_objective(sr))
     m = ev.metrics(0, pack_state(networks_for(sr)))
     assert m["psnr"] == pytest.approx(m["bicubic_psnr"], abs=0.01)  # residual starts at zero
     assert m["bicubic_psnr"] > m["bilinear_psnr"] and abs(m["psnr_gain"]) < 0.01
     en = load_config(None, [*TOY, "task.name=enhance", f"run.output_dir={tmp_path}"])
-    base = PairedEvaluator(en, tmp_path / "e").baselines()
+    base = PairedEvaluator(en, tmp_path / "e", make_objective(en)).baselines()
     assert base["nlm"]["psnr"] > base["input"]["psnr"] + 1.0
     assert base["tv"]["psnr"] > base["input"]["psnr"]
     assert (
-        PairedEvaluator(en, tmp_path / "e").sample_grid(0, pack_state(networks_for(en)))
+        PairedEvaluator(en, tmp_path / "e", make_objective(en)).sample_grid(
+            0, pack_state(networks_for(en))
+        )
     ).stat().st_size > 0
 
 
-def test_image_tasks_refuse_dp_sgd_and_bad_settings() -> None:
-    with pytest.raises(ValueError, match="privacy.mode"):
-        load_config(None, ["task.name=enhance", "privacy.mode=dp-sgd", "privacy.target_epsilon=5"])
+def test_image_tasks_take_dp_sgd_but_refuse_batch_coupled_losses_and_bad_settings() -> None:
+    dp = ["privacy.mode=dp-sgd", "privacy.target_epsilon=5"]
+    for task in ("enhance", "translate"):
+        assert resolve(load_config(None, [f"task.name={task}", *dp])).privacy.mode == "dp-sgd"
+    with pytest.raises(ValueError, match="task.relativistic"):
+        resolve(load_config(None, ["task.name=super-resolution", *dp]))
+    resolve(load_config(None, ["task.name=super-resolution", "task.relativistic=false", *dp]))
     with pytest.raises(ValueError, match="task.scale"):
-        load_config(None, ["task.name=super-resolution", "data.image_size=16"])
+        resolve(load_config(None, ["task.name=super-resolution", "data.image_size=16"]))
     with pytest.raises(ValueError, match="task.vgg_weights"):
         load_config(None, ["task.name=super-resolution", "task.perceptual=vgg"])
     with pytest.raises(ValueError, match="task.name"):
-        load_config(None, ["task.name=colorize"])
+        resolve(load_config(None, ["task.name=colorize"]))
 
 
 def test_enhance_command_on_png_dicom_and_nifti(tmp_path: Path, capsys) -> None:
@@ -140,7 +149,7 @@ def test_enhance_command_on_png_dicom_and_nifti(tmp_path: Path, capsys) -> None:
     from pydicom.data import get_testdata_file
 
     from fedgan.cli import main
-    from fedgan.training.centralized import train_centralized
+    from fedgan.runs.centralized import train_centralized
 
     cfg = load_config(None, [*TOY, "task.name=super-resolution", "task.scale=2",
                              "train.local_steps=1", "federation.num_rounds=1",

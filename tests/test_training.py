@@ -11,7 +11,7 @@ from fedgan.config import Config, with_changes
 from fedgan.data import hospital_dataset
 from fedgan.models import build_networks, pack_state
 from fedgan.rundir import RunDir
-from fedgan.training.centralized import steps_per_round, train_centralized
+from fedgan.runs.centralized import steps_per_round, train_centralized
 from fedgan.training.hospital import config_shape, local_round
 
 

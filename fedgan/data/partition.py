@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedgan.catalog import PARTITIONERS as _PARTITIONERS
 from fedgan.registry import Registry
 
 Partitioner = Callable[..., list[np.ndarray]]
 
-PARTITIONERS: Registry[Partitioner] = Registry("partitioner")
+PARTITIONERS: Registry[Partitioner] = _PARTITIONERS  # declared in fedgan.catalog
 
 
 def _check(n: int, num_parts: int) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedgan.catalog import FORMATS as _FORMATS
 from fedgan.registry import Registry
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class FileFormat:
         return name.endswith(self.suffixes) or (self.accepts_no_suffix and "." not in name)
 
 
-FORMATS: Registry[FileFormat] = Registry("file format")
+FORMATS: Registry[FileFormat] = _FORMATS  # declared in fedgan.catalog
 
 
 @cache

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedgan.catalog import DATASETS as _DATASETS
 from fedgan.data.phantom import apply_scanner, render_phantoms, site_profile
 from fedgan.data.readers import detect_format, read_folder
 from fedgan.data.transforms import convert_channels, fit_slice
@@ -73,7 +74,7 @@ class DataSource(Protocol):
         """Renders ``images`` as hospital ``hospital`` would hold them."""
 
 
-DATASETS: Registry[DataSource] = Registry("data source")
+DATASETS: Registry[DataSource] = _DATASETS  # declared in fedgan.catalog
 
 
 def fit_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
-from fedgan.evaluation.metrics import METRICS, EvalContext, MetricUnavailable, parse_metric_list
+from fedgan.device import resolve_device
+from fedgan.evaluation.metrics import METRICS, EvalContext, MetricUnavailable
 from fedgan.models import ImageShape, build_networks, load_state
-from fedgan.training.loop import resolve_device
 
 if TYPE_CHECKING:
     from fedgan.config import Config
@@ -119,6 +119,11 @@ class CentralEvaluator:
     ) -> dict[str, float]:
         """Computes the registered metrics ``names`` for the generator in ``state``. A metric
         that does not apply here is skipped and its reason kept in ``skipped`` (and logged)."""
+        for name in [n for n in names if METRICS.get(n).paired]:
+            if name not in self.skipped:
+                logger.warning("metric %s skipped: it scores image-to-image outputs", name)
+            self.skipped[name] = "a paired metric: it needs an image-to-image task"
+        names = [n for n in names if not METRICS.get(n).paired]
         if not names:
             return {}
         ctx = self.context()
@@ -161,11 +166,7 @@ class CentralEvaluator:
         """One round's evaluation: the sample grid and ``eval.metrics`` (plus
         ``eval.final_metrics`` at the last round)."""
         self.sample_grid(round_, state)
-        names = parse_metric_list(self.cfg.eval.metrics, "eval.metrics")
+        names = list(self.cfg.eval.metric_list)
         if final:
-            names += [
-                n
-                for n in parse_metric_list(self.cfg.eval.final_metrics, "eval.final_metrics")
-                if n not in names
-            ]
+            names += [n for n in self.cfg.eval.final_metric_list if n not in names]
         return self.metrics(round_, state, names)

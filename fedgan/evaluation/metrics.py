@@ -4,6 +4,7 @@ is 1,000 against the same split in the domain classifier's features (not compara
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from fedgan.catalog import METRICS as _METRICS
 from fedgan.evaluation import functional as fn
 from fedgan.evaluation.features import (
     DomainFeatures,
@@ -98,24 +100,57 @@ class EvalContext:
         return self._real_features[name]
 
 
+#: How a reader should compare values of a metric's key.
+HIGHER, LOWER, NEAR_REAL, REFERENCE, SPREAD = "higher", "lower", "near-real", "reference", "spread"
+
+
 @dataclass(frozen=True)
 class Metric:
     """A registered metric.
 
     Attributes:
         name: Registered name (fixes the protocol).
-        n_generated: Generated images it consumes.
-        compute: ``(ctx, images, labels, round_) -> {key: value}``.
+        n_generated: Generated images it consumes (0 for a paired metric).
+        compute: ``(ctx, images, labels, round_) -> {key: value}`` for a metric of generated
+            images; ``(output, target) -> value`` for a paired one.
+        higher_is_better: Whether larger values of its main keys are better; None where the
+            value closest to the real data's is best (e.g. diversity).
+        keys: The keys it writes, in order (default: its name). Keys listed in
+            ``references`` hold the real data's value, keys in ``spreads`` a standard
+            deviation, keys in ``lower_keys`` are better lower whatever the main direction.
         inception: Whether it runs the Inception network (slow on CPU).
+        paired: Scores an image-to-image output against its ground truth.
     """
 
     name: str
     n_generated: int
-    compute: Callable[[EvalContext, torch.Tensor, torch.Tensor | None, int], dict[str, float]]
+    compute: Callable[..., Any]
+    higher_is_better: bool | None = False
+    keys: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    spreads: tuple[str, ...] = ()
+    lower_keys: tuple[str, ...] = ()
     inception: bool = False
+    paired: bool = False
+
+    def direction(self, key: str) -> str:
+        """``higher``, ``lower``, ``near-real``, ``reference`` or ``spread`` for ``key``."""
+        if key in self.references:
+            return REFERENCE
+        if key in self.spreads:
+            return SPREAD
+        if key in self.lower_keys:
+            return LOWER
+        if self.higher_is_better is None:
+            return NEAR_REAL
+        return HIGHER if self.higher_is_better else LOWER
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        return self.keys or (self.name,)
 
 
-METRICS: Registry[Metric] = Registry("metric")
+METRICS: Registry[Metric] = _METRICS  # declared in fedgan.catalog
 
 
 def _fd(extractor: str, key: str):
@@ -139,16 +174,16 @@ def _kd(extractor: str, key: str):
     return compute
 
 
+def _distances(extractor: str, fd: str, kd: str, size: int, inception: bool) -> None:
+    METRICS.add(fd, Metric(fd, size, _fd(extractor, fd), inception=inception))
+    METRICS.add(kd, Metric(kd, size, _kd(extractor, kd), keys=(kd, f"{kd}_std"),
+                           spreads=(f"{kd}_std",), inception=inception))  # fmt: skip
+
+
 for _n, _tag in ((1000, "1k"), (2000, "2k")):
-    METRICS.add(
-        f"domain_fd_{_tag}", Metric(f"domain_fd_{_tag}", _n, _fd("domain", f"domain_fd_{_tag}"))
-    )
-    METRICS.add(
-        f"domain_kd_{_tag}", Metric(f"domain_kd_{_tag}", _n, _kd("domain", f"domain_kd_{_tag}"))
-    )
+    _distances("domain", f"domain_fd_{_tag}", f"domain_kd_{_tag}", _n, False)
 for _n, _tag in ((2000, "2k"), (10000, "10k"), (50000, "50k")):
-    METRICS.add(f"fid_{_tag}", Metric(f"fid_{_tag}", _n, _fd("inception", f"fid_{_tag}"), True))
-    METRICS.add(f"kid_{_tag}", Metric(f"kid_{_tag}", _n, _kd("inception", f"kid_{_tag}"), True))
+    _distances("inception", f"fid_{_tag}", f"kid_{_tag}", _n, True)
 
 
 def _prdc(ctx, images, labels, round_):
@@ -156,7 +191,11 @@ def _prdc(ctx, images, labels, round_):
     return {f"domain_{k}": v for k, v in out.items()}
 
 
-METRICS.add("domain_prdc_1k", Metric("domain_prdc_1k", 1000, _prdc))
+METRICS.add(
+    "domain_prdc_1k",
+    Metric("domain_prdc_1k", 1000, _prdc, higher_is_better=True,
+           keys=tuple(f"domain_{k}" for k in ("precision", "recall", "density", "coverage"))),
+)  # fmt: skip
 
 
 def _diversity(ctx, images, labels, round_):
@@ -166,7 +205,12 @@ def _diversity(ctx, images, labels, round_):
     }
 
 
-METRICS.add("ms_ssim_diversity", Metric("ms_ssim_diversity", 500, _diversity))
+METRICS.add(
+    "ms_ssim_diversity",
+    Metric("ms_ssim_diversity", 500, _diversity, higher_is_better=None,
+           keys=("ms_ssim_diversity", "ms_ssim_diversity_real"),
+           references=("ms_ssim_diversity_real",)),
+)  # fmt: skip
 
 
 def _memorization(ctx, images, labels, round_):
@@ -189,7 +233,14 @@ def _memorization(ctx, images, labels, round_):
     return {f"memorization_{k}": v for k, v in out.items()}
 
 
-METRICS.add("memorization_1k", Metric("memorization_1k", 1000, _memorization))
+METRICS.add(
+    "memorization_1k",
+    Metric("memorization_1k", 1000, _memorization, higher_is_better=True,
+           keys=tuple(f"memorization_{k}" for k in ("nn_ratio", "copy_fraction", "gen_nn_median",
+                                                    "heldout_nn_median")),
+           lower_keys=("memorization_copy_fraction",),
+           references=("memorization_heldout_nn_median",)),
+)  # fmt: skip
 
 
 def classifier_auc(
@@ -241,7 +292,11 @@ def _tstr(ctx, images, labels, round_):
     return out
 
 
-METRICS.add("tstr_auc", Metric("tstr_auc", 2000, _tstr))
+METRICS.add(
+    "tstr_auc",
+    Metric("tstr_auc", 2000, _tstr, higher_is_better=True, keys=("tstr_auc", "trtr_auc"),
+           references=("trtr_auc",)),
+)  # fmt: skip
 
 
 def parse_metric_list(text: str, key: str) -> list[str]:
@@ -257,3 +312,22 @@ def parse_metric_list(text: str, key: str) -> list[str]:
             f"config key {key!r}: unknown metric(s) {unknown}; known: {', '.join(METRICS.names())}"
         )
     return names
+
+
+def direction(key: str) -> str | None:
+    """How to read a value written under ``key`` (see :meth:`Metric.direction`), from the
+    metric that writes it; a paired key may carry a baseline's prefix (``nlm_psnr``) or a
+    gain suffix (``psnr_gain``). None for a key no registered metric writes."""
+    for name in METRICS.names():
+        metric = METRICS.get(name)
+        if key in metric.output_keys:
+            return metric.direction(key)
+        # the same quantity under another protocol (e.g. a paired task's ``domain_fd``)
+        for own in metric.output_keys:
+            if re.sub(r"_\d+k(?=_std$|$)", "", own) == key:
+                return metric.direction(own)
+    for name in METRICS.names():
+        metric = METRICS.get(name)
+        if metric.paired and (key.endswith(f"_{name}") or key == f"{name}_gain"):
+            return metric.direction(name) if not key.endswith("_gain") else HIGHER
+    return None

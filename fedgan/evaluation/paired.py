@@ -1,60 +1,112 @@
 """Central evaluation of image-to-image tasks on a held-out paired set: PSNR, SSIM, MS-SSIM,
 NMI and MAE of the global generator and of every classical baseline, measured the same way;
-for ``translate`` also the domain Fréchet/kernel distances to the target domain; pictures of
-input | baselines | fedgan | ground truth with zoomed crops."""
+for unpaired tasks (``translate``) also the domain Fréchet/kernel distances to the target
+domain; pictures of input | baselines | fedgan | ground truth with zoomed crops.
+
+The task is passed in (anything with :class:`PairedTask`'s methods): evaluation never imports
+training.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision.utils import save_image
 
+from fedgan.device import resolve_device
+from fedgan.evaluation.metrics import METRICS, Metric
 from fedgan.models import load_state
-from fedgan.training.loop import resolve_device
-from fedgan.training.tasks import TASKS, Pairs, apply_generator, networks_for
 
 if TYPE_CHECKING:
     from fedgan.config import Config
 
-PAIRED_METRICS = ("psnr", "ssim", "ms_ssim", "nmi", "mae")
+
+class PairedTask(Protocol):
+    """What the evaluator needs of an image-to-image task."""
+
+    unpaired: bool
+
+    def build(self) -> dict[str, nn.Module]: ...
+
+    def eval_pairs(self, clean: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def baselines(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]: ...
 
 
-def paired_scores(output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Means over the set of PSNR (dB), SSIM, MS-SSIM, NMI (1 = independent, 2 = identical)
-    and MAE, on images mapped to [0, 1] (data range 1)."""
-    from skimage.metrics import normalized_mutual_information
-    from torchmetrics.functional.image import (
-        multiscale_structural_similarity_index_measure,
-        peak_signal_noise_ratio,
-        structural_similarity_index_measure,
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    # PSNR per image, then averaged (the convention of restoration papers).
+    return float(
+        peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
     )
 
-    x = ((output.float() + 1) / 2).clamp(0, 1)
-    y = ((target.float() + 1) / 2).clamp(0, 1)
+
+def _ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return float(structural_similarity_index_measure(x, y, data_range=1.0))  # type: ignore[arg-type]
+
+
+def _ms_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
     size = x.shape[-1]
     # MS-SSIM needs room for each scale: 3 scales with a 5-pixel kernel from 32 px up,
     # torchmetrics' 5 scales with 11 pixels from 176 px.
     if size >= 176:
-        ms = multiscale_structural_similarity_index_measure(x, y, data_range=1.0)
-    else:
-        ms = multiscale_structural_similarity_index_measure(
-            x, y, data_range=1.0, kernel_size=5 if size >= 32 else 3,
-            betas=(0.2856, 0.3001, 0.2363) if size >= 32 else (0.5, 0.5),
-        )  # fmt: skip
+        return float(multiscale_structural_similarity_index_measure(x, y, data_range=1.0))
+    return float(multiscale_structural_similarity_index_measure(
+        x, y, data_range=1.0, kernel_size=5 if size >= 32 else 3,
+        betas=(0.2856, 0.3001, 0.2363) if size >= 32 else (0.5, 0.5),
+    ))  # fmt: skip
+
+
+def _nmi(x: torch.Tensor, y: torch.Tensor) -> float:
+    from skimage.metrics import normalized_mutual_information
+
     pairs = zip(x.numpy(), y.numpy(), strict=True)
-    nmi = np.mean([normalized_mutual_information(a[0], b[0], bins=64) for a, b in pairs])
-    # PSNR per image, then averaged (the convention of restoration papers).
-    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
-    return {
-        "psnr": float(psnr),
-        "ssim": float(structural_similarity_index_measure(x, y, data_range=1.0)),  # type: ignore[arg-type]
-        "ms_ssim": float(ms),
-        "nmi": float(nmi),
-        "mae": float((x - y).abs().mean()),
-    }
+    return float(np.mean([normalized_mutual_information(a[0], b[0], bins=64) for a, b in pairs]))
+
+
+def _mae(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).abs().mean())
+
+
+for _name, _fn, _higher in (("psnr", _psnr, True), ("ssim", _ssim, True),
+                            ("ms_ssim", _ms_ssim, True), ("nmi", _nmi, True),
+                            ("mae", _mae, False)):  # fmt: skip
+    METRICS.add(_name, Metric(_name, 0, _fn, higher_is_better=_higher, paired=True))
+
+#: Every paired metric, in the order reports list them.
+PAIRED_METRICS = ("psnr", "ssim", "ms_ssim", "nmi", "mae")
+
+
+def paired_scores(
+    output: torch.Tensor, target: torch.Tensor, names: tuple[str, ...] = PAIRED_METRICS
+) -> dict[str, float]:
+    """Means over the set of the named paired metrics (PSNR in dB, SSIM, MS-SSIM, NMI with
+    1 = independent and 2 = identical, MAE), on images mapped to [0, 1] (data range 1)."""
+    x, y = _unit(output), _unit(target)
+    return {name: METRICS.get(name).compute(x, y) for name in names}
+
+
+@torch.no_grad()
+def apply_generator(generator: nn.Module, inputs: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """``generator`` over ``inputs`` in eval mode, in batches, on the generator's device."""
+    generator.eval()
+    device = next(generator.parameters()).device
+    out = [generator(inputs[i : i + batch].to(device)).cpu() for i in range(0, len(inputs), batch)]
+    return torch.cat(out)
 
 
 def comparison_picture(columns: dict[str, torch.Tensor], path: Path, rows: int = 4) -> Path:
@@ -90,54 +142,61 @@ class PairedEvaluator:
     Args:
         cfg: The experiment config.
         samples_dir: Where the comparison pictures go.
+        task: The image-to-image task (its held-out pairs, baselines and networks).
     """
 
-    def __init__(self, cfg: Config, samples_dir: Path) -> None:
+    def __init__(self, cfg: Config, samples_dir: Path, task: PairedTask) -> None:
         self.cfg = cfg
-        self.task = TASKS.get(cfg.task.name)
+        self.task = task
         self.samples_dir = samples_dir
         self.device = resolve_device(cfg.train.device)
         self.skipped: dict[str, str] = {}
-        self._pairs: Pairs | None = None
+        self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._baselines: dict[str, dict[str, float]] | None = None
         self._baseline_outputs: dict[str, torch.Tensor] = {}
 
-    def pairs(self) -> Pairs:
-        """The held-out pairs (central evaluation images, degraded with a fixed seed)."""
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out ``(inputs, ground truth)`` (central evaluation images, degraded with a
+        fixed seed)."""
         if self._pairs is None:
             from fedgan.data import eval_dataset
 
             cfg = self.cfg
             clean = eval_dataset(cfg.data, cfg.run.seed, cfg.federation.num_hospitals).tensors[0]
-            self._pairs = self.task.eval_pairs(clean, cfg.task, cfg.run.seed + 515_151)
+            self._pairs = self.task.eval_pairs(clean, cfg.run.seed + 515_151)
         return self._pairs
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The paired metrics of ``eval.metrics`` (every paired metric if it names none)."""
+        named = tuple(n for n in self.cfg.eval.metric_list if METRICS.get(n).paired)
+        return named or PAIRED_METRICS
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Every classical baseline's scores on the held-out pairs (computed once)."""
         if self._baselines is None:
-            p = self.pairs()
+            inputs, targets = self.pairs()
             self._baselines = {}
-            for name, method in self.task.baselines(self.cfg.task).items():
-                out = method(p.inputs)
+            for name, method in self.task.baselines().items():
+                out = method(inputs)
                 self._baseline_outputs[name] = out
-                self._baselines[name] = paired_scores(out, p.targets)
+                self._baselines[name] = paired_scores(out, targets, self.metric_names())
         return self._baselines
 
     def generator(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        g = networks_for(self.cfg)["generator"]
+        g = self.task.build()["generator"]
         load_state({"generator": g}, {k: v for k, v in state.items() if k.startswith("generator.")})
         return g.to(self.device).eval()
 
     def outputs(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return apply_generator(self.generator(state), self.pairs().inputs)
+        return apply_generator(self.generator(state), self.pairs()[0])
 
     def sample_grid(self, round_: int, state: dict[str, torch.Tensor]) -> Path:
-        p = self.pairs()
+        inputs, targets = self.pairs()
         self.baselines()
-        columns = {"input": p.inputs, **{k: v for k, v in self._baseline_outputs.items()
-                                        if k != "input"}}  # fmt: skip
+        columns = {"input": inputs, **{k: v for k, v in self._baseline_outputs.items()
+                                      if k != "input"}}  # fmt: skip
         columns["fedgan"] = self.outputs(state)
-        columns["ground truth"] = p.targets
+        columns["ground truth"] = targets
         return comparison_picture(columns, self.samples_dir / f"round_{round_:04d}.png")
 
     def metrics(self, round_: int, state: dict[str, torch.Tensor], names: list[str] | None = None
@@ -145,18 +204,25 @@ class PairedEvaluator:
         """fedgan's paired scores, each baseline's as ``<baseline>_<metric>``, and fedgan's
         PSNR gain over the best baseline (``psnr_gain``); for ``translate`` also the domain
         Fréchet and kernel distances of the translations to the target domain."""
-        p = self.pairs()
+        _, targets = self.pairs()
         out = self.outputs(state)
-        result = paired_scores(out, p.targets)
+        chosen = self.metric_names()
+        if names:
+            for name in names:
+                if not METRICS.get(name).paired:
+                    self.skipped[name] = "scores generated images: it needs task synthesis"
+            chosen = tuple(n for n in names if METRICS.get(n).paired)
+        result = paired_scores(out, targets, chosen)
         baselines = self.baselines()
         for name, scores in baselines.items():
             for key, value in scores.items():
                 result[f"{name}_{key}"] = value
-        best = max((s["psnr"] for n, s in baselines.items() if n != "input"), default=None)
-        if best is not None:
-            result["psnr_gain"] = result["psnr"] - best
-        if self.cfg.task.name == "translate":
-            result.update(self._domain_distances(out, p.targets))
+        if "psnr" in result:
+            best = max((s["psnr"] for n, s in baselines.items() if n != "input"), default=None)
+            if best is not None:
+                result["psnr_gain"] = result["psnr"] - best
+        if self.task.unpaired:  # trained without pairs: how close to the target domain
+            result.update(self._domain_distances(out, targets))
         return result
 
     def _domain_distances(self, out: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

@@ -11,9 +11,11 @@ from torch.utils.data import TensorDataset
 
 from fedgan.config import Config, from_run_config, with_changes
 from fedgan.data import hospital_dataset, local_dataset
+from fedgan.experiment import resolve
 from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
 from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.privacy import BudgetExhausted
+from fedgan.runs.records import HospitalReport, PrivacySpent
 from fedgan.training.hospital import local_round
 
 app = ClientApp(mods=[client_clipping_mod])
@@ -78,7 +80,7 @@ def site_config(cfg: Config, node: Mapping[str, object]) -> Config:
 def train(msg: Message, context: Context) -> Message:
     """One federated round at one hospital."""
     try:
-        cfg = site_config(from_run_config(context.run_config), context.node_config)
+        cfg = resolve(site_config(from_run_config(context.run_config), context.node_config))
     except SitePolicyError as refused:
         return Message(Error(code=SITE_POLICY_ERROR_CODE, reason=str(refused)), reply_to=msg)
     train_config = msg.content.config_records["config"]
@@ -110,6 +112,7 @@ def train(msg: Message, context: Context) -> Message:
             round_=round_,
             hospital=max(hospital, 0),
             accountant=accountant,
+            proximal_mu=float(train_config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         )
     except BudgetExhausted as exhausted:
         return Message(Error(code=BUDGET_ERROR_CODE, reason=str(exhausted)), reply_to=msg)
@@ -118,19 +121,17 @@ def train(msg: Message, context: Context) -> Message:
     )
 
     # 4. Reply with the trained networks and what the server needs to weigh and log them.
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            UNIT_WEIGHT: 1,
-            "hospital": hospital,
-            "steps": result.stats.steps,
-            "examples-seen": result.stats.examples,
-            "d-loss": result.stats.d_loss,
-            "g-loss": result.stats.g_loss,
-            "train-seconds": result.stats.seconds,
-            **{k.replace("_", "-"): v for k, v in result.privacy.items()},
-        }
+    report = HospitalReport(
+        hospital=hospital,
+        num_examples=result.num_examples,
+        examples_seen=result.stats.examples,
+        steps=result.stats.steps,
+        d_loss=result.stats.d_loss,
+        g_loss=result.stats.g_loss,
+        train_seconds=result.stats.seconds,
+        privacy=PrivacySpent(**result.privacy) if result.privacy else None,
     )
+    metrics = MetricRecord({**report.to_metrics(), UNIT_WEIGHT: 1})
     content = RecordDict({"arrays": to_arrays(result.state), "metrics": metrics})
     if result.accountant:
         content["privacy"] = ConfigRecord({"accountant": result.accountant})

@@ -13,10 +13,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedgan.config import Config, from_run_config, with_changes
+from fedgan.experiment import resolve
 from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.federated.strategies import RoundLog, build_strategy
 from fedgan.privacy.accounting import BUDGET_EXHAUSTED
-from fedgan.training.recorder import RunRecorder
+from fedgan.runs import Failure, RoundRecord, RunRecorder
 
 app = ServerApp()
 
@@ -28,46 +29,21 @@ class AllBudgetsExhausted(Exception):
     """Every hospital has spent its privacy budget: training ends early, as planned."""
 
 
-def round_record(log_: RoundLog) -> dict:
-    """The per-round metrics record: each hospital's report and their weighted aggregate."""
-    nan = float("nan")
-    hospitals: dict[str, dict[str, float]] = {}
-    for rep in log_.reports:
-        hid = int(rep.metrics.get("hospital", -1))
-        name = f"hospital_{hid}" if hid >= 0 else f"node_{rep.node_id}"
-        hospitals[name] = {
-            "node_id": rep.node_id,
-            "num_examples": int(rep.metrics.get("num-examples", 0)),
-            "examples_seen": int(rep.metrics.get("examples-seen", 0)),
-            "d_loss": rep.metrics.get("d-loss", nan),
-            "g_loss": rep.metrics.get("g-loss", nan),
-            "train_seconds": rep.metrics.get("train-seconds", nan),
-        }
-        for key in PRIVACY_KEYS:
-            if key.replace("_", "-") in rep.metrics:
-                hospitals[name][key] = rep.metrics[key.replace("_", "-")]
-    total = sum(h["num_examples"] for h in hospitals.values())
-    aggregate: dict[str, float] = {
-        "hospitals": len(hospitals),
-        "num_examples": total,
-        "examples_seen": sum(h["examples_seen"] for h in hospitals.values()),
-    }
-    for key in ("d_loss", "g_loss"):
-        if total:
-            aggregate[key] = sum(h[key] * h["num_examples"] for h in hospitals.values()) / total
-    eps = [h["epsilon"] for h in hospitals.values() if "epsilon" in h]
-    if eps:
-        aggregate["max_epsilon"] = max(eps)
-    return {
-        "hospitals": hospitals,
-        "aggregate": aggregate,
-        "failures": [
-            {"node_id": n, "reason": r, "budget_exhausted": r.startswith(BUDGET_EXHAUSTED)}
-            for n, r in log_.failures
-        ],
-        "bytes_down": log_.bytes_down,
-        "bytes_up": sum(r.bytes_up for r in log_.reports),
-    }
+def round_record(round_: int, log_: RoundLog, names: dict[int, str] | None = None) -> RoundRecord:
+    """The round's record from what the strategy received: each hospital's report, their
+    example-weighted aggregate, and the hospitals that failed (named where known)."""
+    names = names or {}
+    failures = [
+        Failure(
+            node_id=node,
+            reason=reason,
+            hospital=names.get(node, f"node_{node}"),
+            budget_exhausted=reason.startswith(BUDGET_EXHAUSTED),
+        )
+        for node, reason in log_.failures
+    ]
+    return RoundRecord.federated(round_, log_.reports, failures,
+                                 bytes_down=log_.bytes_down, bytes_up=log_.bytes_up)  # fmt: skip
 
 
 def log_privacy_table(table: dict[str, dict], cfg: Config) -> None:
@@ -156,30 +132,31 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         if server_round == 0:
             return None
         round_ = recorder.start_round + server_round
-        record = round_record(round_log)
-        for name, rep in zip(record["hospitals"], round_log.reports, strict=True):
-            nodes[rep.node_id] = name
-            if rep.accountant:
-                accountants[name.removeprefix("hospital_")] = rep.accountant
-            if "epsilon" in record["hospitals"][name]:
-                privacy_table[name] = {k: record["hospitals"][name][k] for k in PRIVACY_KEYS} | {
+        for rep in round_log.reports:
+            nodes[rep.node_id] = rep.name
+        record = round_record(round_, round_log, nodes)
+        for hospital, history in round_log.accountants.items():
+            accountants[str(hospital)] = history
+        for rep in round_log.reports:
+            if rep.privacy is not None:
+                row = record.hospitals[rep.name]
+                privacy_table[rep.name] = {k: row[k] for k in PRIVACY_KEYS} | {
                     "accountant": cfg.privacy.accountant,
                     "exhausted": False,
                 }
-        for failure in record["failures"]:
-            name = nodes.get(failure["node_id"], f"node_{failure['node_id']}")
-            failure["hospital"] = name
-            log(WARNING, "round %s: %s did not train: %s", round_, name, failure["reason"])
-            if failure["budget_exhausted"] and name in privacy_table:
-                privacy_table[name]["exhausted"] = True
+        for failure in record.failures:
+            log(WARNING, "round %s: %s did not train: %s", round_, failure.hospital,
+                failure.reason)  # fmt: skip
+            if failure.budget_exhausted and failure.hospital in privacy_table:
+                privacy_table[failure.hospital]["exhausted"] = True
         if not round_log.reports:
-            if record["failures"] and all(f["budget_exhausted"] for f in record["failures"]):
+            if record.failures and all(f.budget_exhausted for f in record.failures):
                 raise AllBudgetsExhausted(round_)
             reasons = "; ".join(r for _, r in round_log.failures) or "no replies"
             raise RuntimeError(f"round {round_}: no hospital trained ({reasons})")
         spent = getattr(strategy, "privacy_spent", lambda: None)()
         if spent is not None:  # central DP: one accountant for the whole federation
-            record["aggregate"]["central_epsilon"] = spent.epsilon
+            record.aggregate["central_epsilon"] = spent.epsilon
             privacy_table["central"] = {
                 "epsilon": spent.epsilon,
                 "delta": spent.delta,
@@ -191,12 +168,11 @@ def run_server(grid: Grid, cfg: Config) -> dict:
                 "clipping": cfg.privacy.central_clipping,
             }
         done = recorder.end_round(
-            round_,
-            from_arrays(arrays),
             record,
+            from_arrays(arrays),
             meta={"accountants": accountants, "privacy": privacy_table},
         )
-        return MetricRecord({k: v for k, v in done.get("eval", {}).items()})
+        return MetricRecord(dict(done.eval or {}))
 
     train_config = ConfigRecord({"round-offset": recorder.start_round})
     for hid, history in accountants.items():
@@ -228,7 +204,7 @@ def run_server(grid: Grid, cfg: Config) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point of ``flwr run``: the run-config becomes the typed config."""
-    cfg = from_run_config(context.run_config)
+    cfg = resolve(from_run_config(context.run_config))
     if not Path(cfg.run.output_dir).is_absolute():
         cfg = with_changes(cfg, run={"output_dir": str(Path(cfg.run.output_dir).resolve())})
     run_server(grid, cfg)

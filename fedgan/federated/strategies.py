@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -10,67 +9,79 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
+from fedgan.catalog import STRATEGIES
 from fedgan.federated.records import nbytes
-from fedgan.registry import Registry
+from fedgan.runs.records import HospitalReport
 
 if TYPE_CHECKING:
     from fedgan.config import FederationSection, PrivacySection
 
 StrategyFactory = Callable[[dict[str, Any], "FederationSection", "RoundLog"], Strategy]
 
-STRATEGIES: Registry[StrategyFactory] = Registry("aggregation strategy")
 
-STRATEGIES.add("fedavg", lambda common, cfg, log: _recording(FedAvg, log)(**common))
-STRATEGIES.add(
-    "fedavgm", lambda common, cfg, log: _recording(FedAvgM, log)(**common, server_learning_rate=1.0)
-)
-STRATEGIES.add("fedmedian", lambda common, cfg, log: _recording(FedMedian, log)(**common))
-STRATEGIES.add(
-    "fedtrimmedavg", lambda common, cfg, log: _recording(FedTrimmedAvg, log)(**common, beta=0.2)
-)
-STRATEGIES.add(
-    "fedadam", lambda common, cfg, log: _recording(FedAdam, log)(**common, eta=cfg.server_lr)
-)
-STRATEGIES.add(
-    "fedyogi", lambda common, cfg, log: _recording(FedYogi, log)(**common, eta=cfg.server_lr)
-)
-STRATEGIES.add(
-    "fedadagrad", lambda common, cfg, log: _recording(FedAdagrad, log)(**common, eta=cfg.server_lr)
-)
+def _register(
+    name: str, base: type[Strategy], **params: Callable[[FederationSection], Any]
+) -> None:
+    """Registers Flower's ``base`` under ``name``; ``params`` map its keyword arguments to the
+    config keys they come from."""
+
+    def factory(common: dict[str, Any], cfg: FederationSection, log: RoundLog) -> Strategy:
+        return _recording(base, log)(**common, **{k: get(cfg) for k, get in params.items()})
+
+    STRATEGIES.add(name, factory)
 
 
-@dataclass
-class HospitalReport:
-    """One hospital's training reply as the server saw it."""
-
-    node_id: int
-    metrics: dict[str, float]
-    bytes_up: int
-    accountant: str = ""
+_register("fedavg", FedAvg)
+_register("fedavgm", FedAvgM, server_learning_rate=lambda c: c.avgm_lr,
+          server_momentum=lambda c: c.avgm_momentum)  # fmt: skip
+_register("fedmedian", FedMedian)
+_register("fedtrimmedavg", FedTrimmedAvg, beta=lambda c: c.trim_beta)
+for _name, _base in (("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)):
+    _register(_name, _base, eta=lambda c: c.server_lr, tau=lambda c: c.server_tau)
+_register("fedprox", FedProx, proximal_mu=lambda c: c.proximal_mu)
+_register("krum", Krum, num_malicious_nodes=lambda c: c.malicious_hospitals)
+_register("multikrum", MultiKrum, num_malicious_nodes=lambda c: c.malicious_hospitals,
+          num_nodes_to_select=lambda c: c.krum_select)  # fmt: skip
+_register("bulyan", Bulyan, num_malicious_nodes=lambda c: c.malicious_hospitals)
 
 
 @dataclass
 class RoundLog:
-    """What the recording wrapper saw in the latest round (reset when a round is configured)."""
+    """What the recording wrapper saw in the latest round (reset when a round is configured).
+
+    Attributes:
+        sent: Training messages sent.
+        bytes_down: Their payload.
+        reports: Each hospital's report, as received.
+        bytes_up: Payload received.
+        accountants: Under DP-SGD, each reporting hospital's accountant history, by hospital.
+        failures: ``(node id, reason)`` of replies that were errors.
+    """
 
     sent: int = 0
     bytes_down: int = 0
     reports: list[HospitalReport] = field(default_factory=list)
+    bytes_up: int = 0
+    accountants: dict[int, str] = field(default_factory=dict)
     failures: list[tuple[int, str]] = field(default_factory=list)
 
     def reset(self, sent: int, bytes_down: int) -> None:
-        self.sent, self.bytes_down = sent, bytes_down
-        self.reports, self.failures = [], []
+        self.sent, self.bytes_down, self.bytes_up = sent, bytes_down, 0
+        self.reports, self.failures, self.accountants = [], [], {}
 
 
 def _recording(base: type[Strategy], round_log: RoundLog) -> Callable[..., Strategy]:
@@ -98,16 +109,14 @@ def _recording(base: type[Strategy], round_log: RoundLog) -> Callable[..., Strat
                     self.round_log.failures.append((node, str(msg.error.reason)))
                     continue
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-                up = sum(nbytes(a) for a in msg.content.array_records.values())
-                privacy = msg.content.config_records.get("privacy")
-                self.round_log.reports.append(
-                    HospitalReport(
-                        node,
-                        {k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
-                        up,
-                        str(privacy["accountant"]) if privacy is not None else "",
-                    )
+                report = HospitalReport.from_metrics(metrics, node_id=node)
+                self.round_log.reports.append(report)
+                self.round_log.bytes_up += sum(
+                    nbytes(a) for a in msg.content.array_records.values()
                 )
+                privacy = msg.content.config_records.get("privacy")
+                if privacy is not None:
+                    self.round_log.accountants[report.hospital] = str(privacy["accountant"])
             return super().aggregate_train(server_round, replies)
 
     Recording.__name__ = Recording.__qualname__ = base.__name__
@@ -128,7 +137,7 @@ def build_strategy(
         privacy: With ``mode: central-dp``, FedAvg is wrapped in Flower's fixed-clipping DP
             with its accountant.
     """
-    min_train = cfg.min_hospitals or max(1, math.ceil(cfg.fraction_train * cfg.num_hospitals))
+    min_train = cfg.sampled
     common = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 0.0,

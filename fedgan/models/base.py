@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from fedgan.catalog import FAMILIES as _FAMILIES
 from fedgan.registry import Registry
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class GanFamily:
     gradient_penalty: bool = False
 
 
-FAMILIES: Registry[GanFamily] = Registry("GAN family")
+FAMILIES: Registry[GanFamily] = _FAMILIES  # declared in fedgan.catalog
 
 
 def build_networks(

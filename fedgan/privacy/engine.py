@@ -47,6 +47,16 @@ def check_privatizable(family: GanFamily, discriminator: nn.Module) -> None:
             f"model.family {family.name!r} cannot be trained with DP-SGD: "
             f"{family.dp_incompatibility}"
         )
+    check_discriminator(discriminator)
+
+
+def check_discriminator(discriminator: nn.Module) -> None:
+    """Refuses layers Opacus cannot give per-sample gradients (BatchNorm, in-place
+    activations).
+
+    Raises:
+        ValueError: Naming the layers and what to use instead.
+    """
     from opacus.validators import ModuleValidator
 
     problems = [str(e).split(".")[0] for e in ModuleValidator.validate(discriminator, strict=False)]

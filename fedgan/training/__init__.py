@@ -1,22 +1,33 @@
-"""Pure GAN step functions and the local training loop (no Flower imports)."""
+"""Training: one objective per task (``objectives/``), one local loop (``loop``), one hospital
+round (``hospital``) and what DP-SGD swaps into it (``private``). No Flower, no run
+bookkeeping, no evaluation."""
 
 from fedgan.training.loop import (
     LocalStats,
+    ProximalTerm,
     batches,
-    critic_steps,
     make_optimizers,
-    resolve_device,
-    train_local,
+    phase_step,
+    round_seed,
+    shuffled_batches,
+    train,
 )
-from fedgan.training.steps import d_step, g_step
+from fedgan.training.objectives import Objective, StepContext, make_objective, networks_for
+from fedgan.training.objectives.synthesis import d_step, g_step
 
 __all__ = [
     "LocalStats",
+    "Objective",
+    "ProximalTerm",
+    "StepContext",
     "batches",
-    "critic_steps",
     "d_step",
     "g_step",
+    "make_objective",
     "make_optimizers",
-    "resolve_device",
-    "train_local",
+    "networks_for",
+    "phase_step",
+    "round_seed",
+    "shuffled_batches",
+    "train",
 ]

@@ -13,23 +13,19 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedgan.config import Config
-from fedgan.data.transforms import augmenter
-from fedgan.models import FAMILIES, ImageShape, load_state, pack_state
-from fedgan.privacy import (
-    HospitalAccountant,
-    check_privatizable,
-    make_private_discriminator,
-    plan_privacy,
-)
+from fedgan.device import resolve_device
+from fedgan.models import ImageShape, load_state, pack_state
+from fedgan.privacy import HospitalAccountant, plan_privacy
 from fedgan.training.loop import (
     LocalStats,
-    critic_steps,
+    ProximalTerm,
     make_optimizers,
-    resolve_device,
     round_seed,
-    train_local,
+    shuffled_batches,
+    train,
 )
-from fedgan.training.tasks import networks_for, train_steps
+from fedgan.training.objectives import StepContext, make_objective, networks_for
+from fedgan.training.private import privatize
 
 
 def image_shape(dataset: TensorDataset) -> ImageShape:
@@ -85,6 +81,7 @@ def local_round(
     round_: int,
     hospital: int,
     accountant: str | None = None,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """Trains the global networks on one hospital's data for ``train.local_steps`` iterations.
 
@@ -96,10 +93,11 @@ def local_round(
         round_: The (absolute) round number; with ``hospital`` it seeds batches and noise.
         hospital: This hospital's index.
         accountant: Under DP-SGD, this hospital's accountant history (JSON) from earlier rounds.
+        proximal_mu: FedProx's proximal weight (0: none), as the server's strategy sends it.
 
     Raises:
-        ValueError: If the data's image shape does not match the model config, or the
-            discriminator cannot be privatized.
+        ValueError: If the data's image shape does not match the model config, or a network
+            that reads data cannot be privatized.
         BudgetExhausted: Under DP-SGD, if this round would take the hospital past its budget
             (nothing is trained, nothing is spent).
     """
@@ -113,7 +111,8 @@ def local_round(
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
-    nets = networks_for(cfg)
+    objective = make_objective(cfg)
+    nets = networks_for(cfg, objective)
     load_state(nets, global_state)
     for net in nets.values():
         net.to(device)
@@ -121,21 +120,25 @@ def local_round(
     if optimizer_state:
         restore_optimizers(optimizers, optimizer_state)
     seed = round_seed(cfg.run.seed, round_, hospital)
-    if cfg.privacy.mode != "dp-sgd":  # (image-to-image tasks never reach DP: the config refuses)
-        stats = train_steps(
-            cfg, nets, optimizers, dataset, steps=cfg.train.local_steps, seed=seed, device=device
-        )
+    ctx = StepContext.seeded(seed, device)
+    proximal = ProximalTerm(proximal_mu, nets) if proximal_mu > 0 else None
+    steps = cfg.train.local_steps
+    if cfg.privacy.mode != "dp-sgd":
+        stats = train(
+            objective, nets, optimizers,
+            shuffled_batches(dataset, cfg.train.batch_size, ctx, seed=seed,
+                             unpaired=objective.unpaired),
+            steps=steps, ctx=ctx, proximal=proximal,
+        )  # fmt: skip
         return RoundResult(
             state=pack_state(nets),
             optimizer_state=serialize_optimizers(optimizers),
             stats=stats,
             num_examples=len(dataset),
         )
-    family = FAMILIES.get(cfg.model.family)
 
-    # DP-SGD: only the discriminator touches the data; the generator learns through it.
-    d_steps = cfg.train.local_steps * critic_steps(family, cfg.train)  # private steps per round
-    check_privatizable(family, nets["discriminator"])
+    # DP-SGD: only the real-batch source and the private phases' networks change.
+    private_steps = steps * objective.private_steps_per_iteration  # charged this round
     acc = (
         HospitalAccountant.from_json(accountant)
         if accountant
@@ -145,48 +148,25 @@ def local_round(
         cfg.privacy,
         num_examples=len(dataset),
         batch_size=cfg.train.batch_size,
-        planned_steps=cfg.federation.num_rounds * d_steps,
+        planned_steps=cfg.federation.num_rounds * private_steps,
     )
-    acc.check_budget(plan, d_steps)  # refuses before anything is spent
-    private = make_private_discriminator(
-        nets["discriminator"],
-        optimizers["discriminator"],
-        dataset.tensors[0],
-        dataset.tensors[1],
-        plan,
-        acc,
-        batch_size=cfg.train.batch_size,
-        secure_mode=cfg.privacy.secure_mode,
-        seed=seed,
-        device=device,
-        grad_sample_mode=cfg.privacy.grad_sample_mode,
-    )
-    stats = train_local(
-        family,
-        {"generator": nets["generator"], "discriminator": private.module},
-        {"generator": optimizers["generator"], "discriminator": private.optimizer},
-        dataset,
-        cfg.train,
-        steps=cfg.train.local_steps,
-        seed=seed,
-        device=device,
-        real_batches=private.batches,
-        augment=augmenter(cfg.data),
-    )
+    acc.check_budget(plan, private_steps)  # refuses before anything is spent
+    private = privatize(objective, nets, optimizers, dataset, plan, acc, cfg.privacy,
+                        batch_size=cfg.train.batch_size, seed=seed, device=device)  # fmt: skip
+    ctx.paired_forward = private.paired_forward
+    stats = train(objective, private.nets, private.optimizers, private.real_batches,
+                  steps=steps, ctx=ctx, proximal=proximal, private=private.backends)  # fmt: skip
     before = acc.steps
     acc.history = private.history()
-    if acc.steps != before + d_steps:
-        raise RuntimeError(f"accountant counted {acc.steps - before} DP steps, expected {d_steps}")
+    if acc.steps != before + private_steps:
+        raise RuntimeError(
+            f"accountant counted {acc.steps - before} DP steps, expected {private_steps}"
+        )
     state = pack_state(nets)
-    private.close()  # removes the per-sample hooks
+    private.close()  # removes per-sample hooks
     return RoundResult(
         state=state,
-        optimizer_state=serialize_optimizers(
-            {
-                "generator": optimizers["generator"],
-                "discriminator": private.optimizer.original_optimizer,
-            }
-        ),
+        optimizer_state=serialize_optimizers(private.plain_optimizers),
         stats=stats,
         num_examples=len(dataset),
         privacy={

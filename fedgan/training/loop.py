@@ -1,36 +1,34 @@
-"""The local training loop shared by every hospital and by the centralized baseline."""
+"""The one local training loop: every task, every hospital, the centralized baseline, with or
+without DP-SGD.
+
+An iteration runs the objective's phases in order; a phase step clears its networks'
+gradients, freezes the others, lets the objective accumulate gradients, and steps its
+optimizers (adding FedProx's proximal term where asked). DP-SGD changes only where real
+batches come from (Poisson sampling) and how a private phase's loss becomes gradients.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim import Adam, Optimizer
-from torch.utils.data import TensorDataset
 
-from fedgan.models.base import GanFamily
-from fedgan.training.steps import d_step, g_step
+from fedgan.training.objectives.base import Batch, Nets, Objective, Phase, StepContext
 
 if TYPE_CHECKING:
+    from torch.utils.data import TensorDataset
+
     from fedgan.config import TrainSection
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given.
-
-    Raises:
-        ValueError: If CUDA is asked for on a machine without it.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
-    return device
+#: Real ``(images, labels, other)`` batches; ``other`` is a second, independent batch for
+#: unpaired tasks, or None.
+RealBatches = Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 def make_optimizers(nets: Mapping[str, nn.Module], cfg: TrainSection) -> dict[str, Optimizer]:
@@ -63,14 +61,31 @@ def batches(
             yield images[idx], labels[idx]
 
 
+def shuffled_batches(
+    dataset: TensorDataset,
+    batch_size: int,
+    ctx: StepContext,
+    *,
+    seed: int,
+    unpaired: bool = False,
+) -> RealBatches:
+    """Shuffled fixed-size batches of ``dataset`` on ``ctx.device`` (the order from
+    ``ctx.cpu``); with ``unpaired``, a second batch from an independent order (``seed + 1``)."""
+    images = dataset.tensors[0].to(ctx.device)
+    labels = dataset.tensors[1].to(ctx.device)
+    real = batches(images, labels, batch_size, ctx.cpu)
+    other = (
+        batches(images, labels, batch_size, torch.Generator().manual_seed(seed + 1))
+        if unpaired
+        else None
+    )
+    for x, y in real:
+        yield x, y, (next(other)[0] if other is not None else None)
+
+
 def round_seed(seed: int, round_: int, hospital: int = 0) -> int:
     """The seed of one hospital's (or the pooled baseline's) training in one round."""
     return seed * 1_000_003 + round_ * 1009 + hospital
-
-
-def critic_steps(family: GanFamily, cfg: TrainSection) -> int:
-    """Discriminator steps per generator step: ``train.n_critic``, or the family's default."""
-    return cfg.n_critic or family.n_critic
 
 
 @dataclass(frozen=True)
@@ -78,8 +93,8 @@ class LocalStats:
     """What one stretch of local training reports.
 
     Attributes:
-        steps: GAN iterations run.
-        examples: Real images the discriminator saw (``n_critic`` batches per iteration).
+        steps: Iterations run.
+        examples: Real images the networks trained on (every batch drawn).
         d_loss: Mean discriminator loss.
         g_loss: Mean generator loss.
         seconds: Wall time of the loop.
@@ -92,97 +107,147 @@ class LocalStats:
     seconds: float
 
 
-def train_local(
-    family: GanFamily,
-    nets: Mapping[str, nn.Module],
-    optimizers: Mapping[str, Optimizer],
-    dataset: TensorDataset,
-    cfg: TrainSection,
-    *,
-    steps: int,
-    seed: int,
-    device: torch.device,
-    real_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-) -> LocalStats:
-    """Runs ``steps`` GAN iterations (``n_critic`` D steps and one G step each) on ``dataset``.
+class ProximalTerm:
+    """FedProx (Li et al. 2020): ``mu/2 ||w - w_global||^2`` on every network, added as its
+    gradient ``mu (w - w_global)`` right before each optimizer step (after DP-SGD's clipping
+    and noise: it depends on no data).
 
     Args:
-        family: Losses of the GAN family.
-        nets: ``{"generator": G, "discriminator": D}``, already on ``device``.
-        optimizers: One optimizer per network (state kept by the caller across calls).
-        dataset: Images in [-1, 1] (first tensor of the data set).
-        cfg: Batch size and the rest of the training settings.
-        steps: Number of iterations.
-        seed: Seeds batch order and noise.
-        device: Where to train.
-        real_batches: Where ``(images, labels)`` batches come from (e.g. Poisson sampling
-            under DP-SGD); shuffled fixed-size batches of ``dataset`` by default.
-        augment: Applied to every real batch (``fedgan.data.transforms.augmenter``), seeded.
+        mu: The proximal weight.
+        nets: The networks as received from the server (their weights are the anchors).
+    """
+
+    def __init__(self, mu: float, nets: Mapping[str, nn.Module]) -> None:
+        self.mu = mu
+        self.anchors = {
+            name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()
+        }
+
+    def add_gradient(self, name: str, net: nn.Module) -> None:
+        for p, anchor in zip(net.parameters(), self.anchors[name], strict=True):
+            pull = self.mu * (p.detach() - anchor)
+            p.grad = pull if p.grad is None else p.grad + pull
+
+
+def _optimizer_step(opt: Optimizer, before_update: Any = None) -> None:
+    """``opt.step()``, with ``before_update()`` run on the final gradients: for Opacus's DP
+    optimizers that is after clipping and noise (the same two calls as its ``step``)."""
+    pre_step = getattr(opt, "pre_step", None)
+    if pre_step is not None and hasattr(opt, "original_optimizer"):
+        if pre_step():
+            if before_update is not None:
+                before_update()
+            opt.original_optimizer.step()
+        return
+    if before_update is not None:
+        before_update()
+    opt.step()
+
+
+@contextmanager
+def frozen(nets: Iterable[nn.Module]) -> Iterator[None]:
+    """Networks that a phase does not update: no gradients, and no per-sample gradient hooks
+    (under DP they would cost about 2x and spend nothing)."""
+    nets = list(nets)
+    for net in nets:
+        hooks = getattr(net, "disable_hooks", None)
+        if hooks is not None:
+            hooks()
+        net.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for net in nets:
+            net.requires_grad_(True)
+            hooks = getattr(net, "enable_hooks", None)
+            if hooks is not None:
+                hooks()
+
+
+def phase_step(
+    objective: Objective,
+    phase: Phase,
+    nets: Nets,
+    optimizers: Mapping[str, Optimizer],
+    batch: Batch,
+    ctx: StepContext,
+    proximal: ProximalTerm | None = None,
+) -> torch.Tensor:
+    """One update of ``phase``'s networks on ``batch``; returns the detached loss. Gradients
+    are cleared before and after, so nothing carries over into another phase."""
+    opts = [optimizers[name] for name in phase.networks]
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    with frozen(net for name, net in nets.items() if name not in phase.networks):
+        loss = objective.accumulate_gradients(phase.name, nets, batch, ctx)
+    for name in phase.networks:
+        pull = None
+        if proximal is not None:
+            def pull(n=name):
+                return (proximal.add_gradient(n, nets[n]))  # fmt: skip
+        _optimizer_step(optimizers[name], pull)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def train(
+    objective: Objective,
+    nets: Nets,
+    optimizers: Mapping[str, Optimizer],
+    real_batches: RealBatches,
+    *,
+    steps: int,
+    ctx: StepContext,
+    proximal: ProximalTerm | None = None,
+    private: Mapping[str, Any] | None = None,
+) -> LocalStats:
+    """Runs ``steps`` iterations of ``objective``.
+
+    Args:
+        objective: The task.
+        nets: Its networks, on ``ctx.device`` (private wrappers where DP-SGD applies).
+        optimizers: One per network (state kept by the caller across calls).
+        real_batches: Where real images come from (shuffled, or Poisson-sampled under DP).
+        steps: Iterations.
+        ctx: Device, seeded generators, and the default backward.
+        proximal: FedProx's term, if any.
+        private: Under DP-SGD, the backward of each private phase by phase name; every
+            data-reading phase step then takes its own batch.
 
     Returns:
         Loss means, examples seen and wall time.
     """
     start = time.perf_counter()
-    generator, discriminator = nets["generator"], nets["discriminator"]
-    generator.train()
-    discriminator.train()
-    cpu_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    latent: int = generator.latent_dim  # type: ignore[assignment]
-    num_classes = int(getattr(generator, "num_classes", 0))
-    if real_batches is None:
-        x_all, y_all = dataset.tensors[0], dataset.tensors[1]
-        real_batches = batches(x_all.to(device), y_all.to(device), cfg.batch_size, cpu_gen)
-    n_critic = critic_steps(family, cfg)
-    d_total = torch.zeros((), device=device)
-    g_total = torch.zeros((), device=device)
+    for net in nets.values():
+        net.train()
+    contexts = {
+        p.name: replace(ctx, backward=private[p.name]) if private and p.name in private else ctx
+        for p in objective.phases
+    }
+    share = objective.share_batch and not private
+    totals = {p.name: torch.zeros((), device=ctx.device) for p in objective.phases}
+    counts = dict.fromkeys(totals, 0)
     examples = 0
     for _ in range(steps):
-        for _ in range(n_critic):
-            real, labels = next(real_batches)
-            if augment is not None and len(real):
-                real = augment(real, cpu_gen)
-            y = check_labels(labels, num_classes) if family.conditional else None
-            z = torch.randn(len(real), latent, device=device, generator=noise_gen)
-            d_total += d_step(
-                family,
-                generator,
-                discriminator,
-                optimizers["discriminator"],
-                real,
-                z,
-                y,
-                gp_weight=cfg.gp_weight,
-                noise=noise_gen,
-            )
-            examples += len(real)
-        size = cfg.batch_size
-        z = torch.randn(size, latent, device=device, generator=noise_gen)
-        y = (
-            torch.randint(0, num_classes, (size,), device=device, generator=noise_gen)
-            if family.conditional
-            else None
-        )
-        g_total += g_step(family, generator, discriminator, optimizers["generator"], z, y)
+        batch: Batch | None = None
+        for phase in objective.phases:
+            for _ in range(phase.repeats):
+                if phase.reads_data and (batch is None or not share):
+                    real, labels, other = next(real_batches)
+                    batch = objective.make_batch(real, labels, other, ctx)
+                    examples += len(real)
+                step_batch = batch if phase.reads_data else objective.free_batch(
+                    phase.name, batch, ctx)  # fmt: skip
+                loss = phase_step(objective, phase, nets, optimizers, step_batch,
+                                  contexts[phase.name], proximal)  # fmt: skip
+                totals[phase.name] += loss
+                counts[phase.name] += 1
+    means = {k: float(v) / max(counts[k], 1) for k, v in totals.items()}
     return LocalStats(
         steps=steps,
         examples=examples,
-        d_loss=float(d_total) / max(steps * n_critic, 1),
-        g_loss=float(g_total) / max(steps, 1),
+        d_loss=means.get("D", float("nan")),
+        g_loss=means.get("G", float("nan")),
         seconds=time.perf_counter() - start,
     )
-
-
-def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labels of a conditional family, checked against ``model.num_classes``.
-
-    Raises:
-        ValueError: If a label is outside ``0..num_classes-1``.
-    """
-    if len(labels) and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
-        raise ValueError(
-            f"class label {int(labels.max())} is outside 0..{num_classes - 1}: set "
-            "model.num_classes to the number of classes in the data"
-        )
-    return labels.long()

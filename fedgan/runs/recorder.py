@@ -1,20 +1,35 @@
 """Round bookkeeping shared by the federated server and the centralized baseline: resume,
-checkpoints, sample grids, ``metrics.jsonl`` and ``summary.json``."""
+checkpoints, sample grids, ``metrics.jsonl`` and ``summary.json``. The evaluator is passed in:
+bookkeeping sits above training and evaluation, and neither knows it."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedgan.config import Config, dump_yaml
-from fedgan.evaluation import make_evaluator
-from fedgan.models import pack_state
+from fedgan.evaluation import CentralEvaluator, PairedEvaluator
+from fedgan.models import ImageShape, pack_state
 from fedgan.report import plot_metrics
 from fedgan.rundir import RunDir
-from fedgan.training.tasks import networks_for
+from fedgan.runs.records import RoundRecord
+from fedgan.training import Objective, make_objective, networks_for
+
+Evaluator = CentralEvaluator | PairedEvaluator
+
+
+def make_evaluator(cfg: Config, samples_dir: Path, objective: Objective | None = None) -> Evaluator:
+    """The central evaluator of ``cfg``'s task: generated-image metrics for an objective that
+    generates from noise, paired metrics against its classical baselines for an image-to-image
+    one."""
+    objective = objective or make_objective(cfg)
+    if objective.paired:
+        return PairedEvaluator(cfg, samples_dir, objective)  # type: ignore[arg-type]
+    return CentralEvaluator(cfg, ImageShape(cfg.data.channels, cfg.data.image_size), samples_dir)
 
 
 class RunRecorder:
@@ -23,15 +38,23 @@ class RunRecorder:
     Args:
         cfg: The resolved config; its ``run_dir`` is used.
         mode: ``"federated"`` or ``"centralized"`` (written to every record).
+        evaluator: The central evaluator (``make_evaluator``'s by default).
         log: Progress printer (one line per round).
     """
 
-    def __init__(self, cfg: Config, mode: str, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        mode: str,
+        evaluator: Evaluator | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.cfg = cfg
         self.mode = mode
         self.log = log
         self.run_dir = RunDir(cfg.run_dir)
-        self.evaluator = make_evaluator(cfg, self.run_dir.samples)
+        self.objective = make_objective(cfg)
+        self.evaluator = evaluator or make_evaluator(cfg, self.run_dir.samples, self.objective)
         self.started = time.time()
         self.last_tick = time.perf_counter()
         self.start_round = 0
@@ -62,7 +85,7 @@ class RunRecorder:
                 "continue it, or choose another run.name"
             )
         rd.write_config(dump_yaml(self.cfg))
-        nets = networks_for(self.cfg)
+        nets = networks_for(self.cfg, self.objective)
         state = pack_state(nets)
         rd.save_checkpoint(0, state, {"mode": self.mode})
         self.evaluator.sample_grid(0, state)
@@ -74,36 +97,36 @@ class RunRecorder:
 
     def end_round(
         self,
-        round_: int,
+        record: RoundRecord,
         state: dict[str, torch.Tensor],
-        record: dict[str, Any],
         meta: dict[str, Any] | None = None,
-    ) -> dict:
+    ) -> RoundRecord:
         """Checkpoints ``state`` (with ``meta``, e.g. privacy accountants), evaluates it when
         due and appends the round's record."""
         now = time.perf_counter()
-        record = {"round": round_, "mode": self.mode, **record}
-        record["round_seconds"] = now - self.last_tick
+        round_ = record.round
+        record.round_seconds = now - self.last_tick
         self.run_dir.save_checkpoint(round_, state, {"mode": self.mode, **(meta or {})})
         if self.due(round_):
             t0 = time.perf_counter()
             final = round_ == self.cfg.federation.num_rounds
-            record["eval"] = self.evaluator.evaluate(round_, state, final=final)
-            record["eval_seconds"] = time.perf_counter() - t0
-        self.run_dir.append_metrics(record)
-        if "eval" in record:
+            record.eval = self.evaluator.evaluate(round_, state, final=final)
+            record.eval_seconds = time.perf_counter() - t0
+        line = record.to_json()
+        self.run_dir.append_metrics(line)
+        if record.eval is not None:
             plot_metrics(
                 self.run_dir.read_metrics(),
                 self.run_dir.path / "metrics.png",
                 title=f"{self.cfg.run.name} ({self.mode})",
             )
-            self._tensorboard(round_, record)
-        agg = record.get("aggregate", {})
+            self._tensorboard(round_, line)
+        agg = record.aggregate
         self.log(
             f"[{self.mode}] round {round_}/{self.cfg.federation.num_rounds}  "
             f"d_loss={agg.get('d_loss', float('nan')):.3f}  "
             f"g_loss={agg.get('g_loss', float('nan')):.3f}  "
-            f"{record['round_seconds']:.1f}s  -> {self.run_dir.path}"
+            f"{record.round_seconds:.1f}s  -> {self.run_dir.path}"
         )
         self.last_tick = time.perf_counter()
         return record

@@ -1,4 +1,5 @@
-"""Synthetic data from a trained generator: PNG files and a MedMNIST-layout ``.npz``."""
+"""Applying a trained run: synthetic data from its generator (PNG files and a MedMNIST-layout
+``.npz``), or its image-to-image generator over new files."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from PIL import Image
 
 from fedgan.config import Config
 from fedgan.evaluation.central import CentralEvaluator
+from fedgan.models import ImageShape
 from fedgan.rundir import atomic_write_bytes
-from fedgan.training.hospital import config_shape
+from fedgan.training import make_objective
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -42,14 +44,14 @@ def export_samples(
     Raises:
         ValueError: For ``n < 1``, a label on an unconditional generator, or a label out of range.
     """
-    if cfg.task.name != "synthesis":
+    if make_objective(cfg).paired:
         raise ValueError(
             f"this run learns task {cfg.task.name!r}, an image-to-image mapping; apply it to "
             "images with fedgan enhance --run RUN --input FILES --out DIR"
         )
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    ev = CentralEvaluator(cfg, config_shape(cfg), out)
+    ev = CentralEvaluator(cfg, ImageShape(cfg.data.channels, cfg.data.image_size), out)
     generator = ev.generator(state)
     num_classes = int(getattr(generator, "num_classes", 0))
     if label is not None and not num_classes:
@@ -111,10 +113,12 @@ def enhance_files(
     from fedgan.data.transforms import fit_slice
     from fedgan.evaluation.paired import PairedEvaluator
 
-    if cfg.task.name == "synthesis":
+    objective = make_objective(cfg)
+    if not objective.paired:
         raise ValueError(
-            "this run generates images from noise (task synthesis); fedgan enhance needs a run "
-            "of task enhance, super-resolution or translate (use fedgan sample instead)"
+            f"this run generates images from noise (task {cfg.task.name}); fedgan enhance "
+            "needs a run of an image-to-image task such as enhance, super-resolution or "
+            "translate (use fedgan sample instead)"
         )
     if not source.exists():
         raise FileNotFoundError(f"--input {str(source)!r} does not exist")
@@ -128,8 +132,8 @@ def enhance_files(
                 f"{str(source)!r}: unknown image format; use PNG/JPEG/TIFF, DICOM or NIfTI"
             )
         files = [source]
-    size = cfg.data.image_size // (cfg.task.scale if cfg.task.name == "super-resolution" else 1)
-    generator = PairedEvaluator(cfg, out).generator(state)
+    size = objective.input_size
+    generator = PairedEvaluator(cfg, out, objective).generator(state)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:

@@ -1,0 +1,110 @@
+"""``resolve``: a config checked as a whole experiment, the one step between reading a config
+and running it.
+
+``fedgan.config`` checks each field on its own; this module checks what spans sections or
+lives in registries: registered names (listed from ``fedgan.catalog`` without importing torch
+or flwr), the privacy rules of families and tasks, and the federation's arithmetic. The CLI,
+the ClientApp, the ServerApp and the study runner all call :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+from fedgan.catalog import DATASETS, FAMILIES, METRICS, PARTITIONERS, STRATEGIES, TASKS
+from fedgan.config import Config
+
+#: Strategies whose guarantees need a bound on Byzantine hospitals: name -> the fewest
+#: hospitals a round needs for ``f`` of them, as ``(a, b)`` in ``a * f + b``.
+_BYZANTINE_QUORUM = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
+
+
+def _fail(key: str, problem: str) -> None:
+    raise ValueError(f"config key {key!r}: {problem}")
+
+
+def _check_name(key: str, value: str, names: list[str]) -> None:
+    if value not in names:
+        _fail(key, f"unknown value {value!r}; allowed: {', '.join(names)}")
+
+
+def resolve(cfg: Config) -> Config:
+    """Checks ``cfg`` as a whole and returns it.
+
+    Raises:
+        ValueError: Naming the key, the problem and the allowed values or the fix.
+    """
+    _check_name("data.source", cfg.data.source, DATASETS.names())
+    _check_name("data.partition", cfg.data.partition, PARTITIONERS.names())
+    _check_name("model.family", cfg.model.family, FAMILIES.names())
+    _check_name("federation.strategy", cfg.federation.strategy, STRATEGIES.names())
+    _check_name("task.name", cfg.task.name, TASKS.names())
+    for key, names in (
+        ("eval.metrics", cfg.eval.metric_list),
+        ("eval.final_metrics", cfg.eval.final_metric_list),
+    ):
+        unknown = [n for n in names if n not in METRICS]
+        if unknown:
+            _fail(key, f"unknown metric(s) {unknown}; known: {', '.join(METRICS.names())}")
+    _check_privacy(cfg)
+    _check_federation(cfg)
+    if cfg.task.name == "super-resolution" and cfg.data.image_size // cfg.task.scale < 8:
+        _fail(
+            "task.scale",
+            f"x{cfg.task.scale} from {cfg.data.image_size} px leaves inputs under 8 px; "
+            "raise data.image_size or lower task.scale",
+        )
+    return cfg
+
+
+def _check_privacy(cfg: Config) -> None:
+    if cfg.privacy.mode == "dp-sgd":
+        if cfg.task.name == "synthesis":
+            family = FAMILIES.get(cfg.model.family)  # imports the family's module (torch)
+            if family.dp_incompatibility:
+                private = [n for n in FAMILIES.names() if not FAMILIES.get(n).dp_incompatibility]
+                _fail(
+                    "model.family",
+                    f"{cfg.model.family!r} cannot be trained with DP-SGD: "
+                    f"{family.dp_incompatibility}. Choose one of: {', '.join(private)}",
+                )
+        elif cfg.task.name == "super-resolution" and cfg.task.relativistic:
+            _fail(
+                "task.relativistic",
+                "the relativistic loss compares each image with the batch mean, so one patient's "
+                "gradient depends on the others' and DP-SGD's clipping does not bound it; set "
+                "task.relativistic=false with privacy.mode=dp-sgd",
+            )
+    if cfg.privacy.mode == "central-dp" and cfg.federation.strategy != "fedavg":
+        _fail(
+            "federation.strategy",
+            "privacy.mode 'central-dp' is accounted on equal-weight FedAvg only; "
+            "set federation.strategy=fedavg",
+        )
+
+
+def _check_federation(cfg: Config) -> None:
+    fed = cfg.federation
+    if fed.min_hospitals > fed.num_hospitals:
+        _fail(
+            "federation.min_hospitals",
+            f"{fed.min_hospitals} exceeds federation.num_hospitals ({fed.num_hospitals})",
+        )
+    quorum = _BYZANTINE_QUORUM.get(fed.strategy)
+    if quorum is not None:
+        a, b = quorum
+        need = a * fed.malicious_hospitals + b
+        if fed.sampled < need:
+            _fail(
+                "federation.malicious_hospitals",
+                f"{fed.strategy} with {fed.malicious_hospitals} Byzantine hospital(s) needs at "
+                f"least {need} hospitals a round, the config trains {fed.sampled}; lower "
+                "federation.malicious_hospitals or train more hospitals a round",
+            )
+    if fed.strategy == "multikrum" and fed.krum_select > fed.sampled - fed.malicious_hospitals:
+        _fail(
+            "federation.krum_select",
+            f"{fed.krum_select} exceeds the honest hospitals of a round "
+            f"({fed.sampled} - {fed.malicious_hospitals})",
+        )
+
+
+__all__ = ["resolve"]

@@ -1,0 +1,61 @@
+"""The centralized baseline: the same objective and loop on the pooled data, with the same
+number of training examples per round as the federation sees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fedgan.config import Config
+from fedgan.data import pooled_dataset
+from fedgan.device import resolve_device
+from fedgan.models import load_state, pack_state
+from fedgan.runs.records import RoundRecord
+from fedgan.runs.recorder import RunRecorder
+from fedgan.training import StepContext, make_optimizers, round_seed, shuffled_batches, train
+from fedgan.training import networks_for
+
+
+def steps_per_round(cfg: Config) -> int:
+    """Iterations of one centralized round: what every sampled hospital runs in a federated
+    round, added up (same batch size, so the same examples seen)."""
+    return cfg.train.local_steps * cfg.federation.sampled
+
+
+def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Trains on the union of every hospital's data and writes a run directory like a
+    federated run's.
+
+    Returns:
+        The run's summary.
+    """
+    recorder = RunRecorder(cfg, "centralized", log=log)
+    state = recorder.start()
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    dataset = pooled_dataset(cfg.data, cfg.run.seed, cfg.federation.num_hospitals)
+    objective = recorder.objective
+    nets = networks_for(cfg, objective)
+    load_state(nets, state)
+    for net in nets.values():
+        net.to(device)
+    optimizers = make_optimizers(nets, cfg.train)
+    steps = steps_per_round(cfg)
+    for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
+        seed = round_seed(cfg.run.seed, round_)
+        ctx = StepContext.seeded(seed, device)
+        source = shuffled_batches(dataset, cfg.train.batch_size, ctx, seed=seed,
+                                  unpaired=objective.unpaired)  # fmt: skip
+        stats = train(objective, nets, optimizers, source, steps=steps, ctx=ctx)
+        record = RoundRecord.centralized(
+            round_,
+            num_examples=len(dataset),
+            examples_seen=stats.examples,
+            d_loss=stats.d_loss,
+            g_loss=stats.g_loss,
+            train_seconds=stats.seconds,
+        )
+        recorder.end_round(record, pack_state(nets))
+    return recorder.finish()

@@ -1,0 +1,225 @@
+"""Studies: several arms trained from one config and compared in one report
+(``fedgan compare``).
+
+An arm is the base config plus overrides, trained centralized (pooled data) or federated. Arms
+share the model, the data, the evaluation protocol (``eval.*`` may not differ) and, unless a
+variant says otherwise, the number of training examples seen. Each arm is an ordinary run
+directory under the study's directory, so every figure traces back to the run (and the
+``config.yaml``) that made it. A study that stops half-way picks up where it left off: finished
+arms are reused, a started one resumes from its latest checkpoint. ``fedgan.report`` renders
+what the arms' run directories hold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedgan.config import Config, dump_yaml, load_config
+from fedgan.experiment import resolve
+from fedgan.report.compare import ArmRun, collect, write_report
+from fedgan.rundir import RunDir, atomic_write_text
+
+MODES = ("centralized", "federated")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One side of the comparison: a name, how it trains, and its config overrides."""
+
+    name: str
+    mode: str = "federated"
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"arm {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"arm name {self.name!r} must be a plain folder name")
+        touched = [o.split("=", 1)[0] for o in self.overrides if o.startswith("eval.")]
+        if touched:
+            raise ValueError(
+                f"arm {self.name!r} changes {', '.join(touched)}: every arm must be evaluated "
+                "the same way; set eval.* in the study's base settings instead"
+            )
+
+
+@dataclass(frozen=True)
+class Study:
+    """A comparison plan: base config and overrides, then the arms.
+
+    Attributes:
+        name: The study's folder name under ``run.output_dir``.
+        config: The base experiment YAML (``None``: the defaults).
+        overrides: ``key=value`` settings for every arm.
+        arms: The arms, run in order.
+        description: What the study asks (goes into the report).
+    """
+
+    name: str
+    config: str | None
+    overrides: tuple[str, ...]
+    arms: tuple[Arm, ...]
+    description: str = ""
+    expected: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"study {self.name!r}: arm names repeat: {names}")
+        if not self.arms:
+            raise ValueError(f"study {self.name!r} has no arms")
+
+    def arm_config(self, arm: Arm, out: Path) -> Config:
+        """The resolved config of ``arm``, writing into ``out/<arm.name>``."""
+        return resolve(load_config(
+            self.config,
+            [*self.overrides, *arm.overrides, f"run.output_dir={out}", f"run.name={arm.name}"],
+        ))  # fmt: skip
+
+
+def parse_variant(text: str) -> Arm:
+    """``NAME:key=value,key=value`` (federated) or ``NAME@centralized:key=value`` as an arm.
+
+    Raises:
+        ValueError: If the text has no name or a setting has no ``=``.
+    """
+    head, _, body = text.partition(":")
+    name, _, mode = head.partition("@")
+    settings = tuple(s.strip() for s in body.split(",") if s.strip())
+    bad = [s for s in settings if "=" not in s]
+    if not name or bad:
+        raise ValueError(
+            f"--variant {text!r}: expected NAME:key=value[,key=value...] "
+            "(e.g. iid:data.partition=iid), or NAME@centralized:..."
+        )
+    return Arm(name.strip(), mode.strip() or "federated", settings)
+
+
+def study_from_args(
+    config: str | None, overrides: Sequence[str], variants: Sequence[str], centralized: bool
+) -> Study:
+    """The study of ``fedgan compare --config ... [--variant ...]``: the centralized baseline,
+    the federated run, then each variant (federated unless it says ``@centralized``)."""
+    arms = [Arm("centralized", "centralized")] if centralized else []
+    arms.append(Arm("federated", "federated"))
+    arms += [parse_variant(v) for v in variants]
+    base = load_config(config, list(overrides))
+    return Study(f"{base.run.name}-compare", config, tuple(overrides), tuple(arms))
+
+
+def load_study(path: str | Path, extra_overrides: Sequence[str] = ()) -> Study:
+    """Reads a study plan (see ``simulations/``).
+
+    Raises:
+        FileNotFoundError: If the plan or its base config does not exist.
+        ValueError: For unknown keys or malformed arms.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"study plan {str(p)!r} not found (see simulations/)")
+    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    known = {"name", "description", "config", "set", "arms", "expected_runtime"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{p}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    config = raw.get("config")
+    if config:
+        config = str((p.parent / config).resolve()) if not Path(config).is_absolute() else config
+    arms = []
+    for name, spec in (raw.get("arms") or {}).items():
+        spec = spec or {}
+        settings = tuple(f"{k}={_scalar(v)}" for k, v in (spec.get("set") or {}).items())
+        arms.append(Arm(str(name), str(spec.get("mode", "federated")), settings))
+    overrides = tuple(f"{k}={_scalar(v)}" for k, v in (raw.get("set") or {}).items())
+    return Study(
+        name=str(raw.get("name") or p.stem),
+        config=config,
+        overrides=(*overrides, *extra_overrides),
+        arms=tuple(arms),
+        description=str(raw.get("description", "")).strip(),
+        expected={str(k): str(v) for k, v in (raw.get("expected_runtime") or {}).items()},
+    )
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+def _run_arm(cfg: Config, mode: str, log: Callable[[str], None]) -> dict[str, Any]:
+    rd = RunDir(cfg.run_dir)
+    if rd.summary_path.exists():
+        summary = json.loads(rd.summary_path.read_text(encoding="utf-8"))
+        if summary.get("rounds") == cfg.federation.num_rounds:
+            log(f"[compare] {cfg.run.name}: finished earlier, reusing {rd.path}")
+            return summary
+    if rd.latest_checkpoint_path() is not None:
+        log(f"[compare] {cfg.run.name}: resuming from {rd.latest_checkpoint_path()}")
+        cfg = resolve(load_config(rd.config_path, ["run.resume=true"]))
+    if mode == "centralized":
+        from fedgan.runs.centralized import train_centralized
+
+        return train_centralized(cfg, log=log)
+    from fedgan.federated.simulation import simulate
+
+    return simulate(cfg)
+
+
+def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs every arm (reusing finished ones) and writes ``comparison.json``, ``report.md``,
+    ``report.html``, ``curves.png`` and ``samples.png`` in ``out``.
+
+    Returns:
+        The comparison (what ``comparison.json`` holds).
+    """
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {arm.name: study.arm_config(arm, out) for arm in study.arms}  # validate all first
+    protocol = {name: asdict(cfg.eval) for name, cfg in configs.items()}
+    if len({json.dumps(p, sort_keys=True) for p in protocol.values()}) != 1:
+        raise ValueError("the arms' eval settings differ; a comparison needs one protocol")
+    atomic_write_text(
+        out / "study.yaml",
+        yaml.safe_dump(
+            {"name": study.name, "config": study.config, "set": list(study.overrides),
+             "arms": {a.name: {"mode": a.mode, "set": list(a.overrides)} for a in study.arms}},
+            sort_keys=False,
+        ),
+    )  # fmt: skip
+    started = time.time()
+    for arm in study.arms:
+        log(f"[compare] arm {arm.name} ({arm.mode})")
+        _run_arm(configs[arm.name], arm.mode, log)
+    comparison = collect(
+        [ArmRun(a.name, a.mode, a.overrides, configs[a.name].run_dir) for a in study.arms],
+        out,
+        study=study.name,
+        description=study.description,
+        base_config=study.config,
+        overrides=study.overrides,
+        expected=study.expected,
+    )
+    comparison["wall_seconds"] = time.time() - started
+    atomic_write_text(out / "comparison.json", json.dumps(comparison, indent=2, default=str))
+    write_report(comparison, out)
+    log(f"[compare] report: {out / 'report.md'}")
+    return comparison
+
+
+def dump_study_configs(study: Study, out: Path) -> str:
+    """Every arm's resolved config, for ``--dry-run``."""
+    return "".join(
+        f"# --- arm {arm.name} ({arm.mode})\n{dump_yaml(study.arm_config(arm, out))}"
+        for arm in study.arms
+    )

@@ -1,0 +1,210 @@
+"""Synthesis: new images from noise with any registered GAN family (``model.family``).
+
+Only the discriminator reads real images, so under DP-SGD only its phase is private and the
+generator is private by post-processing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from fedgan.catalog import TASKS
+from fedgan.data.transforms import augmenter
+from fedgan.models import FAMILIES, GanFamily, ImageShape
+from fedgan.training.objectives.base import Batch, Nets, Objective, Phase, StepContext
+
+if TYPE_CHECKING:
+    from fedgan.config import Config
+
+
+def forward(net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """``net(x)``, or ``net(x, labels)`` for a conditional network."""
+    return net(x) if labels is None else net(x, labels)
+
+
+def gradient_penalty(
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    labels: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """WGAN-GP's penalty: ``(||grad_x D(x_hat)|| - 1)^2`` at random interpolates of real and
+    fake images (Gulrajani et al. 2017)."""
+    alpha = torch.rand(len(real), 1, 1, 1, device=real.device, generator=generator)
+    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(
+        forward(discriminator, mixed, labels).sum(), mixed, create_graph=True
+    )
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels of a conditional family, checked against ``model.num_classes``.
+
+    Raises:
+        ValueError: If a label is outside ``0..num_classes-1``.
+    """
+    if len(labels) and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
+        raise ValueError(
+            f"class label {int(labels.max())} is outside 0..{num_classes - 1}: set "
+            "model.num_classes to the number of classes in the data"
+        )
+    return labels.long()
+
+
+def critic_steps(family: GanFamily, n_critic: int) -> int:
+    """Discriminator steps per generator step: ``train.n_critic``, or the family's default."""
+    return n_critic or family.n_critic
+
+
+class SynthesisObjective(Objective):
+    """A GAN family's losses: ``n_critic`` discriminator steps on real and generated images,
+    then one generator step through the discriminator."""
+
+    def __init__(self, cfg: Config, family: GanFamily | None = None) -> None:
+        super().__init__(cfg)
+        self.family = family or FAMILIES.get(cfg.model.family)
+        self.augment = augmenter(cfg.data)
+        self.phases = (
+            Phase("D", ("discriminator",), reads_data=True,
+                  repeats=critic_steps(self.family, cfg.train.n_critic)),
+            Phase("G", ("generator",), reads_data=False),
+        )  # fmt: skip
+
+    def check_private(self) -> None:
+        if self.family.dp_incompatibility:
+            raise ValueError(
+                f"model.family {self.family.name!r} cannot be trained with DP-SGD: "
+                f"{self.family.dp_incompatibility}"
+            )
+
+    def build(self) -> dict[str, nn.Module]:
+        shape = ImageShape(self.cfg.data.channels, self.cfg.data.image_size)
+        return self.family.build(self.cfg.model, shape)
+
+    def make_batch(self, real, labels, other, ctx):  # type: ignore[no-untyped-def]
+        if self.augment is not None and len(real):
+            real = self.augment(real, ctx.cpu)
+        tensors = {"real": real}
+        if self.family.conditional:
+            tensors["labels"] = check_labels(labels, self.cfg.model.num_classes)
+        latent = self.cfg.model.latent_dim
+        tensors["z"] = torch.randn(len(real), latent, device=ctx.device, generator=ctx.noise)
+        return Batch(tensors)
+
+    def accumulate_gradients(
+        self, phase: str, nets: Nets, batch: Batch, ctx: StepContext
+    ) -> torch.Tensor:
+        family, gp_weight = self.family, self.cfg.train.gp_weight
+        if phase == "D":
+
+            def d_loss(nets: Nets, b: Batch) -> torch.Tensor:
+                g, d = nets["generator"], nets["discriminator"]
+                real, y = b["real"], b.get("labels")
+                with torch.no_grad():
+                    fake = forward(g, b["z"], y)
+                if ctx.paired_forward:  # rows i and n + i form pair i (paired ghost clipping)
+                    n = len(real)
+                    both = forward(d, torch.cat([real, fake]),
+                                   None if y is None else torch.cat([y, y]))  # fmt: skip
+                    loss = family.d_loss(both[:n], both[n:])
+                else:
+                    loss = family.d_loss(forward(d, real, y), forward(d, fake, y))
+                if family.gradient_penalty:
+                    loss = loss + gp_weight * gradient_penalty(d, real, fake, y, ctx.noise)
+                return loss
+
+            return ctx.backward(d_loss, nets, batch)
+
+        def g_loss(nets: Nets, b: Batch) -> torch.Tensor:
+            y = b.get("labels")
+            fake = forward(nets["generator"], b["z"], y)
+            return family.g_loss(forward(nets["discriminator"], fake, y))
+
+        return ctx.backward(g_loss, nets, batch)
+
+    def free_batch(self, phase: str, batch: Batch | None, ctx: StepContext) -> Batch:
+        """The generator's batch: ``train.batch_size`` latent codes (and balanced-at-random
+        labels for a conditional family), no real image."""
+        size = self.cfg.train.batch_size
+        z = torch.randn(size, self.cfg.model.latent_dim, device=ctx.device, generator=ctx.noise)
+        tensors = {"z": z}
+        if self.family.conditional:
+            tensors["labels"] = torch.randint(0, self.cfg.model.num_classes, (size,),
+                                              device=ctx.device, generator=ctx.noise)  # fmt: skip
+        return Batch(tensors)
+
+
+def _step_config(family: GanFamily, z: torch.Tensor, gp_weight: float) -> Config:
+    from fedgan.config import Config, ModelSection, TrainSection
+
+    return Config(
+        model=ModelSection(family=family.name, latent_dim=int(z.shape[1])),
+        train=TrainSection(gp_weight=gp_weight, batch_size=max(1, len(z))),
+    )
+
+
+def d_step(
+    family: GanFamily,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    gp_weight: float = 10.0,
+    noise: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One discriminator update of ``family`` on a real and a generated batch (the loop's
+    phase step, for callers that hold the pieces; a private discriminator brings its own
+    clipped backward). Returns the detached loss."""
+    from fedgan.training.loop import phase_step
+    from fedgan.training.private import step_context
+
+    objective = SynthesisObjective(_step_config(family, z, gp_weight), family)
+    tensors = {"real": real, "z": z}
+    if labels is not None:
+        tensors["labels"] = labels
+    return phase_step(
+        objective,
+        objective.phase("D"),
+        {"generator": generator, "discriminator": discriminator},
+        {"discriminator": opt_d},
+        Batch(tensors),
+        step_context(discriminator, real.device, noise),
+    )
+
+
+def g_step(
+    family: GanFamily,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    z: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One generator update through the frozen discriminator (which keeps no gradient and
+    records no per-sample gradient). Returns the detached loss."""
+    from fedgan.training.loop import phase_step
+    from fedgan.training.private import step_context
+
+    objective = SynthesisObjective(_step_config(family, z, 10.0), family)
+    tensors = {"z": z}
+    if labels is not None:
+        tensors["labels"] = labels
+    return phase_step(
+        objective,
+        objective.phase("G"),
+        {"generator": generator, "discriminator": discriminator},
+        {"generator": opt_g},
+        Batch(tensors),
+        step_context(None, z.device, None),
+    )
+
+
+TASKS.add("synthesis", SynthesisObjective)
