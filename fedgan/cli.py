@@ -41,12 +41,12 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedgan.federated.simulation import simulate
-
     cfg = _resolve(args)
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
+    from fedgan.federated.simulation import simulate
+
     print(
         f"fedgan: simulating {cfg.federation.num_hospitals} hospitals, "
         f"{cfg.federation.num_rounds} rounds -> {cfg.run_dir.resolve()}",
@@ -58,12 +58,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_centralized(args: argparse.Namespace) -> int:
-    from fedgan.runs.centralized import train_centralized
-
     cfg = _resolve(args)
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
+    from fedgan.runs.centralized import train_centralized
+
     summary = train_centralized(cfg, log=lambda line: print(line, flush=True))
     print(f"fedgan: done in {summary['wall_seconds']:.0f}s; results in {summary['run_dir']}")
     return 0
@@ -113,7 +113,7 @@ def cmd_data_describe(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from fedgan.data.describe import describe, format_table
+    from fedgan.report.describe import describe, format_table
 
     cfg = _resolve(args)
     out = Path(args.out) if args.out else cfg.run_dir.with_name(cfg.run_dir.name + "-data")

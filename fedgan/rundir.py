@@ -16,9 +16,10 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -106,6 +107,8 @@ class RunDir:
         """Saves the global networks of ``round_`` atomically and points ``latest`` at them."""
         import io
 
+        import torch  # here, so that reading a run directory never loads torch
+
         buf = io.BytesIO()
         torch.save({"round": round_, "state": dict(state), "meta": dict(meta)}, buf)
         path = self.checkpoints / f"round_{round_:04d}.pt"
@@ -129,6 +132,8 @@ class RunDir:
         path = Path(path) if path is not None else self.latest_checkpoint_path()
         if path is None or not path.exists():
             raise FileNotFoundError(f"no checkpoint in {self.checkpoints}; has the run started?")
+        import torch
+
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:

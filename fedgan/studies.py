@@ -23,7 +23,6 @@ import yaml
 
 from fedgan.config import Config, dump_yaml, load_config
 from fedgan.experiment import resolve
-from fedgan.report.compare import ArmRun, collect, write_report
 from fedgan.rundir import RunDir, atomic_write_text
 
 MODES = ("centralized", "federated")
@@ -201,6 +200,8 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
     for arm in study.arms:
         log(f"[compare] arm {arm.name} ({arm.mode})")
         _run_arm(configs[arm.name], arm.mode, log)
+    from fedgan.report.compare import ArmRun, collect, write_report
+
     comparison = collect(
         [ArmRun(a.name, a.mode, a.overrides, configs[a.name].run_dir) for a in study.arms],
         out,

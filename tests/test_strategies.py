@@ -108,3 +108,70 @@ def test_every_family_aggregates_under_every_strategy(family: str, strategy_name
     nets = build_networks(cfg.model, ImageShape(1, 16), seed=9)
     load_state(nets, merged)  # every key and shape of the family survives aggregation
     assert all(torch.isfinite(v.float()).all() for v in merged.values())
+
+
+def _state(value: float) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(int(value * 1000) % 997)
+    return {"generator.w": value + 0.01 * torch.randn(6, generator=g)}
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"), [("krum", []), ("multikrum", ["federation.krum_select=2"])]
+)
+def test_krum_picks_honest_updates_among_one_outlier(name: str, extra: list[str]) -> None:
+    cfg = resolve(load_config(None, [f"federation.strategy={name}", "federation.num_hospitals=5",
+                                     "federation.malicious_hospitals=1", *extra]))  # fmt: skip
+    honest = [_state(1.0 + 0.01 * i) for i in range(4)]
+    outlier = {"generator.w": torch.full((6,), 1e6)}
+    strategy = build_strategy(cfg.federation)
+    replies = [_reply(s, 10, i) for i, s in enumerate([*honest, outlier])]
+    out = from_arrays(strategy.aggregate_train(1, replies)[0])["generator.w"]
+    assert out.abs().max() < 2.0  # the outlier is not in the aggregate
+    if name == "krum":  # Krum returns one hospital's update as it is
+        assert any(torch.allclose(out, s["generator.w"]) for s in honest)
+    fedavg = build_strategy(load_config(None, ["federation.num_hospitals=5"]).federation)
+    assert from_arrays(fedavg.aggregate_train(1, replies)[0])["generator.w"].min() > 1e5
+
+
+def test_byzantine_strategies_need_enough_hospitals() -> None:
+    with pytest.raises(ValueError, match="at least 5 hospitals"):
+        resolve(load_config(None, ["federation.strategy=krum", "federation.num_hospitals=4",
+                                   "federation.malicious_hospitals=1"]))  # fmt: skip
+    with pytest.raises(ValueError, match="at least 7 hospitals"):
+        resolve(load_config(None, ["federation.strategy=bulyan", "federation.num_hospitals=6",
+                                   "federation.malicious_hospitals=1"]))  # fmt: skip
+
+
+def test_strategy_parameters_come_from_the_config() -> None:
+    def built(*settings: str):
+        return build_strategy(resolve(load_config(None, list(settings))).federation)
+
+    avgm = built("federation.strategy=fedavgm", "federation.avgm_lr=0.7",
+                 "federation.avgm_momentum=0.9")  # fmt: skip
+    assert (avgm.server_learning_rate, avgm.server_momentum) == (0.7, 0.9)
+    assert built("federation.strategy=fedtrimmedavg", "federation.trim_beta=0.1").beta == 0.1
+    adam = built("federation.strategy=fedadam", "federation.server_lr=0.05",
+                 "federation.server_tau=0.01")  # fmt: skip
+    assert (adam.eta, adam.tau) == (0.05, 0.01)
+    krum = built("federation.strategy=multikrum", "federation.num_hospitals=7",
+                 "federation.malicious_hospitals=2", "federation.krum_select=3")  # fmt: skip
+    assert (krum.num_malicious_nodes, krum.num_nodes_to_select) == (2, 3)
+
+
+def test_hospital_report_round_trips_through_a_metric_record() -> None:
+    from fedgan.runs.records import PrivacySpent
+
+    report = HospitalReport(
+        hospital=3, num_examples=120, examples_seen=64, steps=4, d_loss=0.5, g_loss=1.5,
+        train_seconds=2.0,
+        privacy=PrivacySpent(epsilon=1.2, delta=1e-5, noise_multiplier=1.1, sample_rate=0.1,
+                             dp_steps=40, budget=3.0, max_grad_norm=1.0),
+        node_id=77,
+    )  # fmt: skip
+    record = MetricRecord(report.to_metrics())
+    assert HospitalReport.from_metrics(record, node_id=77) == report
+    plain = HospitalReport(hospital=0, num_examples=1, examples_seen=1, steps=1, d_loss=0.0,
+                           g_loss=0.0, train_seconds=0.0)  # fmt: skip
+    assert HospitalReport.from_metrics(MetricRecord(plain.to_metrics())) == plain
+    with pytest.raises(ValueError, match="lacks 'd-loss'"):
+        HospitalReport.from_metrics({k: v for k, v in plain.to_metrics().items() if k != "d-loss"})

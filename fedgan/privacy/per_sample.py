@@ -92,7 +92,7 @@ def clipped_sum(
         in_dims=(None, *[0] * len(columns)),
         randomness="different",
     )(params, *columns)
-    sq = sum(g.flatten(1).square().sum(1) for ps in grads.values() for g in ps.values())
+    sq = sum(g.reshape(rows, -1).square().sum(1) for ps in grads.values() for g in ps.values())
     norms = torch.as_tensor(sq).sqrt()
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     summed = {
