@@ -23,6 +23,7 @@ import yaml
 
 from fedgan.config import Config, dump_yaml, load_config
 from fedgan.experiment import resolve
+from fedgan.progress import track
 from fedgan.rundir import RunDir, atomic_write_text
 
 MODES = ("centralized", "federated")
@@ -197,8 +198,8 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
         ),
     )  # fmt: skip
     started = time.time()
-    for arm in study.arms:
-        log(f"[compare] arm {arm.name} ({arm.mode})")
+    for i, arm in enumerate(track(study.arms, f"study {study.name}: arms"), 1):
+        log(f"[compare] arm {i}/{len(study.arms)}: {arm.name} ({arm.mode})")
         _run_arm(configs[arm.name], arm.mode, log)
     from fedgan.report.compare import ArmRun, collect, write_report
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedgan.catalog import FORMATS as _FORMATS
+from fedgan.progress import track
 from fedgan.registry import Registry
 
 if TYPE_CHECKING:
@@ -242,7 +243,7 @@ def read_folder(root: Path, fmt: str, cfg: DataSection) -> FolderImages:
     reader = FORMATS.get(fmt).read
     out = FolderImages([], [], classes, [], ())
     skipped: list[tuple[str, str]] = []
-    for path in files:
+    for path in track(files, f"reading {len(files)} {fmt} files under {root.name}"):
         try:
             slices = reader(path, cfg)
         except BadFile as err:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedgan.progress import track
 from fedgan.rundir import atomic_write_bytes
 
 DOMAIN_VERSION = "domain-cnn-v1"  # part of the cache key: bump when the recipe changes
@@ -84,7 +85,7 @@ def train_classifier(
         counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
         weight = (counts.sum() / (num_classes * counts)).to(device)
     model.train()
-    for _ in range(epochs):
+    for _ in track(range(epochs), "training the domain feature network"):
         order = torch.randperm(len(x_all), generator=g).to(device)
         for idx in order.split(batch_size):
             x, y = x_all[idx], y_all[idx]
@@ -184,7 +185,7 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` images in [-1, 1] -> ``[N, 2048]`` features (CPU)."""
         out = []
-        for b in images.split(64):
+        for b in track(images.split(64), f"Inception features of {len(images)} images"):
             x = ((b.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)

@@ -12,6 +12,7 @@ from PIL import Image
 from fedgan.config import Config
 from fedgan.evaluation.central import CentralEvaluator
 from fedgan.models import ImageShape
+from fedgan.progress import track
 from fedgan.rundir import atomic_write_bytes
 from fedgan.training import make_objective
 
@@ -63,7 +64,7 @@ def export_samples(
     g = torch.Generator().manual_seed(seed)
     images, labels = [], []
     with torch.no_grad():
-        for start in range(0, n, 500):
+        for start in track(range(0, n, 500), f"generating {n} images"):
             m = min(500, n - start)
             z = torch.randn(m, cfg.model.latent_dim, generator=g).to(ev.device)
             if num_classes:
@@ -136,7 +137,7 @@ def enhance_files(
     generator = PairedEvaluator(cfg, out, objective).generator(state)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in files:
+    for path in track(files, f"applying the generator to {len(files)} file(s)"):
         try:
             slices = FORMATS.get(fmt).read(path, cfg.data)
         except BadFile as err:
