@@ -22,9 +22,10 @@ from functools import partial
 import torch
 
 from fedgan.config import load_config
+from fedgan.device import resolve_device
 from fedgan.models import FAMILIES, build_networks
 from fedgan.privacy import HospitalAccountant, PrivacyPlan, make_private_discriminator
-from fedgan.training import d_step, g_step, make_optimizers, resolve_device
+from fedgan.training import d_step, g_step, make_optimizers
 from fedgan.training.hospital import config_shape
 
 

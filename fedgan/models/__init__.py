@@ -1,4 +1,5 @@
-"""GAN families by name; networks travel as one state dict with per-network key prefixes."""
+"""GAN families by name (one module each, imported when its name is first used; see
+``fedgan.catalog``); networks travel as one state dict with per-network key prefixes."""
 
 from __future__ import annotations
 
@@ -7,10 +8,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedgan.models import cgan as _cgan  # noqa: F401  (each module registers its family)
-from fedgan.models import dcgan as _dcgan  # noqa: F401
-from fedgan.models import sngan as _sngan  # noqa: F401
-from fedgan.models import wgan_gp as _wgan_gp  # noqa: F401
 from fedgan.models.base import FAMILIES, GanFamily, ImageShape, build_networks
 
 __all__ = [

@@ -6,6 +6,7 @@ generator is private by post-processing.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -139,13 +140,16 @@ class SynthesisObjective(Objective):
         return Batch(tensors)
 
 
-def _step_config(family: GanFamily, z: torch.Tensor, gp_weight: float) -> Config:
+@lru_cache(maxsize=32)
+def _step_objective(family: GanFamily, latent_dim: int, gp_weight: float) -> SynthesisObjective:
+    """The objective behind :func:`d_step`/:func:`g_step` (cached: they run every step)."""
     from fedgan.config import Config, ModelSection, TrainSection
 
-    return Config(
-        model=ModelSection(family=family.name, latent_dim=int(z.shape[1])),
-        train=TrainSection(gp_weight=gp_weight, batch_size=max(1, len(z))),
+    cfg = Config(
+        model=ModelSection(family=family.name, latent_dim=latent_dim),
+        train=TrainSection(gp_weight=gp_weight),
     )
+    return SynthesisObjective(cfg, family)
 
 
 def d_step(
@@ -166,7 +170,7 @@ def d_step(
     from fedgan.training.loop import phase_step
     from fedgan.training.private import step_context
 
-    objective = SynthesisObjective(_step_config(family, z, gp_weight), family)
+    objective = _step_objective(family, int(z.shape[1]), gp_weight)
     tensors = {"real": real, "z": z}
     if labels is not None:
         tensors["labels"] = labels
@@ -193,7 +197,7 @@ def g_step(
     from fedgan.training.loop import phase_step
     from fedgan.training.private import step_context
 
-    objective = SynthesisObjective(_step_config(family, z, 10.0), family)
+    objective = _step_objective(family, int(z.shape[1]), 10.0)
     tensors = {"z": z}
     if labels is not None:
         tensors["labels"] = labels
