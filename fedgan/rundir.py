@@ -12,6 +12,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -40,6 +41,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, so that the JSON
+    written is strict (``json.loads`` elsewhere, ``jq``, browsers all read it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return strict_json(value.item())
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``value`` (see :func:`strict_json`)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
+
+
+def atomic_save_image(images: Any, path: Path, **kwargs: Any) -> Path:
+    """``torchvision.utils.save_image`` written atomically (a crash leaves the old picture or
+    the new one, never half a PNG)."""
+    import io
+
+    from torchvision.utils import save_image
+
+    buf = io.BytesIO()
+    save_image(images, buf, format="png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that exists but cannot be loaded (truncated, corrupt, not fedgan's)."""
 
 
 class RunDir:
@@ -76,11 +113,17 @@ class RunDir:
         atomic_write_text(self.config_path, yaml_text)
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
-        """Appends one JSON line and syncs it to disk."""
+        """Appends one strict-JSON line and syncs it to disk. A line torn by an earlier crash
+        is closed first, so it never swallows this one (readers skip it)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, sort_keys=False, default=float) + "\n"
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
+        line = dumps(record, sort_keys=False, default=float) + "\n"
+        with self.metrics_path.open("a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+            fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -99,7 +142,7 @@ class RunDir:
     def truncate_metrics_after(self, last_round: int) -> None:
         """Drops records of rounds after ``last_round`` (a resumed run redoes them)."""
         kept = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
 
     def save_checkpoint(
         self, round_: int, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
@@ -117,24 +160,69 @@ class RunDir:
         return path
 
     def latest_checkpoint_path(self) -> Path | None:
+        """The newest checkpoint file: the one ``latest`` names, else the highest round."""
+        candidates = self.checkpoint_candidates()
+        return candidates[0] if candidates else None
+
+    def checkpoint_candidates(self) -> list[Path]:
+        """Checkpoint files, newest first: the one ``latest`` names (if it exists), then every
+        ``round_<k>.pt`` from the highest round down."""
+        rounds = sorted(self.checkpoints.glob("round_*.pt"), reverse=True)
         pointer = self.checkpoints / "latest"
-        if not pointer.exists():
-            return None
-        path = self.checkpoints / pointer.read_text(encoding="utf-8").strip()
-        return path if path.exists() else None
+        if pointer.exists():
+            named = self.checkpoints / pointer.read_text(encoding="utf-8").strip()
+            if named.exists():
+                rounds = [named, *(p for p in rounds if p != named)]
+        return rounds
+
+    def has_run(self) -> bool:
+        """Whether this directory holds a run (a checkpoint or metrics)."""
+        return bool(self.checkpoint_candidates()) or self.metrics_path.exists()
 
     def load_checkpoint(self, path: str | Path | None = None) -> dict[str, Any]:
         """Loads a checkpoint (the latest when ``path`` is None).
 
         Raises:
-            FileNotFoundError: If there is none.
+            FileNotFoundError: If there is none (or ``path`` does not exist).
+            UnreadableCheckpoint: If the file cannot be loaded; the message names it.
         """
         path = Path(path) if path is not None else self.latest_checkpoint_path()
-        if path is None or not path.exists():
+        if path is None:
             raise FileNotFoundError(f"no checkpoint in {self.checkpoints}; has the run started?")
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         import torch
 
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several kinds for truncated or foreign files
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UnreadableCheckpoint(
+                f"checkpoint {str(path)!r} is unreadable ({reason[:120]}): truncated or not a "
+                "fedgan checkpoint"
+            ) from None
+        if not isinstance(ckpt, dict) or not {"round", "state"} <= set(ckpt):
+            raise UnreadableCheckpoint(f"{str(path)!r} is not a fedgan checkpoint")
+        return ckpt
+
+    def load_resumable(self) -> tuple[dict[str, Any], list[str]]:
+        """The newest checkpoint that loads, and why each newer one was passed over.
+
+        Raises:
+            FileNotFoundError: If there is no checkpoint at all.
+            UnreadableCheckpoint: If none of them loads.
+        """
+        passed: list[str] = []
+        for path in self.checkpoint_candidates():
+            try:
+                return self.load_checkpoint(path), passed
+            except UnreadableCheckpoint as err:
+                passed.append(str(err))
+        if not passed:
+            raise FileNotFoundError(f"no checkpoint in {self.checkpoints}; has the run started?")
+        raise UnreadableCheckpoint(
+            f"no readable checkpoint in {self.checkpoints}: {'; '.join(passed)}"
+        )
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_text(self.summary_path, json.dumps(summary, indent=2, default=float) + "\n")
+        atomic_write_text(self.summary_path, dumps(summary, indent=2, default=float) + "\n")

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.utils import save_image
 
 from fedgan.device import resolve_device
 from fedgan.evaluation.metrics import METRICS, EvalContext, MetricUnavailable
 from fedgan.models import ImageShape, build_networks, load_state
+from fedgan.rundir import atomic_save_image
 
 if TYPE_CHECKING:
     from fedgan.config import Config
@@ -111,7 +111,9 @@ class CentralEvaluator:
         path = self.samples_dir / f"round_{round_:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         nrow = max(1, int(len(images) ** 0.5))
-        save_image(images.cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+        atomic_save_image(
+            images.cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1
+        )
         return path
 
     def metrics(

@@ -133,11 +133,15 @@ class DomainFeatures:
         key = data_hash(images, labels, extra=f"{DOMAIN_VERSION}-{epochs}")
         self.cache_path = Path(cache_dir) / f"domain_{key}.pt"
         self.model = DomainCNN(images.shape[1], num_classes * 4).to(device)
-        self.cache_hit = self.cache_path.exists()
-        if self.cache_hit:
-            state = torch.load(self.cache_path, map_location=device, weights_only=True)
-            self.model.load_state_dict(state)
-        else:
+        state = None
+        if self.cache_path.exists():
+            try:
+                state = torch.load(self.cache_path, map_location=device, weights_only=True)
+                self.model.load_state_dict(state)
+            except Exception:  # a truncated or foreign cache entry is trained again
+                state = None
+        self.cache_hit = state is not None
+        if not self.cache_hit:
             x, y = _rotations(images, labels.long())
             self.model = train_classifier(
                 x, y, num_classes * 4, epochs=epochs, seed=0, device=device

@@ -4,6 +4,8 @@ is 1,000 against the same split in the domain classifier's features (not compara
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from fedgan.catalog import METRICS as _METRICS
 from fedgan.evaluation import functional as fn
@@ -23,10 +24,25 @@ from fedgan.evaluation.features import (
     train_classifier,
 )
 from fedgan.registry import Registry
+from fedgan.rundir import atomic_save_image, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 
 class MetricUnavailable(Exception):
     """The metric does not apply to this run (e.g. TSTR for an unconditional generator)."""
+
+
+def _load_cached(path: Path) -> Any:
+    """A cached tensor, or None when it is missing or unreadable (a cache is safe to lose: an
+    unreadable entry is computed again and replaced)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # truncated or foreign file
+        logger.warning("cache file %s is unreadable; computing it again", path)
+        return None
 
 
 @dataclass
@@ -90,12 +106,12 @@ class EvalContext:
             extractor = self.extractor(name)
             tag = str(getattr(extractor, "cache_path", self.inception_weights or "download"))
             path = self.cache_dir / f"real_{name}_{data_hash(self.real_images, extra=tag)}.pt"
-            if path.exists():
-                feats = torch.load(path, weights_only=True)
-            else:
+            feats = _load_cached(path)
+            if feats is None:
                 feats = extractor(self.real_images)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(feats, path)
+                buf = io.BytesIO()
+                torch.save(feats, buf)
+                atomic_write_bytes(path, buf.getvalue())
             self._real_features[name] = feats
         return self._real_features[name]
 
@@ -222,7 +238,7 @@ def _memorization(ctx, images, labels, round_):
         top = d.argsort()[:8]
         pairs = torch.stack([images[top], ctx.train_images[idx[top]]], 1).flatten(0, 1)
         ctx.samples_dir.mkdir(parents=True, exist_ok=True)
-        save_image(
+        atomic_save_image(
             pairs,
             ctx.samples_dir / f"memorization_{round_:04d}.png",
             nrow=2,

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torchvision.utils import save_image
 
 from fedgan.device import resolve_device
 from fedgan.evaluation.metrics import METRICS, Metric
 from fedgan.models import load_state
+from fedgan.rundir import atomic_save_image
 
 if TYPE_CHECKING:
     from fedgan.config import Config
@@ -129,8 +129,8 @@ def comparison_picture(columns: dict[str, torch.Tensor], path: Path, rows: int =
                                         size=(size, size), mode="nearest")  # fmt: skip
                 tiles.append(img[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.stack(tiles), path, nrow=len(columns), normalize=True, value_range=(-1, 1),
-               padding=1, pad_value=1.0)  # fmt: skip
+    atomic_save_image(torch.stack(tiles), path, nrow=len(columns), normalize=True,
+                      value_range=(-1, 1), padding=1, pad_value=1.0)  # fmt: skip
     (path.parent / f"{path.stem}.columns.txt").write_text(" | ".join(columns) + "\n")
     return path
 

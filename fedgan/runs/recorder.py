@@ -71,15 +71,21 @@ class RunRecorder:
             FileExistsError: If the directory already holds a run and ``run.resume`` is false.
         """
         rd = self.run_dir
-        latest = rd.latest_checkpoint_path()
-        if self.cfg.run.resume and latest is not None:
-            ckpt = rd.load_checkpoint(latest)
+        if self.cfg.run.resume:
+            if not rd.has_run():
+                raise FileNotFoundError(
+                    f"run.resume=true but {str(rd.path)!r} holds no run to continue; check "
+                    "run.name and run.output_dir, or drop run.resume to start a new run"
+                )
+            ckpt, passed = rd.load_resumable()
+            for why in passed:
+                self.log(f"{why}; falling back to an older checkpoint")
             self.start_round = int(ckpt["round"])
             self.resumed_meta = dict(ckpt.get("meta", {}))
-            rd.truncate_metrics_after(self.start_round)
+            rd.truncate_metrics_after(self.start_round)  # rounds after it are trained again
             self.log(f"resuming {rd.path} from round {self.start_round}")
             return ckpt["state"]
-        if latest is not None or rd.metrics_path.exists():
+        if rd.has_run():
             raise FileExistsError(
                 f"run directory {str(rd.path)!r} already holds a run; set run.resume=true to "
                 "continue it, or choose another run.name"
@@ -87,8 +93,8 @@ class RunRecorder:
         rd.write_config(dump_yaml(self.cfg))
         nets = networks_for(self.cfg, self.objective)
         state = pack_state(nets)
-        rd.save_checkpoint(0, state, {"mode": self.mode})
         self.evaluator.sample_grid(0, state)
+        rd.save_checkpoint(0, state, {"mode": self.mode})
         return state
 
     def due(self, round_: int) -> bool:
@@ -101,12 +107,14 @@ class RunRecorder:
         state: dict[str, torch.Tensor],
         meta: dict[str, Any] | None = None,
     ) -> RoundRecord:
-        """Checkpoints ``state`` (with ``meta``, e.g. privacy accountants), evaluates it when
-        due and appends the round's record."""
+        """Commits one round: its evaluation (when due) and sample grid, its line of
+        ``metrics.jsonl``, then its checkpoint (with ``meta``, e.g. privacy accountants) and
+        ``latest``. The checkpoint comes last: a crash before it leaves the previous round as
+        the one to resume from, whose resume drops this round's line and trains it again, so
+        every round is recorded exactly once."""
         now = time.perf_counter()
         round_ = record.round
         record.round_seconds = now - self.last_tick
-        self.run_dir.save_checkpoint(round_, state, {"mode": self.mode, **(meta or {})})
         if self.due(round_):
             t0 = time.perf_counter()
             final = round_ == self.cfg.federation.num_rounds
@@ -114,6 +122,7 @@ class RunRecorder:
             record.eval_seconds = time.perf_counter() - t0
         line = record.to_json()
         self.run_dir.append_metrics(line)
+        self.run_dir.save_checkpoint(round_, state, {"mode": self.mode, **(meta or {})})
         if record.eval is not None:
             plot_metrics(
                 self.run_dir.read_metrics(),

@@ -1,0 +1,104 @@
+"""Faults lose nothing: a round is committed as one unit, resume falls back past unreadable
+checkpoints, every file a run writes is whole and strict JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedgan.config import Config, with_changes
+from fedgan.rundir import RunDir, UnreadableCheckpoint
+from fedgan.runs.centralized import train_centralized
+
+
+def _run(cfg: Config, **changes) -> dict:
+    return train_centralized(with_changes(cfg, **changes) if changes else cfg, log=lambda _: None)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_between_the_metrics_line_and_the_checkpoint_repeats_no_round(
+    toy_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = with_changes(toy_config, federation={"num_rounds": 3})
+    real_save = RunDir.save_checkpoint
+
+    def crash_at_round_2(self, round_, state, meta):  # type: ignore[no-untyped-def]
+        if round_ == 2:
+            raise Crash("power cut")
+        return real_save(self, round_, state, meta)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", crash_at_round_2)
+    with pytest.raises(Crash):
+        _run(cfg)
+    rd = RunDir(cfg.run_dir)
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2]  # round 2's line, no checkpoint
+    assert rd.load_checkpoint()["round"] == 1
+    monkeypatch.setattr(RunDir, "save_checkpoint", real_save)
+    summary = _run(cfg, run={"resume": True})
+    records = rd.read_metrics()
+    assert [r["round"] for r in records] == [1, 2, 3]  # round 2 trained again, recorded once
+    per_round = records[0]["aggregate"]["examples_seen"]
+    assert summary["examples_seen"] == 3 * per_round
+    assert all((rd.samples / f"round_{k:04d}.png").stat().st_size > 0 for k in (1, 2, 3))
+
+
+def test_resume_falls_back_past_a_truncated_or_missing_checkpoint(toy_config: Config) -> None:
+    cfg = with_changes(toy_config, federation={"num_rounds": 2})
+    _run(cfg)
+    rd = RunDir(cfg.run_dir)
+    latest = rd.latest_checkpoint_path()
+    assert latest is not None and latest.name == "round_0002.pt"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated by a crash or a full disk
+    with pytest.raises(UnreadableCheckpoint, match="round_0002.pt.*unreadable"):
+        rd.load_checkpoint()
+    lines: list[str] = []
+    more = with_changes(cfg, run={"resume": True}, federation={"num_rounds": 3})
+    train_centralized(more, log=lines.append)
+    assert any("round_0002.pt" in line and "falling back" in line for line in lines)
+    assert any("from round 1" in line for line in lines)
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3]
+    # the pointer's file deleted: the highest round left is used
+    (rd.checkpoints / "round_0003.pt").unlink()
+    assert rd.load_resumable()[0]["round"] == 2
+
+
+def test_resuming_a_run_that_does_not_exist_is_an_error(toy_config: Config) -> None:
+    with pytest.raises(FileNotFoundError, match="holds no run to continue.*run.name"):
+        _run(toy_config, run={"resume": True, "name": "typo"})
+    assert not (Path(toy_config.run.output_dir) / "typo").exists()
+
+
+def test_no_readable_checkpoint_is_an_error_naming_them(toy_config: Config) -> None:
+    _run(with_changes(toy_config, federation={"num_rounds": 1}))
+    rd = RunDir(toy_config.run_dir)
+    for path in rd.checkpoint_candidates():
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UnreadableCheckpoint, match="no readable checkpoint.*round_0001.pt"):
+        rd.load_resumable()
+
+
+def test_a_torn_metrics_line_never_swallows_the_next(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "r")
+    rd.append_metrics({"round": 1, "x": 1.0})
+    with rd.metrics_path.open("a") as fh:
+        fh.write('{"round": 2, "x": ')  # a crash mid-write
+    rd.append_metrics({"round": 2, "x": 2.0})
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2]
+
+
+def test_run_files_are_strict_json(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "r")
+    rd.append_metrics({"round": 1, "aggregate": {"d_loss": float("nan"), "g": float("inf")}})
+    rd.write_summary({"final": {"eval": {"fid": float("nan")}}, "rounds": 1})
+    strict = {"NaN": None, "Infinity": None, "-Infinity": None}
+
+    def load(text: str):  # refuses the non-standard constants Python would accept
+        return json.loads(text, parse_constant=lambda c: strict[c] or pytest.fail(c))
+
+    assert load(rd.metrics_path.read_text().strip())["aggregate"]["d_loss"] is None
+    assert load(rd.summary_path.read_text())["final"]["eval"]["fid"] is None
