@@ -231,6 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM during a simulation
+        name = str(stop) or "SIGINT"
+        print(
+            f"fedgan: stopped by {name}; every process this run started was stopped, and its "
+            "completed rounds are kept: continue with --set run.resume=true",
+            file=sys.stderr,
+        )
+        return 128 + int(getattr(stop, "signum", 2))
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedgan: error: {err}", file=sys.stderr)
         return 2

@@ -218,7 +218,10 @@ class FederationSection:
         num_rounds: Federated rounds.
         strategy: Registered aggregation strategy (see ``fedgan.federated.strategies``).
         fraction_train: Share of hospitals sampled each round.
-        min_hospitals: Fewest hospitals a round needs (0 = every hospital of the simulation).
+        min_hospitals: The quorum: fewest connected hospitals a round starts with, and fewest
+            that must connect at the start (0 = half of ``num_hospitals``, rounded up). A round
+            goes on with the hospitals connected when it starts, so one site that goes down
+            never stalls the study.
         proximal_mu: ``fedprox``: weight of the proximal term ``mu/2 ||w - w_global||^2`` that
             every hospital adds to each network's local objective.
         server_lr: Server learning rate (eta) of ``fedadam``, ``fedyogi`` and ``fedadagrad``.
@@ -230,7 +233,12 @@ class FederationSection:
         malicious_hospitals: ``krum``, ``multikrum``, ``bulyan``: how many hospitals may be
             Byzantine (Krum needs more than 2 f + 2 hospitals a round, Bulyan 4 f + 3).
         krum_select: ``multikrum``: how many of the best-scored updates are averaged.
-        round_timeout: Seconds the server waits for hospitals' replies in one round.
+        max_update_ratio: A hospital's reply is rejected when its update's norm exceeds this
+            many times the round's median (0: no bound). Replies whose keys, shapes or values
+            (NaN, inf) are wrong are always rejected.
+        round_timeout: The round's deadline: seconds the server waits for replies; hospitals
+            that have not replied by then are recorded as missing and the round is aggregated
+            from the others.
         connect_timeout: Seconds the server waits at the start for enough hospitals to connect.
     """
 
@@ -247,7 +255,8 @@ class FederationSection:
     trim_beta: float = 0.2
     malicious_hospitals: int = 0
     krum_select: int = 1
-    round_timeout: float = 3600.0
+    max_update_ratio: float = 10.0
+    round_timeout: float = 600.0
     connect_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -268,13 +277,23 @@ class FederationSection:
         if self.malicious_hospitals < 0:
             _fail("federation.malicious_hospitals", f"must be >= 0, got {self.malicious_hospitals}")
         _check_positive("federation.krum_select", self.krum_select)
+        if self.max_update_ratio < 0 or 0 < self.max_update_ratio < 1:
+            _fail(
+                "federation.max_update_ratio",
+                f"must be 0 (no bound) or >= 1, got {self.max_update_ratio}",
+            )
         _check_positive("federation.round_timeout", self.round_timeout)
         _check_positive("federation.connect_timeout", self.connect_timeout)
 
     @property
     def sampled(self) -> int:
-        """Hospitals a round trains: ``min_hospitals``, or the sampled share of all of them."""
-        return self.min_hospitals or max(1, math.ceil(self.fraction_train * self.num_hospitals))
+        """Hospitals a round trains when all are connected: the sampled share of them."""
+        return max(1, math.ceil(self.fraction_train * self.num_hospitals))
+
+    @property
+    def quorum(self) -> int:
+        """The fewest hospitals a round goes on with: ``min_hospitals``, or half of them."""
+        return self.min_hospitals or max(1, math.ceil(self.num_hospitals / 2))
 
 
 PRIVACY_MODES = ("none", "dp-sgd", "central-dp")

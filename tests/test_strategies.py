@@ -175,3 +175,60 @@ def test_hospital_report_round_trips_through_a_metric_record() -> None:
     assert HospitalReport.from_metrics(MetricRecord(plain.to_metrics())) == plain
     with pytest.raises(ValueError, match="lacks 'd-loss'"):
         HospitalReport.from_metrics({k: v for k, v in plain.to_metrics().items() if k != "d-loss"})
+
+
+def _global() -> dict[str, torch.Tensor]:
+    return {"generator.w": torch.zeros(4), "discriminator.b": torch.zeros(2, 2)}
+
+
+def _honest(i: int) -> dict[str, torch.Tensor]:
+    return {"generator.w": torch.full((4,), 0.1 * (i + 1)), "discriminator.b": torch.ones(2, 2)}
+
+
+BAD_REPLIES = {
+    "nan": ({"generator.w": torch.full((4,), float("nan")), "discriminator.b": torch.ones(2, 2)},
+            "non-finite value"),
+    "shape": ({"generator.w": torch.zeros(5), "discriminator.b": torch.ones(2, 2)},
+              "generator.w has shape (5,)"),
+    "missing key": ({"generator.w": torch.zeros(4)}, "missing ['discriminator.b']"),
+    "x1e6": ({"generator.w": torch.full((4,), 1e6), "discriminator.b": torch.ones(2, 2) * 1e6},
+             "exceeds 10x the round's median"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy_name", ["fedavg", "fedmedian", "fedadam", "krum"])
+@pytest.mark.parametrize("fault", list(BAD_REPLIES))
+def test_bad_replies_are_rejected_and_the_round_goes_on(strategy_name: str, fault: str) -> None:
+    """Every strategy aggregates only the honest hospitals; the bad one is named with why."""
+    cfg = resolve(load_config(None, [f"federation.strategy={strategy_name}",
+                                     "federation.num_hospitals=3"]))  # fmt: skip
+    bad, reason = BAD_REPLIES[fault]
+    strategy = build_strategy(cfg.federation)
+    strategy.global_arrays = to_arrays(_global())
+    if hasattr(strategy, "current_arrays"):
+        strategy.current_arrays = {k: v.numpy() for k, v in _global().items()}
+    replies = [_reply(_honest(0), 10, 0), _reply(bad, 10, 1), _reply(_honest(2), 30, 2)]
+    out = from_arrays(strategy.aggregate_train(1, replies)[0])
+    honest = build_strategy(cfg.federation)
+    if hasattr(honest, "current_arrays"):
+        honest.current_arrays = {k: v.numpy() for k, v in _global().items()}
+    expected = from_arrays(
+        honest.aggregate_train(1, [_reply(_honest(0), 10, 0), _reply(_honest(2), 30, 2)])[0]
+    )
+    for key, value in expected.items():
+        torch.testing.assert_close(out[key], value)
+    assert [r.hospital for r in strategy.round_log.reports] == [0, 2]
+    ((_, why),) = strategy.round_log.failures
+    assert why.startswith("rejected:") and reason in why
+
+
+def test_a_malformed_report_is_rejected() -> None:
+    strategy = build_strategy(load_config(None, ["federation.num_hospitals=2"]).federation)
+    bare = Message(
+        content=RecordDict({"arrays": to_arrays(_honest(0)), "metrics": MetricRecord({"x": 1})}),
+        dst_node_id=0,
+        message_type="train",
+    )
+    out, _ = strategy.aggregate_train(1, [bare, _reply(_honest(1), 10, 1)])
+    assert torch.allclose(from_arrays(out)["generator.w"], _honest(1)["generator.w"])
+    assert "malformed report" in strategy.round_log.failures[0][1]

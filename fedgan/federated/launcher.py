@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,18 +113,26 @@ def _bin(name: str) -> str:
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Stops ``proc`` and everything in its process group (SIGTERM, then SIGKILL)."""
-    if proc.poll() is not None:
-        return
+    """Stops ``proc``, its process group and every process it started, however deep (the
+    simulation engine's Ray workers run in sessions of their own): SIGTERM, then SIGKILL."""
+    import psutil
+
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for p in tree:
+        with suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for p in alive:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
 
 
@@ -206,13 +215,19 @@ def submit_run(
     federation_config: Mapping[str, Any] | None = None,
     stream: bool = True,
     timeout: float | None = None,
+    app: Path | None = None,
 ) -> int:
     """``flwr run <app> fedgan --run-config FILE [--federation-config ...] [--stream]``.
+
+    Args:
+        app: The Flower app's folder (default: fedgan's own, :func:`app_dir`); another app can
+            reuse fedgan's ServerApp or ClientApp with its own mods.
 
     Returns:
         The run id.
     """
-    cmd = [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", str(run_config_file)]
+    app = app or app_dir()
+    cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config_file)]
     for key, value in (federation_config or {}).items():
         cmd += ["--federation-config", f"{key}={json.dumps(value)}"]
     env = flower_env(flwr_home)
@@ -277,17 +292,59 @@ def run_status(flwr_home: Path, run_id: int) -> str:
         return f"unknown ({res.stdout.strip() or res.stderr.strip()})"
 
 
-def wait_for_run(flwr_home: Path, run_id: int, *, timeout: float, poll: float = 1.0) -> str:
+def wait_for_run(
+    flwr_home: Path,
+    run_id: int,
+    *,
+    timeout: float,
+    poll: float = 1.0,
+    link: SuperLinkProcess | None = None,
+    unknown_limit: float = 60.0,
+    min_free_bytes: int = 50 * 2**20,
+) -> str:
     """Polls until the run is finished and returns its final status.
+
+    Args:
+        flwr_home: The run's Flower home.
+        run_id: The Flower run.
+        timeout: Seconds the run may take.
+        poll: Seconds between polls.
+        link: The SuperLink serving the run (its exit ends the wait at once).
+        unknown_limit: Seconds of unanswered status polls after which the run is given up.
+        min_free_bytes: Free disk space the run directory needs to go on.
 
     Raises:
         TimeoutError: If the run has not finished within ``timeout`` seconds.
+        RunFailed: If the SuperLink exits, stops answering, or the disk is full.
     """
     deadline = time.monotonic() + timeout
+    unanswered_since: float | None = None
     while True:
         status = run_status(flwr_home, run_id)
         if status.startswith(_FINISHED):
             return status
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if link is not None and link.process.poll() is not None:
+            raise RunFailed(
+                f"the SuperLink exited (code {link.process.returncode}) while run {run_id} was "
+                f"{status!r}; see {link.log_file}. Resume with --set run.resume=true"
+            )
+        free = shutil.disk_usage(flwr_home).free
+        if free < min_free_bytes:
+            raise RunFailed(
+                f"only {free // 2**20} MiB free on the disk of {flwr_home}: the run cannot write "
+                "its state. Free some space, then resume with --set run.resume=true"
+            )
+        if status.startswith("unknown"):
+            unanswered_since = unanswered_since or now
+            if now - unanswered_since > unknown_limit:
+                raise RunFailed(
+                    f"the SuperLink has not reported run {run_id}'s status for "
+                    f"{unknown_limit:.0f}s (last answer: {status}); see "
+                    f"{link.log_file if link else flwr_home}. Resume with --set run.resume=true"
+                )
+        else:
+            unanswered_since = None
+        if now > deadline:
             raise TimeoutError(f"run {run_id} still {status!r} after {timeout:.0f}s")
         time.sleep(poll)

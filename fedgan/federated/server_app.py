@@ -82,23 +82,29 @@ def log_privacy_table(table: dict[str, dict], cfg: Config) -> None:
 
 
 def wait_for_hospitals(grid: Grid, cfg: Config, timeout: float) -> int:
-    """Waits until enough SuperNodes are connected.
+    """Waits until every hospital is connected, or ``timeout`` seconds; then goes on if the
+    quorum is.
 
     Raises:
-        RuntimeError: If fewer than the configured hospitals connect within ``timeout`` (e.g. a
-            simulation federation with fewer SuperNodes than ``federation.num_hospitals``).
+        RuntimeError: If fewer than the quorum connect within ``timeout`` (e.g. a simulation
+            federation with fewer SuperNodes than ``federation.num_hospitals``).
     """
-    need = cfg.federation.min_hospitals or cfg.federation.num_hospitals
+    fed = cfg.federation
     deadline = time.monotonic() + timeout
     while True:
         have = len(list(grid.get_node_ids()))
-        if have >= need:
+        if have >= fed.num_hospitals:
             return have
         if time.monotonic() > deadline:
+            if have >= fed.quorum:
+                log(WARNING, "%s of %s hospitals connected after %.0fs; starting with the "
+                    "quorum (federation.min_hospitals=%s)", have, fed.num_hospitals, timeout,
+                    fed.quorum)  # fmt: skip
+                return have
             raise RuntimeError(
-                f"only {have} SuperNode(s) connected but the config needs {need} "
-                f"(federation.num_hospitals={cfg.federation.num_hospitals}); in a simulation run "
-                f'`flwr run . --federation-config "num_supernodes={need}"` or '
+                f"only {have} SuperNode(s) connected but the config needs {fed.quorum} "
+                f"(federation.num_hospitals={fed.num_hospitals}); in a simulation run "
+                f'`flwr run . --federation-config "num_supernodes={fed.num_hospitals}"` or '
                 f"`--run-config federation.num_hospitals={have}`; in a deployment start more "
                 "SuperNodes or lower federation.min_hospitals"
             )
@@ -132,8 +138,7 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         if server_round == 0:
             return None
         round_ = recorder.start_round + server_round
-        for rep in round_log.reports:
-            nodes[rep.node_id] = rep.name
+        nodes.update(round_log.names)
         record = round_record(round_, round_log, nodes)
         for hospital, history in round_log.accountants.items():
             accountants[str(hospital)] = history

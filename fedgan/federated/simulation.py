@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +23,37 @@ from fedgan.federated.launcher import (
     write_run_config,
 )
 from fedgan.rundir import RunDir
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached ``fedgan simulate``: every process it started is stopped on
+    the way out, and the run stays resumable."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Turns SIGTERM (a scheduler, ``timeout``, ``kill``) and SIGINT into :class:`Stopped`, so
+    that the ``finally`` blocks that stop the SuperLink and its children run (the default
+    SIGTERM kills Python without them). Only in the main thread, where signals arrive."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        for sig in previous:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def absolute(cfg: Config) -> Config:
@@ -55,8 +90,13 @@ def federation_config(cfg: Config) -> dict[str, int | float]:
     return fed
 
 
-def simulate(cfg: Config, *, timeout: float = 24 * 3600.0) -> dict:
+def simulate(cfg: Config, *, timeout: float = 24 * 3600.0, app: Path | None = None) -> dict:
     """Runs the federated simulation described by ``cfg`` and returns its summary.
+
+    Args:
+        cfg: The resolved config.
+        timeout: Seconds the whole run may take.
+        app: Another Flower app folder to run (default: fedgan's own).
 
     Raises:
         FileExistsError: See :func:`check_run_dir`.
@@ -69,7 +109,11 @@ def simulate(cfg: Config, *, timeout: float = 24 * 3600.0) -> dict:
         write_connection(flwr_home, link.address)
         rc_file = write_run_config(flwr_home / "run_config.toml", to_run_config(cfg))
         run_id = submit_run(
-            flwr_home, rc_file, federation_config=federation_config(cfg), timeout=timeout
+            flwr_home,
+            rc_file,
+            federation_config=federation_config(cfg),
+            timeout=timeout,
+            app=app,
         )
         status = wait_for_run(flwr_home, run_id, timeout=timeout)
     if status != "finished:completed":

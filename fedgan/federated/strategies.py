@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -40,7 +42,8 @@ def _register(
     config keys they come from."""
 
     def factory(common: dict[str, Any], cfg: FederationSection, log: RoundLog) -> Strategy:
-        return _recording(base, log)(**common, **{k: get(cfg) for k, get in params.items()})
+        wrapped = _recording(base, log, cfg.max_update_ratio)
+        return wrapped(**common, **{k: get(cfg) for k, get in params.items()})
 
     STRATEGIES.add(name, factory)
 
@@ -69,7 +72,8 @@ class RoundLog:
         reports: Each hospital's report, as received.
         bytes_up: Payload received.
         accountants: Under DP-SGD, each reporting hospital's accountant history, by hospital.
-        failures: ``(node id, reason)`` of replies that were errors.
+        failures: ``(node id, reason)`` of replies that were errors or were rejected.
+        names: Hospital names of the nodes that replied (where their report said).
     """
 
     sent: int = 0
@@ -78,39 +82,149 @@ class RoundLog:
     bytes_up: int = 0
     accountants: dict[int, str] = field(default_factory=dict)
     failures: list[tuple[int, str]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
 
     def reset(self, sent: int, bytes_down: int) -> None:
         self.sent, self.bytes_down, self.bytes_up = sent, bytes_down, 0
         self.reports, self.failures, self.accountants = [], [], {}
 
 
-def _recording(base: type[Strategy], round_log: RoundLog) -> Callable[..., Strategy]:
-    """A subclass of ``base`` that keeps each round's per-hospital replies in ``round_log``."""
+REJECTED = "rejected"
+
+
+def reply_problem(msg: Message, reference: ArrayRecord | None) -> str | None:
+    """Why a hospital's reply cannot be aggregated (None when it can): no weights, keys or
+    shapes other than the global model's, values that are not finite.
+
+    Args:
+        msg: The reply.
+        reference: The global weights sent this round (None: only finiteness is checked).
+    """
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is None:
+        return "the reply holds no weights"
+    if reference is not None:
+        missing = sorted(set(reference) - set(arrays))
+        extra = sorted(set(arrays) - set(reference))
+        if missing or extra:
+            return (f"its weights do not match the global model's keys (missing {missing[:3]}, "
+                    f"unexpected {extra[:3]})")  # fmt: skip
+        for key, array in arrays.items():
+            if tuple(array.shape) != tuple(reference[key].shape):
+                return (f"{key} has shape {tuple(array.shape)}, the global model's is "
+                        f"{tuple(reference[key].shape)}")  # fmt: skip
+    for key, array in arrays.items():
+        values = array.numpy()
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            return f"{bad} non-finite value(s) in {key}"
+    return None
+
+
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """``||w - w_global||`` over every floating-point array."""
+    total = 0.0
+    for key, array in arrays.items():
+        values = array.numpy()
+        if values.dtype.kind == "f":
+            diff = values.astype(np.float64) - reference[key].numpy().astype(np.float64)
+            total += float(np.square(diff).sum())
+    return math.sqrt(total)
+
+
+def screen_replies(
+    replies: list[Message], reference: ArrayRecord | None, max_ratio: float
+) -> tuple[list[Message], list[tuple[Message, str]]]:
+    """Splits the round's replies into those to aggregate and those rejected, with the reason.
+
+    A reply is rejected when :func:`reply_problem` finds one, when its report is malformed,
+    or when its update norm exceeds ``max_ratio`` times the round's median (the lower median,
+    so that one wild hospital of two cannot raise it); ``max_ratio`` 0 turns that check off.
+    """
+    accepted: list[Message] = []
+    rejected: list[tuple[Message, str]] = []
+    for msg in replies:
+        problem = reply_problem(msg, reference)
+        if problem is None:
+            try:
+                metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+                HospitalReport.from_metrics(metrics)
+            except (ValueError, TypeError) as err:
+                problem = f"malformed report: {err}"
+        if problem is None:
+            accepted.append(msg)
+        else:
+            rejected.append((msg, problem))
+    if max_ratio > 0 and reference is not None and accepted:
+        norms = [update_norm(m.content.array_records["arrays"], reference) for m in accepted]
+        median = sorted(norms)[(len(norms) - 1) // 2]
+        limit = max_ratio * max(median, 1e-12)
+        kept = []
+        for msg, norm in zip(accepted, norms, strict=True):
+            if norm > limit:
+                why = (f"update norm {norm:.3g} exceeds {max_ratio:g}x the round's median "
+                       f"{median:.3g} (federation.max_update_ratio)")  # fmt: skip
+                rejected.append((msg, why))
+            else:
+                kept.append(msg)
+        accepted = kept
+    return accepted, rejected
+
+
+def _recording(
+    base: type[Strategy], round_log: RoundLog, max_update_ratio: float = 10.0
+) -> Callable[..., Strategy]:
+    """A subclass of ``base`` that screens each round's replies (:func:`screen_replies`)
+    before ``base`` aggregates them, and keeps the per-hospital reports in ``round_log``."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.round_log = round_log
+            self.global_arrays: ArrayRecord | None = None
+            self.sent_to: list[int] = []
 
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
             messages = list(super().configure_train(server_round, arrays, config, grid))
             self.round_log.reset(sent=len(messages), bytes_down=nbytes(arrays) * len(messages))
+            self.global_arrays = arrays
+            self.sent_to = [m.metadata.dst_node_id for m in messages]
             return messages
 
         def aggregate_train(
             self, server_round: int, replies: Iterable[Message]
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
+            replied = {m.metadata.src_node_id for m in replies}
+            for node in self.sent_to:
+                if node not in replied:
+                    self.round_log.failures.append(
+                        (node, "no reply before the round's deadline (federation.round_timeout)")
+                    )
+            answered = []
             for msg in replies:
                 node = msg.metadata.src_node_id
                 if msg.has_error():
                     self.round_log.failures.append((node, str(msg.error.reason)))
-                    continue
+                else:
+                    answered.append(msg)
+            replies, rejected = screen_replies(answered, self.global_arrays, max_update_ratio)
+            for msg, reason in rejected:
+                node = msg.metadata.src_node_id
+                metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+                if "hospital" in metrics:
+                    self.round_log.names[node] = f"hospital_{int(metrics['hospital'])}"
+                self.round_log.failures.append((node, f"{REJECTED}: {reason}"))
+            if not replies:
+                return None, None
+            for msg in replies:
+                node = msg.metadata.src_node_id
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 report = HospitalReport.from_metrics(metrics, node_id=node)
                 self.round_log.reports.append(report)
+                self.round_log.names[node] = report.name
                 self.round_log.bytes_up += sum(
                     nbytes(a) for a in msg.content.array_records.values()
                 )
@@ -138,19 +252,21 @@ def build_strategy(
             with its accountant.
     """
     min_train = cfg.sampled
+    # A round starts once the quorum is connected and trains the sampled share of whoever is:
+    # a site that went down never makes it wait (Flower's sampling waits without a limit).
     common = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": min_train,
+        "min_train_nodes": min(cfg.quorum, min_train),
         "min_evaluate_nodes": 0,
-        "min_available_nodes": cfg.min_hospitals or cfg.num_hospitals,
+        "min_available_nodes": cfg.quorum,
     }
     round_log = round_log or RoundLog()
     if privacy is not None and privacy.mode == "central-dp":
         from fedgan.federated.central_dp import central_dp_strategy
 
         return central_dp_strategy(
-            lambda base: _recording(base, round_log),
+            lambda base: _recording(base, round_log, cfg.max_update_ratio),
             common,
             privacy,
             num_hospitals=cfg.num_hospitals,

@@ -183,8 +183,10 @@ def phase_step(
     for name in phase.networks:
         pull = None
         if proximal is not None:
+
             def pull(n=name):
                 return (proximal.add_gradient(n, nets[n]))  # fmt: skip
+
         _optimizer_step(optimizers[name], pull)
     for opt in opts:
         opt.zero_grad(set_to_none=True)
