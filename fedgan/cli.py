@@ -45,8 +45,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    from fedgan.federated.simulation import simulate
+    from fedgan.experiment import preflight
+    from fedgan.federated.simulation import check_run_dir, simulate
 
+    check_run_dir(cfg)  # before reading any data: a name already taken is the first thing to say
+    preflight(cfg)
     print(
         f"fedgan: simulating {cfg.federation.num_hospitals} hospitals, "
         f"{cfg.federation.num_rounds} rounds -> {cfg.run_dir.resolve()}",
@@ -62,8 +65,10 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
+    from fedgan.experiment import preflight
     from fedgan.runs.centralized import train_centralized
 
+    preflight(cfg)
     summary = train_centralized(cfg, log=lambda line: print(line, flush=True))
     print(f"fedgan: done in {summary['wall_seconds']:.0f}s; results in {summary['run_dir']}")
     return 0

@@ -107,4 +107,66 @@ def _check_federation(cfg: Config) -> None:
         )
 
 
-__all__ = ["resolve"]
+def check_output_dir(cfg: Config) -> None:
+    """Refuses a ``run.output_dir`` that cannot be written, before anything is written.
+
+    Raises:
+        ValueError: Naming the folder and why.
+    """
+    import os
+    from pathlib import Path
+
+    wanted = Path(cfg.run.output_dir).expanduser()
+    existing = wanted
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail("run.output_dir", f"{str(existing)!r} is a file, not a folder; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(
+            "run.output_dir",
+            f"{str(wanted)!r} cannot be written ({str(existing)!r} is not writable for this "
+            "user); choose a folder you can write to",
+        )
+    run_dir = wanted / cfg.run.name
+    if run_dir.exists() and not run_dir.is_dir():
+        _fail("run.name", f"{str(run_dir)!r} is a file; choose another run.name")
+
+
+def preflight(cfg: Config) -> None:
+    """Checks, before Flower starts and before anything is written, what a simulation or a
+    pooled run will need: a writable output folder, and every hospital's data (readable,
+    non-empty, finite, of the configured shape) and the evaluation split.
+
+    Raises:
+        ValueError: One line naming the problem and the fix (a file, a hospital, a key).
+        FileNotFoundError: If the data is missing.
+    """
+    check_output_dir(cfg)
+    import torch
+
+    from fedgan.data import eval_dataset, hospital_dataset
+
+    n = cfg.federation.num_hospitals
+    where = cfg.data.path or cfg.data.source
+    for hospital in range(n):
+        images = hospital_dataset(cfg.data, cfg.run.seed, hospital, n).tensors[0]
+        shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        if tuple(images.shape[1:]) != shape:
+            raise ValueError(
+                f"hospital {hospital}'s images are {tuple(images.shape[1:])}, the config expects "
+                f"{shape}; set data.image_size / data.channels to match"
+            )
+        bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+        if bad:
+            raise ValueError(
+                f"{where}: {bad} image(s) of hospital {hospital}'s share hold NaN or infinite "
+                "values; clean or drop them before training"
+            )
+    if len(eval_dataset(cfg.data, cfg.run.seed, n)) == 0:
+        raise ValueError(
+            f"{where}: the evaluation split is empty; raise data.eval_fraction or add images"
+        )
+
+
+__all__ = ["check_output_dir", "preflight", "resolve"]

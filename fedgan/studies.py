@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from fedgan.config import Config, dump_yaml, load_config
-from fedgan.experiment import resolve
+from fedgan.experiment import preflight, resolve
 from fedgan.progress import track
 from fedgan.rundir import RunDir, atomic_write_text
 
@@ -184,11 +184,13 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
         The comparison (what ``comparison.json`` holds).
     """
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     configs = {arm.name: study.arm_config(arm, out) for arm in study.arms}  # validate all first
     protocol = {name: asdict(cfg.eval) for name, cfg in configs.items()}
     if len({json.dumps(p, sort_keys=True) for p in protocol.values()}) != 1:
         raise ValueError("the arms' eval settings differ; a comparison needs one protocol")
+    for cfg in configs.values():  # and every arm's data, before anything is written
+        preflight(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out / "study.yaml",
         yaml.safe_dump(

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 #: A Flower app whose ClientApp is fedgan's, with hospital 0's reply corrupted on the way out
 #: (and every reply saved, so the test can aggregate the honest ones itself).
-FAULTY_CLIENT = '''
+FAULTY_CLIENT = """
 import os
 
 import numpy as np
@@ -57,7 +57,7 @@ def train(msg, context):
         values = {k: v * 1e6 if v.dtype.kind == "f" else v for k, v in values.items()}
     reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in values.items()})
     return reply
-'''
+"""
 
 FAULTS = {
     "nan": "non-finite value",

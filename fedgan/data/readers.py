@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from fedgan.config import DataSection
 
 log = logging.getLogger("fedgan.data")
+# MONAI announces on every DICOM reader it builds that a GPU-only decoder plugin is missing;
+# the pydicom decoding fedgan uses needs none, so the line is only noise to a hospital's IT.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 class BadFile(ValueError):

@@ -121,20 +121,41 @@ class PhantomSource:
 
 
 def _npz_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as data:
+    layout = (
+        "a MedMNIST .npz holds train_images/train_labels/val_images/val_labels/"
+        "test_images/test_labels"
+    )
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npz ({err}); {layout}") from None
+    with data:
         key = f"{split}_images"
-        if key not in data:
-            raise ValueError(
-                f"{path}: no '{key}' array; a MedMNIST .npz holds "
-                "train_images/train_labels/val_images/val_labels/test_images/test_labels"
-            )
-        return data[key], data[f"{split}_labels"]
+        if key not in data or f"{split}_labels" not in data:
+            raise ValueError(f"{path}: no '{key}' or '{split}_labels' array; {layout}")
+        try:
+            images, labels = data[key], data[f"{split}_labels"]
+        except ValueError as err:  # object arrays need pickle, which is never allowed
+            raise ValueError(f"{path}: {key} cannot be read safely ({err}); {layout}") from None
+    if images.dtype.kind not in "biuf" or labels.dtype.kind not in "biu":
+        raise ValueError(
+            f"{path}: {key} holds {images.dtype} and {split}_labels {labels.dtype}; images must "
+            "be numbers (uint8 0-255, or floats in [0, 1]) and labels integers"
+        )
+    if images.ndim not in (3, 4) or len(images) != len(labels):
+        raise ValueError(
+            f"{path}: {key} has shape {images.shape} for {len(labels)} labels; expected "
+            "[N, H, W] or [N, H, W, C] with one label per image"
+        )
+    return images, labels
 
 
 def npz_pool(path: Path, split: str, cfg: DataSection) -> ImagePool:
     """Reads one split of a MedMNIST-layout ``.npz`` into an :class:`ImagePool`."""
     images, labels = _npz_arrays(path, split)
-    x = torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    if images.dtype.kind in "biu":  # MedMNIST's uint8; float files are taken as [0, 1]
+        x = x / 255.0
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     y = torch.from_numpy(np.asarray(labels).reshape(len(labels), -1)[:, 0].astype(np.int64))
     return ImagePool(fit_images(x, cfg.image_size, cfg.channels), y)

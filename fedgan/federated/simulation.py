@@ -66,9 +66,15 @@ def check_run_dir(cfg: Config) -> None:
 
     Raises:
         FileExistsError: If the run directory holds a run and ``run.resume`` is false.
+        FileNotFoundError: If ``run.resume`` is true and there is no run to continue.
     """
     rd = RunDir(cfg.run_dir)
-    if not cfg.run.resume and (rd.metrics_path.exists() or rd.latest_checkpoint_path()):
+    if cfg.run.resume and not rd.has_run():
+        raise FileNotFoundError(
+            f"run.resume=true but {str(rd.path)!r} holds no run to continue; check run.name "
+            "and run.output_dir, or drop run.resume to start a new run"
+        )
+    if not cfg.run.resume and rd.has_run():
         raise FileExistsError(
             f"run directory {str(rd.path)!r} already holds a run; pass --set run.resume=true to "
             "continue it, or --set run.name=<new name>"
