@@ -103,9 +103,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Writes synthetic images (PNG + MedMNIST-layout .npz) from a run's generator."""
     from pathlib import Path
 
-    from fedgan.runs.apply import export_samples
+    from fedgan.runs.apply import check_out_folder, check_trained, export_samples
 
     _, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
+    check_trained(ckpt)
+    check_out_folder(Path(args.out), args.force)
     counts = export_samples(
         cfg, ckpt["state"], args.n, Path(args.out), label=args.label, seed=args.seed
     )
@@ -163,10 +165,13 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     slices) and writes one PNG per image or slice."""
     from pathlib import Path
 
-    from fedgan.runs.apply import enhance_files
+    from fedgan.runs.apply import check_out_folder, check_trained, enhance_files
 
     _, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
-    written = enhance_files(cfg, ckpt["state"], Path(args.input), Path(args.out))
+    check_trained(ckpt)
+    check_out_folder(Path(args.out), args.force)
+    written = enhance_files(cfg, ckpt["state"], Path(args.input), Path(args.out),
+                            native=args.native)  # fmt: skip
     print(f"fedgan: wrote {len(written)} image(s) to {args.out}")
     return 0
 
@@ -192,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="an image, DICOM or NIfTI file, or a folder")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--native", action="store_true",
+                   help="apply the generator at each image's own size instead of resizing it "
+                        "to the model's input size")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="write into a folder that holds files")
     p.set_defaults(func=cmd_enhance)
     p = sub.add_parser("compare", help="centralized vs federated (and variants), one report")
     _config_args(p)
@@ -228,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that holds files")
     p.set_defaults(func=cmd_sample)
     return parser
 

@@ -114,6 +114,7 @@ def check_output_dir(cfg: Config) -> None:
         ValueError: Naming the folder and why.
     """
     import os
+    import tempfile
     from pathlib import Path
 
     wanted = Path(cfg.run.output_dir).expanduser()
@@ -122,11 +123,15 @@ def check_output_dir(cfg: Config) -> None:
         existing = existing.parent
     if not existing.is_dir():
         _fail("run.output_dir", f"{str(existing)!r} is a file, not a folder; choose a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:  # the only sure test is to try (root passes every permission check, /proc too)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(existing)
+        os.rmdir(tempfile.mkdtemp(prefix=".fedgan-probe-", dir=existing))
+    except OSError as err:
         _fail(
             "run.output_dir",
-            f"{str(wanted)!r} cannot be written ({str(existing)!r} is not writable for this "
-            "user); choose a folder you can write to",
+            f"{str(wanted)!r} cannot be written ({str(existing)!r}: "
+            f"{err.strerror or 'not writable'}); choose a folder you can write to",
         )
     run_dir = wanted / cfg.run.name
     if run_dir.exists() and not run_dir.is_dir():

@@ -78,6 +78,10 @@ def test_three_hospitals_two_rounds_then_resume(tmp_path: Path) -> None:
     )
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
     assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3]
+    # Each hospital's optimizer continued across the resume (kept on its side of the disk):
+    # 2 local steps a round, one discriminator step each, three rounds.
+    last = rd.read_metrics()[-1]["hospitals"]
+    assert {h["optimizer_steps"] for h in last.values()} == {3 * 2}
 
 
 def test_failed_run_exits_non_zero(tmp_path: Path) -> None:

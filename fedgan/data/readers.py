@@ -149,25 +149,31 @@ def _read_nifti(path: Path, cfg: DataSection) -> torch.Tensor:
     is sliced; slices with less than ``data.min_foreground`` of their pixels above the volume's
     background are dropped as empty."""
     volume = _load("NibabelReader", path)  # [C, X, Y, Z] (C = frames of a 4D file)
-    if volume.ndim == 3:  # a single 2D image stored as NIfTI
-        volume = volume.unsqueeze(-1)
+    axis = cfg.slice_axis
+    if volume.ndim == 3:  # a single 2D image stored as NIfTI: one slice, whatever the axis
+        volume, axis = volume.unsqueeze(-1), 2
     if volume.ndim != 4:
         raise BadFile(
             f"{str(path)!r}: expected a 2D, 3D or 4D NIfTI, got shape {tuple(volume.shape)}"
         )
-    if volume.shape[1 + cfg.slice_axis] < 1:
-        raise BadFile(f"{str(path)!r} is empty along data.slice_axis={cfg.slice_axis}")
+    if volume.shape[1 + axis] < 1:
+        raise BadFile(f"{str(path)!r} is empty along data.slice_axis={axis}")
+    if min(volume.shape[1 + a] for a in range(3) if a != axis) < 2:
+        raise BadFile(
+            f"{str(path)!r} has shape {tuple(volume.shape[1:])}: its slices along "
+            f"data.slice_axis={axis} would be lines, not images; choose another data.slice_axis"
+        )
     slices = []
     for frame in volume:
         frame = scale_range(frame, *percentile_window(frame))
-        stack = frame.movedim(cfg.slice_axis, 0)  # [S, a, b]
+        stack = frame.movedim(axis, 0)  # [S, a, b]
         stack = stack.transpose(-1, -2).flip(-2)  # radiological display: rows top to bottom
         foreground = (stack > 0.05).flatten(1).float().mean(1)
         slices.append(stack[foreground >= cfg.min_foreground])
     kept = torch.cat(slices).unsqueeze(1)
     if len(kept) == 0:
         raise BadFile(
-            f"{str(path)!r}: every slice along axis {cfg.slice_axis} is empty (less than "
+            f"{str(path)!r}: every slice along axis {axis} is empty (less than "
             f"{cfg.min_foreground:.0%} foreground); lower data.min_foreground or check the file"
         )
     return kept

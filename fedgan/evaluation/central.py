@@ -159,6 +159,11 @@ class CentralEvaluator:
                     logger.warning("metric %s skipped: %s", name, why)
                 self.skipped[name] = str(why)
                 continue
+            except Exception as err:  # one metric's failure never ends a study
+                why = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                logger.warning("round %s: metric %s %s", round_, name, why)
+                self.skipped[name] = why
+                continue
             out[f"seconds_{name}"] = time.perf_counter() - t0
         return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,6 +16,7 @@ from fedgan.experiment import resolve
 from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
 from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.privacy import BudgetExhausted
+from fedgan.rundir import atomic_write_bytes, atomic_write_text
 from fedgan.runs.records import HospitalReport, PrivacySpent
 from fedgan.training.hospital import local_round
 
@@ -29,6 +31,41 @@ def _longer_history(a: str | None, b: str | None) -> str | None:
     """Of two accountant histories, the one that has counted more steps (spent more)."""
     steps = [(sum(h[2] for h in json.loads(x)["history"]), x) for x in (a, b) if x]
     return max(steps)[1] if steps else None
+
+
+def state_file(cfg: Config, node: Mapping[str, object], hospital: int) -> Path | None:
+    """Where this hospital keeps its optimizer state and accountant between runs, so that a
+    resumed study continues them: ``<state-dir>/<run.name>/hospital_<i>.pt`` on a deployed site
+    that names a ``state-dir`` in its node config, ``<run dir>/.hospitals/`` in a simulation
+    (its hospitals share the coordinator's disk); None for a site that keeps nothing on disk."""
+    name = f"hospital_{hospital}.pt"
+    if "state-dir" in node:
+        return Path(str(node["state-dir"])) / cfg.run.name / name
+    if "partition-id" in node:
+        return cfg.run_dir / ".hospitals" / name
+    return None
+
+
+def load_site_state(path: Path | None) -> tuple[bytes | None, str | None]:
+    """``(optimizer state, accountant history)`` saved by :func:`save_site_state`, or Nones
+    (also for an unreadable file: optimizer state is worth keeping, never worth failing for)."""
+    if path is None or not path.exists():
+        return None, None
+    try:
+        meta = path.with_suffix(".json")
+        saved = json.loads(meta.read_text()) if meta.exists() else {}
+        return path.read_bytes() or None, saved.get("accountant") or None
+    except (OSError, ValueError):
+        return None, None
+
+
+def save_site_state(path: Path | None, optimizers: bytes, accountant: str, round_: int) -> None:
+    """Writes this hospital's optimizer state and accountant atomically."""
+    if path is None:
+        return
+    atomic_write_bytes(path, optimizers)
+    atomic_write_text(path.with_suffix(".json"),
+                      json.dumps({"round": round_, "accountant": accountant}))  # fmt: skip
 
 
 def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
@@ -93,12 +130,17 @@ def train(msg: Message, context: Context) -> Message:
     global_state = from_arrays(msg.content.array_records["arrays"])
     #    Its privacy accountant persists here too; a resumed run's server sends the history it
     #    checkpointed, and the longer of the two is used, so nothing spent is ever forgotten.
+    #    A process that has not trained this run yet (a resumed study) reads the state the
+    #    hospital kept on disk.
     kept = context.state.config_records.get(_STATE_KEY, ConfigRecord())
     blob = kept.get("optimizers")
     optimizer_state = blob if isinstance(blob, bytes) else None
+    path = state_file(cfg, context.node_config, hospital)
+    on_disk, disk_accountant = load_site_state(path) if optimizer_state is None else (None, None)
+    optimizer_state = optimizer_state or on_disk
     from_server = train_config.get(f"accountant.{hospital}")
     accountant = _longer_history(
-        kept.get("accountant") or None,  # type: ignore[arg-type]
+        _longer_history(kept.get("accountant") or None, disk_accountant),  # type: ignore[arg-type]
         from_server if isinstance(from_server, str) else None,
     )
 
@@ -119,6 +161,7 @@ def train(msg: Message, context: Context) -> Message:
     context.state[_STATE_KEY] = ConfigRecord(
         {"optimizers": result.optimizer_state, "accountant": result.accountant}
     )
+    save_site_state(path, result.optimizer_state, result.accountant, round_)
 
     # 4. Reply with the trained networks and what the server needs to weigh and log them.
     report = HospitalReport(
@@ -129,6 +172,7 @@ def train(msg: Message, context: Context) -> Message:
         d_loss=result.stats.d_loss,
         g_loss=result.stats.g_loss,
         train_seconds=result.stats.seconds,
+        optimizer_steps=result.optimizer_steps,
         privacy=PrivacySpent(**result.privacy) if result.privacy else None,
     )
     metrics = MetricRecord({**report.to_metrics(), UNIT_WEIGHT: 1})

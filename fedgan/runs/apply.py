@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from fedgan.config import Config
 from fedgan.evaluation.central import CentralEvaluator
 from fedgan.models import ImageShape
 from fedgan.progress import track
-from fedgan.rundir import atomic_write_bytes
+from fedgan.rundir import atomic_save_image, atomic_write_bytes
 from fedgan.training import make_objective
 
 
@@ -98,18 +99,57 @@ def export_samples(
     return counts
 
 
+def check_out_folder(out: Path, force: bool) -> None:
+    """Refuses to write into a folder that already holds files, unless ``force``.
+
+    Raises:
+        FileExistsError: Naming the folder and the two ways on.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} is a file; name a folder")
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"--out {str(out)!r} already holds files, which the new ones would mix with; "
+            "choose an empty folder, or pass --force to write into it anyway"
+        )
+
+
+def check_trained(ckpt: dict) -> None:
+    """Refuses a checkpoint of round 0: the untrained networks of a run that failed or was
+    stopped before its first round.
+
+    Raises:
+        ValueError: Naming the way on.
+    """
+    if int(ckpt.get("round", 0)) == 0:
+        raise ValueError(
+            "this run has no trained round (its latest checkpoint is round 0, the untrained "
+            "networks): it failed or was stopped before round 1; resume it with --set "
+            "run.resume=true, or choose another run (or --checkpoint)"
+        )
+
+
 def enhance_files(
-    cfg: Config, state: dict[str, torch.Tensor], source: Path, out: Path
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    source: Path,
+    out: Path,
+    *,
+    native: bool = False,
+    log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Runs the task's generator over every image (or slice) in ``source`` (a file or a folder)
     and writes ``out/<name>.png`` (``<name>_sNNN.png`` for the slices of a volume).
 
+    Images of another size than the model's input are resized to it (the scale it was trained
+    at), and the log says how many; with ``native`` the generator runs at each image's own
+    size instead (a x4 super-resolution of a 512 px image then writes 2048 px).
+
     Raises:
-        ValueError: For a ``synthesis`` run, or files of no known format.
+        ValueError: For a ``synthesis`` run, files of no known format, or (``native``) an image
+            the generator cannot take at its own size.
         FileNotFoundError: If ``source`` does not exist.
     """
-    from torchvision.utils import save_image
-
     from fedgan.data.readers import FORMATS, BadFile, detect_format, list_files
     from fedgan.data.transforms import fit_slice
     from fedgan.evaluation.paired import PairedEvaluator
@@ -135,19 +175,40 @@ def enhance_files(
         files = [source]
     size = objective.input_size
     generator = PairedEvaluator(cfg, out, objective).generator(state)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
+    resized = 0
     for path in track(files, f"applying the generator to {len(files)} file(s)"):
         try:
             slices = FORMATS.get(fmt).read(path, cfg.data)
         except BadFile as err:
             raise ValueError(f"{err}; fix or remove the file") from err
-        inputs = torch.stack([fit_slice(s, cfg.data, str(path), size=size) for s in slices]) * 2 - 1
+        sides = {tuple(s.shape[-2:]) for s in slices}
+        if native:
+            inputs = torch.stack([fit_slice(s, cfg.data, str(path), size=max(s.shape[-2:]))
+                                  for s in slices]) * 2 - 1  # fmt: skip
+        else:
+            resized += sum(side != (size, size) for side in sides)
+            inputs = torch.stack([fit_slice(s, cfg.data, str(path), size=size)
+                                  for s in slices]) * 2 - 1  # fmt: skip
         with torch.no_grad():
-            outputs = generator(inputs.to(next(generator.parameters()).device)).cpu()
+            try:
+                outputs = generator(inputs.to(next(generator.parameters()).device)).cpu()
+            except RuntimeError as err:  # e.g. a U-Net given a side it cannot halve evenly
+                raise ValueError(
+                    f"{str(path)!r}: the generator cannot take a {inputs.shape[-1]} px image at "
+                    f"its own size ({str(err).splitlines()[0][:80]}); drop --native to resize "
+                    f"it to {size} px"
+                ) from None
+        out.mkdir(parents=True, exist_ok=True)
         stem = path.name.split(".")[0]
         for k, image in enumerate(outputs):
             name = f"{stem}.png" if len(outputs) == 1 else f"{stem}_s{k:03d}.png"
-            save_image(image, out / name, normalize=True, value_range=(-1, 1))
+            atomic_save_image(image, out / name, normalize=True, value_range=(-1, 1))
             written.append(out / name)
+    if resized:
+        log(
+            f"fedgan: {resized} image size(s) differed from the model's {size}x{size} input and "
+            "were resized to it (the scale it was trained at); pass --native to apply it at "
+            "each image's own size"
+        )
     return written

@@ -11,10 +11,16 @@ from fedgan.config import Config
 from fedgan.data import pooled_dataset
 from fedgan.device import resolve_device
 from fedgan.models import load_state, pack_state
-from fedgan.runs.records import RoundRecord
 from fedgan.runs.recorder import RunRecorder
-from fedgan.training import StepContext, make_optimizers, round_seed, shuffled_batches, train
-from fedgan.training import networks_for
+from fedgan.runs.records import RoundRecord
+from fedgan.training import (
+    StepContext,
+    make_optimizers,
+    networks_for,
+    round_seed,
+    shuffled_batches,
+    train,
+)
 
 
 def steps_per_round(cfg: Config) -> int:

@@ -55,6 +55,7 @@ class RoundResult:
     optimizer_state: bytes
     stats: LocalStats
     num_examples: int
+    optimizer_steps: int = 0
     privacy: dict[str, float] = field(default_factory=dict)
     accountant: str = ""
 
@@ -70,6 +71,14 @@ def restore_optimizers(optimizers: Mapping[str, torch.optim.Optimizer], blob: by
     for name, opt in optimizers.items():
         if name in saved:
             opt.load_state_dict(saved[name])
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps an Adam-like optimizer has taken (0 before its first)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
 
 
 def local_round(
@@ -135,6 +144,7 @@ def local_round(
             optimizer_state=serialize_optimizers(optimizers),
             stats=stats,
             num_examples=len(dataset),
+            optimizer_steps=optimizer_steps(optimizers["discriminator"]),
         )
 
     # DP-SGD: only the real-batch source and the private phases' networks change.
@@ -169,6 +179,7 @@ def local_round(
         optimizer_state=serialize_optimizers(private.plain_optimizers),
         stats=stats,
         num_examples=len(dataset),
+        optimizer_steps=optimizer_steps(private.plain_optimizers["discriminator"]),
         privacy={
             "epsilon": acc.epsilon(plan.delta),
             "delta": plan.delta,

@@ -1,0 +1,150 @@
+"""Careless input, table-driven: every case ends in one line that names the problem and the
+fix, exit code 2, no traceback, and no run folder left behind (nothing overwritten)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedgan.cli import main
+
+
+def _yaml(tmp: Path, text: str) -> list[str]:
+    path = tmp / "bad.yaml"
+    path.write_text(text)
+    return ["simulate", "--config", str(path)]
+
+
+def _npz(tmp: Path, images: np.ndarray, labels: np.ndarray) -> list[str]:
+    path = tmp / "data.npz"
+    np.savez(path, train_images=images, train_labels=labels, test_images=images,
+             test_labels=labels)  # fmt: skip
+    return ["simulate", "--set", "data.source=medmnist", "--set", f"data.path={path}",
+            "--set", "federation.num_hospitals=2"]  # fmt: skip
+
+
+def _nan_npz(tmp: Path) -> list[str]:
+    images = np.random.default_rng(0).random((40, 28, 28)).astype(np.float32)
+    images[3, 5, 5] = np.nan
+    return _npz(tmp, images, np.zeros((40, 1), np.int64))
+
+
+def _string_npz(tmp: Path) -> list[str]:
+    return _npz(tmp, np.array([["a"] * 28] * 40), np.zeros((40, 1), np.int64))
+
+
+def _truncated_png(tmp: Path) -> list[str]:
+    from PIL import Image
+
+    folder = tmp / "pngs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    data = (folder / "3.png").read_bytes()
+    (folder / "3.png").write_bytes(data[: len(data) // 2])
+    return ["simulate", "--set", "data.source=folder", "--set", f"data.path={folder}",
+            "--set", "federation.num_hospitals=2"]  # fmt: skip
+
+
+def _nifti_lines(tmp: Path) -> list[str]:
+    import nibabel as nib
+
+    folder = tmp / "nii"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((16, 1, 8), np.float32), np.eye(4)), folder / "thin.nii.gz")
+    return ["simulate", "--set", "data.source=nifti", "--set", f"data.path={folder}",
+            "--set", "data.slice_axis=0", "--set", "federation.num_hospitals=1"]  # fmt: skip
+
+
+def _finished_run(tmp: Path, rounds: int = 1) -> Path:
+    from fedgan.config import load_config
+    from fedgan.runs.centralized import train_centralized
+
+    cfg = load_config(None, [
+        f"run.output_dir={tmp / 'done'}", "run.name=r", "data.image_size=16", "data.num_images=32",
+        "model.base_channels=4", "train.batch_size=8", "train.local_steps=1",
+        f"federation.num_rounds={rounds}", "eval.metrics=", "eval.final_metrics=",
+        "eval.grid_size=4",
+    ])  # fmt: skip
+    train_centralized(cfg, log=lambda _: None)
+    return cfg.run_dir
+
+
+def _sample_into_used(tmp: Path) -> list[str]:
+    run = _finished_run(tmp)
+    out = tmp / "synth"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"earlier work")
+    return ["sample", "--run", str(run), "--n", "4", "--out", str(out)]
+
+
+def _sample_untrained(tmp: Path) -> list[str]:
+    run = _finished_run(tmp)
+    for ckpt in (run / "checkpoints").glob("round_0001.pt"):
+        ckpt.unlink()
+    (run / "checkpoints" / "latest").write_text("round_0000.pt\n")
+    return ["sample", "--run", str(run), "--n", "4", "--out", str(tmp / "synth")]
+
+
+def _evaluate_missing_checkpoint(tmp: Path) -> list[str]:
+    return ["evaluate", "--run", str(_finished_run(tmp)), "--checkpoint", str(tmp / "no.pt")]
+
+
+def _evaluate_corrupt_checkpoint(tmp: Path) -> list[str]:
+    bad = tmp / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    return ["evaluate", "--run", str(_finished_run(tmp)), "--checkpoint", str(bad)]
+
+
+# (case, how to make the command, what the one line must say)
+CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("yaml syntax", lambda t: _yaml(t, "train: [1,\n"), "bad.yaml: line"),
+    ("section as scalar", lambda t: _yaml(t, "train: 5\n"), "'train': expected a mapping"),
+    ("unknown key", lambda t: ["simulate", "--set", "train.lr=1"], "'train.lr': unknown key"),
+    ("bad value", lambda t: ["centralized", "--set", "train.batch_size=-1"], "must be > 0"),
+    ("unknown family", lambda t: ["simulate", "--set", "model.family=big"], "allowed: cgan"),
+    ("nan data", _nan_npz, "hold NaN or infinite values"),
+    ("npz of strings", _string_npz, "images must be numbers"),
+    ("truncated png", _truncated_png, "3.png"),
+    ("nifti cut into lines", _nifti_lines, "thin.nii.gz"),
+    ("more hospitals than images",
+     lambda t: ["simulate", "--set", "data.num_images=8", "--set", "federation.num_hospitals=20"],
+     "every hospital needs at least one image"),
+    ("output dir is a file",
+     lambda t: ((t / "f").write_text("x"), ["simulate", "--set", f"run.output_dir={t / 'f'}"])[1],
+     "is a file, not a folder"),
+    ("output dir unwritable",
+     lambda t: ["centralized", "--set", "run.output_dir=/proc/fedgan-runs"], "cannot be written"),
+    ("resume a run that does not exist",
+     lambda t: ["simulate", "--set", "run.resume=true", "--set", "run.name=typo"],
+     "holds no run to continue"),
+    ("sample into a used folder", _sample_into_used, "--force"),
+    ("sample an untrained run", _sample_untrained, "no trained round"),
+    ("evaluate a missing checkpoint", _evaluate_missing_checkpoint, "does not exist"),
+    ("evaluate a corrupt checkpoint", _evaluate_corrupt_checkpoint, "unreadable"),
+    ("enhance a missing input",
+     lambda t: ["enhance", "--run", str(t), "--input", str(t / "x"), "--out", str(t / "o")],
+     "not found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "make", "says"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    case: str, make: Callable[[Path], list[str]], says: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    args = make(tmp_path)
+    if args[0] in ("simulate", "centralized") and not any("run.output_dir" in a for a in args):
+        args += ["--set", f"run.output_dir={tmp_path / 'runs'}"]
+    before = {p for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fedgan: error:"), err
+    assert "Traceback" not in err and says in err, err
+    assert not (tmp_path / "runs").exists()  # no run folder that would then block the name
+    assert {p for p in tmp_path.rglob("*")} == before  # nothing written, nothing overwritten
