@@ -217,3 +217,61 @@ def test_tls_superlink_two_registered_hospitals(
     _ok(_kit("clients/stop-supernode.sh", str(sites["a"] / "site.env")))
     _ok(_kit("server/stop-superlink.sh", str(coord)))
     assert not (coord / "superlink.pid").exists()
+
+
+def test_a_site_killed_mid_study_costs_one_reply_not_the_study(
+    tmp_path: Path, pids: list[int], toy_overrides: list[str]
+) -> None:
+    """Three TLS sites; one SuperNode is killed during round 2. That round closes at its
+    deadline (or when Flower marks the node lost) with the others, the next rounds go on with
+    the quorum, and the dead site is named in the record: the study finishes."""
+    coord = tmp_path / "coordinator"
+    certs = coord / "certs"
+    _ok(_kit("server/make-certs.sh", str(certs)))
+    port = free_port()
+    _ok(_kit("server/start-superlink.sh", str(coord), PORT=str(port), HOST="127.0.0.1"))
+    superlink = f"127.0.0.1:{port}"
+    sites = {name: tmp_path / name for name in ("a", "b", "c")}
+    for i, site in enumerate(sites.values()):
+        _ok(_kit("clients/make-site-key.sh", str(site / "keys")))
+        _site_data(site / "data", i)
+        _ok(_kit("server/register-site.sh", str(coord), str(site / "keys" / "site.pub")))
+        env = _site_env(site, superlink, certs / "ca.crt", HOSPITAL_ID=str(i))
+        _ok(_kit("clients/start-supernode.sh", str(env)))
+    deadline_s = 45
+    cfg = load_config(None, [
+        f"run.output_dir={coord / 'runs'}", "run.name=lossy", *toy_overrides,
+        "federation.num_hospitals=3", "federation.num_rounds=4", "train.local_steps=6",
+        f"federation.round_timeout={deadline_s}",
+    ])  # fmt: skip
+    run_toml = write_run_config(tmp_path / "run.toml", to_run_config(cfg))
+    started = time.monotonic()
+    with (tmp_path / "flwr-run.log").open("w") as log:
+        run = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(REPO), "fedgan", "--run-config", str(run_toml),
+             "--stream"],
+            env={**os.environ, "FLWR_HOME": str(coord / "flwr"),
+                 "PATH": f"{BIN}:{os.environ['PATH']}"},
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+        )  # fmt: skip
+    pids.append(run.pid)
+    rd = RunDir(coord / "runs" / "lossy")
+    while not [r for r in rd.read_metrics() if r["round"] == 1]:
+        assert run.poll() is None, (tmp_path / "flwr-run.log").read_text()[-4000:]
+        assert time.monotonic() - started < 300, "round 1 never completed"
+        time.sleep(0.5)
+    victim = int((sites["c"] / "supernode.pid").read_text())
+    _kill_group(victim)  # the SuperNode and its ClientApp, mid-study
+    assert run.wait(timeout=4 * deadline_s + 240) == 0, (tmp_path / "flwr-run.log").read_text()[
+        -4000:
+    ]
+    records = rd.read_metrics()
+    assert [r["round"] for r in records] == [1, 2, 3, 4]  # the study finished
+    assert set(records[0]["hospitals"]) == {"hospital_0", "hospital_1", "hospital_2"}
+    later = records[1:]
+    assert all(set(r["hospitals"]) <= {"hospital_0", "hospital_1", "hospital_2"} for r in later)
+    assert set(records[-1]["hospitals"]) == {"hospital_0", "hospital_1"}  # went on without c
+    missing = [f for r in later for f in r["failures"] if f["hospital"] == "hospital_2"]
+    lost = [r for r in later if "hospital_2" not in r["hospitals"]]
+    assert missing or len(lost) == len(later)  # named wherever it was asked for and failed
+    assert all(r["round_seconds"] < deadline_s + 60 for r in later)  # no wait past the deadline
