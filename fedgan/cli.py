@@ -77,7 +77,6 @@ def cmd_centralized(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluates a run's checkpoint with the named metrics and appends the result to its
     ``metrics.jsonl``."""
-    import json
     from pathlib import Path
 
     from fedgan.evaluation.metrics import parse_metric_list
@@ -95,7 +94,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "skipped": evaluator.skipped,
     }
     rd.append_metrics(record)
-    print(json.dumps(record, indent=2))
+    from fedgan.rundir import dumps
+
+    print(dumps(record, indent=2))
     return 0
 
 
@@ -117,7 +118,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_data_describe(args: argparse.Namespace) -> int:
     """Per hospital: images, class histogram and intensity statistics; pictures of the split."""
-    import json
     from pathlib import Path
 
     from fedgan.report.describe import describe, format_table
@@ -130,7 +130,9 @@ def cmd_data_describe(args: argparse.Namespace) -> int:
         f"{cfg.federation.num_hospitals} hospitals (images in [0, 1] after preprocessing)"
     )
     print(format_table(rows))
-    (out / "describe.json").write_text(json.dumps(rows, indent=2))
+    from fedgan.rundir import atomic_write_text, dumps
+
+    atomic_write_text(out / "describe.json", dumps(rows, indent=2))
     print(f"fedgan: wrote {out / 'partition.png'}, {out / 'samples.png'}, {out / 'describe.json'}")
     return 0
 

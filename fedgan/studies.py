@@ -24,7 +24,7 @@ import yaml
 from fedgan.config import Config, dump_yaml, load_config
 from fedgan.experiment import preflight, resolve
 from fedgan.progress import track
-from fedgan.rundir import RunDir, atomic_write_text
+from fedgan.rundir import RunDir, atomic_write_text, dumps
 
 MODES = ("centralized", "federated")
 
@@ -215,7 +215,7 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
         expected=study.expected,
     )
     comparison["wall_seconds"] = time.time() - started
-    atomic_write_text(out / "comparison.json", json.dumps(comparison, indent=2, default=str))
+    atomic_write_text(out / "comparison.json", dumps(comparison, indent=2, default=str))
     write_report(comparison, out)
     log(f"[compare] report: {out / 'report.md'}")
     return comparison

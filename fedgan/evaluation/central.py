@@ -160,9 +160,9 @@ class CentralEvaluator:
                 self.skipped[name] = str(why)
                 continue
             except Exception as err:  # one metric's failure never ends a study
-                why = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-                logger.warning("round %s: metric %s %s", round_, name, why)
-                self.skipped[name] = why
+                failure = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                logger.warning("round %s: metric %s %s", round_, name, failure)
+                self.skipped[name] = failure
                 continue
             out[f"seconds_{name}"] = time.perf_counter() - t0
         return out

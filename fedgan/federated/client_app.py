@@ -173,7 +173,7 @@ def train(msg: Message, context: Context) -> Message:
         g_loss=result.stats.g_loss,
         train_seconds=result.stats.seconds,
         optimizer_steps=result.optimizer_steps,
-        privacy=PrivacySpent(**result.privacy) if result.privacy else None,
+        privacy=PrivacySpent(**result.privacy) if result.privacy else None,  # type: ignore[arg-type]
     )
     metrics = MetricRecord({**report.to_metrics(), UNIT_WEIGHT: 1})
     content = RecordDict({"arrays": to_arrays(result.state), "metrics": metrics})

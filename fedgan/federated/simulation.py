@@ -111,7 +111,7 @@ def simulate(cfg: Config, *, timeout: float = 24 * 3600.0, app: Path | None = No
     cfg = absolute(cfg)
     check_run_dir(cfg)
     flwr_home = cfg.run_dir / ".flwr"
-    with superlink(flwr_home, simulation=True) as link:
+    with stopped_by_signals(), superlink(flwr_home, simulation=True) as link:
         write_connection(flwr_home, link.address)
         rc_file = write_run_config(flwr_home / "run_config.toml", to_run_config(cfg))
         run_id = submit_run(
@@ -121,7 +121,7 @@ def simulate(cfg: Config, *, timeout: float = 24 * 3600.0, app: Path | None = No
             timeout=timeout,
             app=app,
         )
-        status = wait_for_run(flwr_home, run_id, timeout=timeout)
+        status = wait_for_run(flwr_home, run_id, timeout=timeout, link=link)
     if status != "finished:completed":
         raise RunFailed(
             f"Flower run {run_id} ended as {status!r}; see {link.log_file} and the log above"

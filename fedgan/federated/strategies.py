@@ -215,7 +215,9 @@ def _recording(
                 node = msg.metadata.src_node_id
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 if "hospital" in metrics:
-                    self.round_log.names[node] = f"hospital_{int(metrics['hospital'])}"
+                    hospital = metrics["hospital"]
+                    if isinstance(hospital, (int, float)):
+                        self.round_log.names[node] = f"hospital_{int(hospital)}"
                 self.round_log.failures.append((node, f"{REJECTED}: {reason}"))
             if not replies:
                 return None, None

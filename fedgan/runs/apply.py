@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from fedgan.models import ImageShape
 from fedgan.progress import track
 from fedgan.rundir import atomic_save_image, atomic_write_bytes
 from fedgan.training import make_objective
+from fedgan.training.objectives.image2image import ImageToImage
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -173,8 +175,9 @@ def enhance_files(
                 f"{str(source)!r}: unknown image format; use PNG/JPEG/TIFF, DICOM or NIfTI"
             )
         files = [source]
-    size = objective.input_size
-    generator = PairedEvaluator(cfg, out, objective).generator(state)
+    task = cast(ImageToImage, objective)  # paired, checked above
+    size = task.input_size
+    generator = PairedEvaluator(cfg, out, task).generator(state)
     written: list[Path] = []
     resized = 0
     for path in track(files, f"applying the generator to {len(files)} file(s)"):

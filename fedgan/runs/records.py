@@ -86,7 +86,7 @@ class HospitalReport:
             }
             privacy = None
             if "privacy-epsilon" in metrics:
-                privacy = PrivacySpent(**{
+                privacy = PrivacySpent(**{  # type: ignore[arg-type]
                     f.name: metrics[f"privacy-{f.name.replace('_', '-')}"]
                     for f in fields(PrivacySpent)
                 })  # fmt: skip
@@ -95,7 +95,7 @@ class HospitalReport:
         ints = {"hospital", "num_examples", "examples_seen", "steps", "optimizer_steps"}
         cast = {k: int(v) if k in ints else float(v) for k, v in values.items()}
         if privacy is not None:
-            privacy = PrivacySpent(**{
+            privacy = PrivacySpent(**{  # type: ignore[arg-type]
                 k: int(v) if k == "dp_steps" else float(v) for k, v in asdict(privacy).items()
             })  # fmt: skip
         return cls(**cast, privacy=privacy, node_id=node_id)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -239,8 +239,11 @@ def train(
                     real, labels, other = next(real_batches)
                     batch = objective.make_batch(real, labels, other, ctx)
                     examples += len(real)
-                step_batch = batch if phase.reads_data else objective.free_batch(
-                    phase.name, batch, ctx)  # fmt: skip
+                step_batch = (
+                    cast(Batch, batch)  # a data-reading phase has just drawn or shared one
+                    if phase.reads_data
+                    else objective.free_batch(phase.name, batch, ctx)
+                )
                 loss = phase_step(objective, phase, nets, optimizers, step_batch,
                                   contexts[phase.name], proximal)  # fmt: skip
                 totals[phase.name] += loss

@@ -94,7 +94,7 @@ class TranslateObjective(ImageToImage):
             else:
                 with torch.no_grad():
                     fake_b, fake_a = nets["generator"](a), nets["generator_ba"](b)
-            total = 0.0
+            total: torch.Tensor | float = 0.0
             for d, real, fake in ((nets["discriminator"], b, fake_b),
                                   (nets["discriminator_a"], a, fake_a)):  # fmt: skip
                 total = total + 0.5 * (lsgan(d(real)[0], 1.0) + lsgan(d(fake)[0], 0.0))
