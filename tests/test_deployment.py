@@ -238,7 +238,7 @@ def test_a_site_killed_mid_study_costs_one_reply_not_the_study(
         _ok(_kit("server/register-site.sh", str(coord), str(site / "keys" / "site.pub")))
         env = _site_env(site, superlink, certs / "ca.crt", HOSPITAL_ID=str(i))
         _ok(_kit("clients/start-supernode.sh", str(env)))
-    deadline_s = 45
+    deadline_s = 120  # a fresh ClientApp process per round, three sites on two cores
     cfg = load_config(None, [
         f"run.output_dir={coord / 'runs'}", "run.name=lossy", *toy_overrides,
         "federation.num_hospitals=3", "federation.num_rounds=4", "train.local_steps=6",
