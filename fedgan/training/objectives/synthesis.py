@@ -152,6 +152,31 @@ def _step_objective(family: GanFamily, latent_dim: int, gp_weight: float) -> Syn
     return SynthesisObjective(cfg, family)
 
 
+def _step(
+    family: GanFamily,
+    phase: str,
+    nets: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    labels: torch.Tensor | None,
+    *,
+    gp_weight: float = 10.0,
+    noise: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One phase step of ``family`` through the loop's :func:`phase_step`."""
+    from fedgan.training.loop import phase_step
+    from fedgan.training.private import step_context
+
+    objective = _step_objective(family, int(tensors["z"].shape[1]), gp_weight)
+    if labels is not None:
+        tensors["labels"] = labels
+    trained = "discriminator" if phase == "D" else "generator"
+    private = nets["discriminator"] if phase == "D" else None
+    ctx = step_context(private, tensors["z"].device, noise)
+    return phase_step(objective, objective.phase(phase), nets, {trained: optimizer},
+                      Batch(tensors), ctx)  # fmt: skip
+
+
 def d_step(
     family: GanFamily,
     generator: nn.Module,
@@ -167,21 +192,9 @@ def d_step(
     """One discriminator update of ``family`` on a real and a generated batch (the loop's
     phase step, for callers that hold the pieces; a private discriminator brings its own
     clipped backward). Returns the detached loss."""
-    from fedgan.training.loop import phase_step
-    from fedgan.training.private import step_context
-
-    objective = _step_objective(family, int(z.shape[1]), gp_weight)
-    tensors = {"real": real, "z": z}
-    if labels is not None:
-        tensors["labels"] = labels
-    return phase_step(
-        objective,
-        objective.phase("D"),
-        {"generator": generator, "discriminator": discriminator},
-        {"discriminator": opt_d},
-        Batch(tensors),
-        step_context(discriminator, real.device, noise),
-    )
+    nets = {"generator": generator, "discriminator": discriminator}
+    return _step(family, "D", nets, opt_d, {"real": real, "z": z}, labels,
+                 gp_weight=gp_weight, noise=noise)  # fmt: skip
 
 
 def g_step(
@@ -194,21 +207,8 @@ def g_step(
 ) -> torch.Tensor:
     """One generator update through the frozen discriminator (which keeps no gradient and
     records no per-sample gradient). Returns the detached loss."""
-    from fedgan.training.loop import phase_step
-    from fedgan.training.private import step_context
-
-    objective = _step_objective(family, int(z.shape[1]), 10.0)
-    tensors = {"z": z}
-    if labels is not None:
-        tensors["labels"] = labels
-    return phase_step(
-        objective,
-        objective.phase("G"),
-        {"generator": generator, "discriminator": discriminator},
-        {"generator": opt_g},
-        Batch(tensors),
-        step_context(None, z.device, None),
-    )
+    nets = {"generator": generator, "discriminator": discriminator}
+    return _step(family, "G", nets, opt_g, {"z": z}, labels)
 
 
 TASKS.add("synthesis", SynthesisObjective)
