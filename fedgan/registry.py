@@ -50,6 +50,16 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
 
+    def remove(self, name: str) -> None:
+        """Forgets a name registered at run time (a plugin unloading, a test cleaning up).
+
+        Raises:
+            KeyError: If ``name`` was not registered, or was declared (built-in names stay).
+        """
+        if name in self._declared or name not in self._items:
+            raise KeyError(f"{self.kind} {name!r} is not a run-time registration")
+        del self._items[name]
+
     def declare(self, name: str, module: str) -> None:
         """Declares that importing ``module`` registers ``name``; :meth:`get` imports it on
         first use, :meth:`names` lists it without importing anything.

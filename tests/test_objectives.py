@@ -282,3 +282,64 @@ def test_synthesis_and_centralized_share_the_loop(toy_config: Config) -> None:
           steps=cfg.train.local_steps, ctx=ctx)  # fmt: skip
     direct = pack_state(nets)
     assert all(torch.equal(hospital[k], direct[k]) for k in hospital)
+
+
+def test_a_new_task_is_one_class_and_gets_dp_prox_and_the_baseline(tmp_path) -> None:
+    """The claim of the redesign: a task written against ``Objective`` alone trains in a
+    hospital round, under DP-SGD with FedProx, and as the pooled baseline, with no other
+    change to fedgan."""
+    import torch.nn.functional as F
+
+    from fedgan.catalog import TASKS
+    from fedgan.models.image2image import patch_discriminator, unet_generator
+    from fedgan.training.objectives.base import lsgan
+    from fedgan.training.objectives.image2image import ImageToImage
+
+    class Darken(ImageToImage):  # learn to undo a global darkening
+        def build(self):
+            c, s, w = self.cfg.data.channels, self.cfg.data.image_size, 4
+            return {
+                "generator": unet_generator(c, s, w),
+                "discriminator": patch_discriminator(c, w, s),
+            }
+
+        def inputs(self, clean, gen):
+            return clean * 0.5 - 0.5
+
+        def accumulate_gradients(self, phase, nets, batch, ctx):
+            def d_loss(n, b):
+                with torch.no_grad():
+                    fake = n["generator"](b["inputs"])
+                return lsgan(n["discriminator"](b["targets"])[0], 1.0) + lsgan(
+                    n["discriminator"](fake)[0], 0.0
+                )
+
+            def g_loss(n, b):
+                fake = n["generator"](b["inputs"])
+                return lsgan(n["discriminator"](fake)[0], 1.0) + F.l1_loss(fake, b["targets"])
+
+            return ctx.backward(d_loss if phase == "D" else g_loss, nets, batch)
+
+    TASKS.add("darken", Darken)
+    try:
+        _train_darken(tmp_path)
+    finally:
+        TASKS.remove("darken")
+    with pytest.raises(KeyError, match="not a run-time registration"):
+        TASKS.remove("enhance")
+
+
+def _train_darken(tmp_path) -> None:
+    from fedgan.runs.centralized import train_centralized
+
+    cfg = _cfg("darken", "privacy.mode=dp-sgd", "privacy.target_epsilon=8",
+               f"run.output_dir={tmp_path}", "train.local_steps=1")  # fmt: skip
+    ds = hospital_dataset(cfg.data, 0, 0, 2)
+    res = local_round(cfg, ds, pack_state(networks_for(cfg)), None, round_=1, hospital=0,
+                      proximal_mu=0.1)  # fmt: skip
+    assert res.privacy["dp_steps"] == 2 and 0 < res.privacy["epsilon"] <= 8
+    summary = train_centralized(
+        with_changes(cfg, privacy={"mode": "none"}, federation={"num_rounds": 1}),
+        log=lambda _: None,
+    )
+    assert summary["rounds"] == 1 and "psnr" in summary["final"]["eval"]  # paired evaluation
