@@ -84,7 +84,20 @@ def test_three_hospitals_two_rounds_then_resume(tmp_path: Path) -> None:
     assert {h["optimizer_steps"] for h in last.values()} == {3 * 2}
 
 
+BROKEN_CLIENT = """
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    raise RuntimeError("this hospital's training crashed")
+"""
+
+
 def test_failed_run_exits_non_zero(tmp_path: Path) -> None:
+    # Bad input never reaches Flower: one line, exit 2, no run folder.
     res = simulate(
         tmp_path,
         "federation.num_hospitals=2",
@@ -92,8 +105,38 @@ def test_failed_run_exits_non_zero(tmp_path: Path) -> None:
         "data.source=medmnist",
         f"data.path={tmp_path / 'no-such.npz'}",
     )
-    assert res.returncode == 1, res.stdout[-2000:]
-    assert "finished:failed" in res.stderr
+    assert res.returncode == 2 and "no-such.npz" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "e2e").exists()
+    # A run that fails inside Flower (every hospital's ClientApp crashes) ends as failed, says
+    # where to look, and leaves no SuperLink behind.
+    from fedgan.config import load_config
+    from fedgan.experiment import resolve
+    from fedgan.federated.launcher import RunFailed
+    from fedgan.federated.simulation import simulate as run_simulation
+
+    app = tmp_path / "broken_app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        (REPO / "pyproject.toml")
+        .read_text()
+        .replace('"fedgan.federated.client_app:app"', '"broken:app"')
+    )
+    (app / "broken.py").write_text(BROKEN_CLIENT)
+    (app / "README.md").write_text((REPO / "README.md").read_text())
+    cfg = resolve(
+        load_config(
+            None,
+            [
+                f"run.output_dir={tmp_path}",
+                "run.name=broken",
+                *TOY,
+                "federation.num_hospitals=2",
+                "federation.num_rounds=1",
+            ],
+        )
+    )
+    with pytest.raises(RunFailed, match="finished:failed"):
+        run_simulation(cfg, timeout=300, app=app)
     assert not _superlinks_of(tmp_path)
 
 
