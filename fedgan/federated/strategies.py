@@ -197,17 +197,24 @@ def _recording(
             self, server_round: int, replies: Iterable[Message]
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
+            sent = set(self.sent_to)
             replied = {m.metadata.src_node_id for m in replies}
-            for node in self.sent_to:
-                if node not in replied:
-                    self.round_log.failures.append(
-                        (node, "no reply before the round's deadline (federation.round_timeout)")
-                    )
+            missing = [n for n in self.sent_to if n not in replied]
+            # The SuperLink answers for a node it has lost ("Node Unavailable"), under its own
+            # id: with one node missing, that answer is the missing node's.
+            orphans = [m for m in replies if sent and m.metadata.src_node_id not in sent]
+            attributed = len(missing) == 1 and len(orphans) == 1 and orphans[0].has_error()
+            for node in missing:
+                reason = "no reply before the round's deadline (federation.round_timeout)"
+                if attributed:
+                    reason = str(orphans[0].error.reason)
+                self.round_log.failures.append((node, reason))
             answered = []
             for msg in replies:
                 node = msg.metadata.src_node_id
                 if msg.has_error():
-                    self.round_log.failures.append((node, str(msg.error.reason)))
+                    if not (attributed and msg is orphans[0]):
+                        self.round_log.failures.append((node, str(msg.error.reason)))
                 else:
                     answered.append(msg)
             replies, rejected = screen_replies(answered, self.global_arrays, max_update_ratio)
