@@ -209,6 +209,10 @@ class TrainSection:
             _fail("train.num_threads", f"must be >= 0 (0 = torch default), got {self.num_threads}")
 
 
+#: Precisions the weights may travel in (``federation.message_dtype``).
+MESSAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class FederationSection:
     """Rounds, hospitals and the server's aggregation strategy.
@@ -240,6 +244,11 @@ class FederationSection:
             that have not replied by then are recorded as missing and the round is aggregated
             from the others.
         connect_timeout: Seconds the server waits at the start for enough hospitals to connect.
+        message_dtype: Precision the weights travel in: ``float32``, or ``float16`` /
+            ``bfloat16`` for half the bytes (hospitals train and the server aggregates in
+            float32 either way; see ``fedgan.federated.records`` for the rounding bound).
+        concurrent_hospitals: In a simulation, how many hospitals train at the same time (one
+            worker process each); 0 means one per CPU core.
     """
 
     num_hospitals: int = 4
@@ -258,6 +267,8 @@ class FederationSection:
     max_update_ratio: float = 10.0
     round_timeout: float = 600.0
     connect_timeout: float = 60.0
+    message_dtype: str = "float32"
+    concurrent_hospitals: int = 0
 
     def __post_init__(self) -> None:
         _check_positive("federation.num_hospitals", self.num_hospitals)
@@ -284,6 +295,16 @@ class FederationSection:
             )
         _check_positive("federation.round_timeout", self.round_timeout)
         _check_positive("federation.connect_timeout", self.connect_timeout)
+        if self.message_dtype not in MESSAGE_DTYPES:
+            _fail(
+                "federation.message_dtype",
+                f"must be one of {', '.join(MESSAGE_DTYPES)}, got {self.message_dtype!r}",
+            )
+        if self.concurrent_hospitals < 0:
+            _fail(
+                "federation.concurrent_hospitals",
+                f"must be >= 0 (0: one per CPU core), got {self.concurrent_hospitals}",
+            )
 
     @property
     def sampled(self) -> int:
@@ -372,6 +393,9 @@ class EvalSection:
             ``<run.output_dir>/.cache``.
         use_training_images: Let the server read the simulated hospitals' training images for
             memorization checks (a deployed server never has them: set false there).
+        background: Evaluate in a separate process while the next round trains (at the
+            lowest CPU priority; the same metrics as evaluating in line). False evaluates on
+            the round's path, as the centralized and federated runs did before.
     """
 
     every: int = 1
@@ -381,6 +405,7 @@ class EvalSection:
     inception_weights: str = ""
     cache_dir: str = ""
     use_training_images: bool = True
+    background: bool = True
 
     def __post_init__(self) -> None:
         _check_positive("eval.every", self.every)

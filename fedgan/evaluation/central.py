@@ -90,6 +90,22 @@ class CentralEvaluator:
             )
         return self._ctx
 
+    def prepare(self) -> None:
+        """Loads what every evaluation shares: the real data, then the extractors and real
+        features that ``eval.metrics`` and ``eval.final_metrics`` read (training the domain
+        feature network on first use; both are cached on disk). Evaluations do the same on
+        demand; this only moves the cost before the first one."""
+        names = [*self.cfg.eval.metric_list, *self.cfg.eval.final_metric_list]
+        extractors = {e for n in names for e in METRICS.get(n).extractors}
+        if not extractors and not names:
+            return
+        ctx = self.context()
+        for name in sorted(extractors):
+            try:
+                ctx.real_features(name)
+            except Exception as err:  # recorded against the metric when it runs
+                logger.warning("evaluation: the %s features could not be prepared: %s", name, err)
+
     def generator(self, state: dict[str, torch.Tensor]) -> nn.Module:
         nets = build_networks(self.cfg.model, self.shape, seed=self.cfg.run.seed)
         generator = nets["generator"]

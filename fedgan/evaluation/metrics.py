@@ -74,6 +74,14 @@ class EvalContext:
     _extractors: dict[str, Any] = field(default_factory=dict)
     _real_features: dict[str, torch.Tensor] = field(default_factory=dict)
     _fake_features: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _constants: dict[str, Any] = field(default_factory=dict)
+
+    def constant(self, key: str, compute: Callable[[], Any]) -> Any:
+        """A value that depends on the real data only (e.g. the real images' own diversity),
+        computed at the first evaluation and reused by the later ones."""
+        if key not in self._constants:
+            self._constants[key] = compute()
+        return self._constants[key]
 
     def new_evaluation(self) -> None:
         """Forgets the generated images' features of the previous evaluation."""
@@ -136,6 +144,8 @@ class Metric:
             deviation, keys in ``lower_keys`` are better lower whatever the main direction.
         inception: Whether it runs the Inception network (slow on CPU).
         paired: Scores an image-to-image output against its ground truth.
+        extractors: The feature extractors it reads real features of (prepared before the
+            first evaluation).
     """
 
     name: str
@@ -148,6 +158,7 @@ class Metric:
     lower_keys: tuple[str, ...] = ()
     inception: bool = False
     paired: bool = False
+    extractors: tuple[str, ...] = ()
 
     def direction(self, key: str) -> str:
         """``higher``, ``lower``, ``near-real``, ``reference`` or ``spread`` for ``key``."""
@@ -191,9 +202,11 @@ def _kd(extractor: str, key: str):
 
 
 def _distances(extractor: str, fd: str, kd: str, size: int, inception: bool) -> None:
-    METRICS.add(fd, Metric(fd, size, _fd(extractor, fd), inception=inception))
+    METRICS.add(fd, Metric(fd, size, _fd(extractor, fd), inception=inception,
+                           extractors=(extractor,)))  # fmt: skip
     METRICS.add(kd, Metric(kd, size, _kd(extractor, kd), keys=(kd, f"{kd}_std"),
-                           spreads=(f"{kd}_std",), inception=inception))  # fmt: skip
+                           spreads=(f"{kd}_std",), inception=inception,
+                           extractors=(extractor,)))  # fmt: skip
 
 
 for _n, _tag in ((1000, "1k"), (2000, "2k")):
@@ -210,14 +223,17 @@ def _prdc(ctx, images, labels, round_):
 METRICS.add(
     "domain_prdc_1k",
     Metric("domain_prdc_1k", 1000, _prdc, higher_is_better=True,
-           keys=tuple(f"domain_{k}" for k in ("precision", "recall", "density", "coverage"))),
+           keys=tuple(f"domain_{k}" for k in ("precision", "recall", "density", "coverage")),
+           extractors=("domain",)),
 )  # fmt: skip
 
 
 def _diversity(ctx, images, labels, round_):
     return {
         "ms_ssim_diversity": fn.pairwise_ssim(images, seed=ctx.seed),
-        "ms_ssim_diversity_real": fn.pairwise_ssim(ctx.real_images, seed=ctx.seed),
+        "ms_ssim_diversity_real": ctx.constant(
+            "ms_ssim_diversity_real", lambda: fn.pairwise_ssim(ctx.real_images, seed=ctx.seed)
+        ),
     }
 
 

@@ -182,6 +182,10 @@ class PairedEvaluator:
                 self._baselines[name] = paired_scores(out, targets, self.metric_names())
         return self._baselines
 
+    def prepare(self) -> None:
+        """Loads the held-out pairs and scores the baselines (before the first evaluation)."""
+        self.baselines()
+
     def generator(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         g = self.task.build()["generator"]
         load_state({"generator": g}, {k: v for k, v in state.items() if k.startswith("generator.")})

@@ -200,6 +200,8 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     except PrivacyBudgetExhausted as stop:  # central DP: the next release would pass the budget
         extra["stopped_early"] = f"central privacy budget: {stop}"
         log(WARNING, "%s; training ends here", extra["stopped_early"])
+    finally:  # a run that fails still keeps every round it trained
+        recorder.flush()
     if privacy_table:
         extra["privacy"] = privacy_table
         log_privacy_table(privacy_table, cfg)

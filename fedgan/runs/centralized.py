@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils.data import TensorDataset
 
 from fedgan.config import Config
 from fedgan.data import pooled_dataset
@@ -42,11 +43,26 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     dataset = pooled_dataset(cfg.data, cfg.run.seed, cfg.federation.num_hospitals)
-    objective = recorder.objective
-    nets = networks_for(cfg, objective)
+    nets = networks_for(cfg, recorder.objective)
     load_state(nets, state)
     for net in nets.values():
         net.to(device)
+    try:
+        _train_rounds(cfg, recorder, nets, dataset, device)
+    finally:  # a run that fails still keeps every round it trained
+        recorder.flush()
+    return recorder.finish()
+
+
+def _train_rounds(
+    cfg: Config,
+    recorder: RunRecorder,
+    nets: dict[str, torch.nn.Module],
+    dataset: TensorDataset,
+    device: torch.device,
+) -> None:
+    """The rounds still to train, each handed to ``recorder``."""
+    objective = recorder.objective
     optimizers = make_optimizers(nets, cfg.train)
     steps = steps_per_round(cfg)
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
@@ -64,4 +80,3 @@ def train_centralized(cfg: Config, log: Callable[[str], None] = print) -> dict:
             train_seconds=stats.seconds,
         )
         recorder.end_round(record, pack_state(nets))
-    return recorder.finish()

@@ -5,7 +5,9 @@ bookkeeping sits above training and evaluation, and neither knows it."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,25 @@ from fedgan.config import Config, dump_yaml
 from fedgan.evaluation import CentralEvaluator, PairedEvaluator
 from fedgan.models import ImageShape, pack_state
 from fedgan.report import plot_metrics
-from fedgan.rundir import RunDir
+from fedgan.rundir import RunDir, UnreadableCheckpoint
+from fedgan.runs.background import BackgroundEvaluator, EvaluatorDied
 from fedgan.runs.records import RoundRecord
 from fedgan.training import Objective, make_objective, networks_for
 
 Evaluator = CentralEvaluator | PairedEvaluator
+
+#: Evaluations that may be owed before a round waits for the oldest (they cost no memory:
+#: the evaluation process reads each round's weights from its checkpoint).
+MAX_PENDING = 16
+
+
+@dataclass
+class _Pending:
+    """A trained round whose line of ``metrics.jsonl`` is not written yet."""
+
+    line: dict[str, Any]  # the round's record, without its evaluation
+    checkpoint: Path
+    awaiting: bool  # its evaluation is still in the evaluation process
 
 
 def make_evaluator(cfg: Config, samples_dir: Path, objective: Objective | None = None) -> Evaluator:
@@ -60,6 +76,14 @@ class RunRecorder:
         self.start_round = 0
         self.resumed_meta: dict[str, Any] = {}
         self._tb: Any = None
+        self.skipped: dict[str, str] = {}  # what the evaluation process skipped
+        self.pending: deque[_Pending] = deque()
+        self.background: BackgroundEvaluator | None = None
+        self._background_wanted = (
+            evaluator is None
+            and cfg.eval.background
+            and bool(cfg.eval.metric_list or cfg.eval.final_metric_list)
+        )
 
     def start(self) -> dict[str, torch.Tensor]:
         """Prepares the directory and returns the networks to start from.
@@ -70,6 +94,13 @@ class RunRecorder:
         Raises:
             FileExistsError: If the directory already holds a run and ``run.resume`` is false.
         """
+        state = self._start()
+        if self._background_wanted:
+            self.background = BackgroundEvaluator(self.cfg, self.run_dir.samples)
+        self.last_tick = time.perf_counter()
+        return state
+
+    def _start(self) -> dict[str, torch.Tensor]:
         rd = self.run_dir
         if self.cfg.run.resume:
             if not rd.has_run():
@@ -83,6 +114,7 @@ class RunRecorder:
             self.start_round = int(ckpt["round"])
             self.resumed_meta = dict(ckpt.get("meta", {}))
             rd.truncate_metrics_after(self.start_round)  # rounds after it are trained again
+            self._complete_lines(self.start_round)
             self.log(f"resuming {rd.path} from round {self.start_round}")
             return ckpt["state"]
         if rd.has_run():
@@ -107,29 +139,30 @@ class RunRecorder:
         state: dict[str, torch.Tensor],
         meta: dict[str, Any] | None = None,
     ) -> RoundRecord:
-        """Commits one round: its evaluation (when due) and sample grid, its line of
-        ``metrics.jsonl``, then its checkpoint (with ``meta``, e.g. privacy accountants) and
-        ``latest``. The checkpoint comes last: a crash before it leaves the previous round as
-        the one to resume from, whose resume drops this round's line and trains it again, so
-        every round is recorded exactly once."""
+        """Commits one trained round: first its checkpoint (with ``meta``, e.g. privacy
+        accountants, and the round's record), then its evaluation when due, then its line of
+        ``metrics.jsonl``.
+
+        With ``eval.background`` the evaluation runs in the evaluation process while the next
+        rounds train, and the line is written once it is back; lines are written in round
+        order, and at most ``MAX_PENDING`` evaluations are owed before this call waits for the
+        oldest. A crash loses no trained round: a resume continues from the newest checkpoint
+        and first writes the lines still missing from the checkpoints' records (evaluating
+        them again), so every round is recorded exactly once."""
         now = time.perf_counter()
         round_ = record.round
         record.round_seconds = now - self.last_tick
-        if self.due(round_):
-            t0 = time.perf_counter()
-            final = round_ == self.cfg.federation.num_rounds
-            record.eval = self.evaluator.evaluate(round_, state, final=final)
-            record.eval_seconds = time.perf_counter() - t0
+        self.last_tick = now
         line = record.to_json()
-        self.run_dir.append_metrics(line)
-        self.run_dir.save_checkpoint(round_, state, {"mode": self.mode, **(meta or {})})
-        if record.eval is not None:
-            plot_metrics(
-                self.run_dir.read_metrics(),
-                self.run_dir.path / "metrics.png",
-                title=f"{self.cfg.run.name} ({self.mode})",
-            )
-            self._tensorboard(round_, line)
+        path = self.run_dir.save_checkpoint(
+            round_, state, {"mode": self.mode, **(meta or {}), "record": line}
+        )
+        due = self.due(round_)
+        if due and self.background is not None:
+            self.background.submit(round_, path, final=self.final(round_))
+        elif due:
+            line.update(self._evaluate(round_, state))
+        self.pending.append(_Pending(line, path, due and "eval" not in line))
         agg = record.aggregate
         self.log(
             f"[{self.mode}] round {round_}/{self.cfg.federation.num_rounds}  "
@@ -137,8 +170,101 @@ class RunRecorder:
             f"g_loss={agg.get('g_loss', float('nan')):.3f}  "
             f"{record.round_seconds:.1f}s  -> {self.run_dir.path}"
         )
-        self.last_tick = time.perf_counter()
+        self._commit(block=False)
+        while sum(p.awaiting for p in self.pending) > MAX_PENDING:
+            self._commit(block=True, upto=1)
+        record.eval = line.get("eval")
         return record
+
+    def final(self, round_: int) -> bool:
+        return round_ == self.cfg.federation.num_rounds
+
+    def _evaluate(self, round_: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The evaluation keys of a round's line, computed here."""
+        t0 = time.perf_counter()
+        out = self.evaluator.evaluate(round_, state, final=self.final(round_))
+        return {"eval": out, "eval_seconds": time.perf_counter() - t0}
+
+    def _complete_lines(self, upto: int) -> None:
+        """Writes the lines of rounds up to ``upto`` that have a checkpoint but no line (a run
+        that stopped while their evaluation was owed), from the checkpoints' records."""
+        rd = self.run_dir
+        written = max((int(r.get("round", 0)) for r in rd.read_metrics()), default=0)
+        for round_ in range(written + 1, upto + 1):
+            path = rd.checkpoints / f"round_{round_:04d}.pt"
+            try:
+                ckpt = rd.load_checkpoint(path)
+            except (FileNotFoundError, UnreadableCheckpoint) as err:
+                self.log(f"round {round_}: no line can be written ({err})")
+                continue
+            line = ckpt.get("meta", {}).get("record")
+            if not isinstance(line, dict):
+                continue
+            if self.due(round_):
+                line.update(self._evaluate(round_, ckpt["state"]))
+            self._write(line)
+            self.log(f"round {round_}: its line of metrics.jsonl written from its checkpoint")
+
+    def _commit(self, *, block: bool, upto: int | None = None) -> None:
+        """Writes pending lines in order: all whose evaluation is back (waiting for them if
+        ``block``), at most ``upto`` of them."""
+        committed = 0
+        while self.pending and (upto is None or committed < upto):
+            head = self.pending[0]
+            if head.awaiting and not self._collect(head, block=block):
+                return
+            self.pending.popleft()
+            self._write(head.line)
+            committed += 1
+
+    def _collect(self, pending: _Pending, *, block: bool) -> bool:
+        """Fills ``pending``'s evaluation from the evaluation process; False if not ready.
+
+        A process that died is replaced by evaluation here, on the server, from then on."""
+        round_ = int(pending.line["round"])
+        assert self.background is not None
+        try:
+            got = self.background.result(round_, block=block)
+        except EvaluatorDied as died:
+            self.log(f"{died}; evaluating on the server from round {round_} on "
+                     "(set eval.background=false to always do so)")  # fmt: skip
+            self.background.close(timeout=0)
+            self.background = None
+            for later in self.pending:
+                if later.awaiting:
+                    state = self.run_dir.load_checkpoint(later.checkpoint)["state"]
+                    later.line.update(self._evaluate(int(later.line["round"]), state))
+                    later.awaiting = False
+            return True
+        if got is None:
+            return False
+        if got.error is not None:
+            raise RuntimeError(f"round {round_}: evaluation failed: {got.error}")
+        pending.line.update({"eval": got.eval, "eval_seconds": got.seconds})
+        self.skipped.update(got.skipped)
+        pending.awaiting = False
+        return True
+
+    def _write(self, line: dict[str, Any]) -> None:
+        """One round's line, then the plots."""
+        self.run_dir.append_metrics(line)
+        if line.get("eval") is not None:
+            plot_metrics(
+                self.run_dir.read_metrics(),
+                self.run_dir.path / "metrics.png",
+                title=f"{self.cfg.run.name} ({self.mode})",
+            )
+            self._tensorboard(int(line["round"]), line)
+
+    def flush(self) -> None:
+        """Commits every pending round (waiting for its evaluation) and stops the evaluation
+        process. Also called when a run ends early, so every whole round is kept."""
+        try:
+            self._commit(block=True)
+        finally:
+            if self.background is not None:
+                self.background.close()
+                self.background = None
 
     def _tensorboard(self, round_: int, record: dict[str, Any]) -> None:
         """Scalars to TensorBoard (``<run>/tensorboard``) where it is installed."""
@@ -158,6 +284,7 @@ class RunRecorder:
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Writes ``summary.json`` from the metrics so far."""
+        self.flush()
         records = self.run_dir.read_metrics()
         last = records[-1] if records else {}
         summary = {
@@ -171,7 +298,7 @@ class RunRecorder:
                 r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in records
             ),
             "run_dir": str(self.run_dir.path),
-            "metrics_skipped": dict(self.evaluator.skipped),
+            "metrics_skipped": {**self.skipped, **self.evaluator.skipped},
             **(extra or {}),
         }
         self.run_dir.write_summary(summary)

@@ -142,9 +142,10 @@ class RoundRecord:
         failures: Hospitals that did not train.
         bytes_down: Bytes sent to hospitals.
         bytes_up: Bytes received from them.
-        round_seconds: Wall time since the previous round ended.
+        round_seconds: Wall time since the server received the previous round (the round's
+            training, its messages, and whatever else was on its path).
         eval: The central evaluation's metrics (rounds where it was due).
-        eval_seconds: Its wall time.
+        eval_seconds: Its wall time (in the evaluation process with ``eval.background``).
     """
 
     round: int
