@@ -79,6 +79,12 @@ def _check_privacy(cfg: Config) -> None:
             "privacy.mode 'central-dp' is accounted on equal-weight FedAvg only; "
             "set federation.strategy=fedavg",
         )
+    if cfg.privacy.mode == "central-dp" and cfg.federation.message_dtype != "float32":
+        _fail(
+            "federation.message_dtype",
+            "central DP clips and noises each update in full precision; set "
+            "federation.message_dtype=float32 with privacy.mode=central-dp",
+        )
 
 
 def _check_federation(cfg: Config) -> None:

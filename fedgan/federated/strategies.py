@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedgan.catalog import STRATEGIES
-from fedgan.federated.records import nbytes
+from fedgan.federated.records import from_arrays, in_full_precision, nbytes, to_arrays
 from fedgan.runs.records import HospitalReport
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def _register(
     config keys they come from."""
 
     def factory(common: dict[str, Any], cfg: FederationSection, log: RoundLog) -> Strategy:
-        wrapped = _recording(base, log, cfg.max_update_ratio)
+        wrapped = _recording(base, log, cfg.max_update_ratio, cfg.message_dtype)
         return wrapped(**common, **{k: get(cfg) for k, get in params.items()})
 
     STRATEGIES.add(name, factory)
@@ -172,10 +172,17 @@ def screen_replies(
 
 
 def _recording(
-    base: type[Strategy], round_log: RoundLog, max_update_ratio: float = 10.0
+    base: type[Strategy],
+    round_log: RoundLog,
+    max_update_ratio: float = 10.0,
+    message_dtype: str = "float32",
 ) -> Callable[..., Strategy]:
     """A subclass of ``base`` that screens each round's replies (:func:`screen_replies`)
-    before ``base`` aggregates them, and keeps the per-hospital reports in ``round_log``."""
+    before ``base`` aggregates them, and keeps the per-hospital reports in ``round_log``.
+
+    With a ``message_dtype`` other than float32, the global weights travel rounded to it and
+    the replies, which arrive in it, are turned back to float32 before anything reads them:
+    the server keeps, screens and aggregates in full precision (``base`` never sees a half)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -188,7 +195,14 @@ def _recording(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
             messages = list(super().configure_train(server_round, arrays, config, grid))
-            self.round_log.reset(sent=len(messages), bytes_down=nbytes(arrays) * len(messages))
+            if message_dtype != "float32":
+                travelling = to_arrays(from_arrays(arrays), message_dtype)
+                for msg in messages:
+                    msg.content["arrays"] = travelling
+            else:
+                travelling = arrays
+            self.round_log.reset(sent=len(messages),
+                                 bytes_down=nbytes(travelling) * len(messages))  # fmt: skip
             self.global_arrays = arrays
             self.sent_to = [m.metadata.dst_node_id for m in messages]
             return messages
@@ -210,13 +224,18 @@ def _recording(
                     reason = str(orphans[0].error.reason)
                 self.round_log.failures.append((node, reason))
             answered = []
+            received: dict[int, int] = {}  # bytes each reply carried, by id
             for msg in replies:
                 node = msg.metadata.src_node_id
                 if msg.has_error():
                     if not (attributed and msg is orphans[0]):
                         self.round_log.failures.append((node, str(msg.error.reason)))
-                else:
-                    answered.append(msg)
+                    continue
+                received[id(msg)] = sum(nbytes(a) for a in msg.content.array_records.values())
+                arrays = msg.content.array_records.get("arrays")
+                if arrays is not None and message_dtype != "float32":
+                    msg.content["arrays"] = in_full_precision(arrays, message_dtype)
+                answered.append(msg)
             replies, rejected = screen_replies(answered, self.global_arrays, max_update_ratio)
             for msg, reason in rejected:
                 node = msg.metadata.src_node_id
@@ -234,9 +253,7 @@ def _recording(
                 report = HospitalReport.from_metrics(metrics, node_id=node)
                 self.round_log.reports.append(report)
                 self.round_log.names[node] = report.name
-                self.round_log.bytes_up += sum(
-                    nbytes(a) for a in msg.content.array_records.values()
-                )
+                self.round_log.bytes_up += received[id(msg)]
                 privacy = msg.content.config_records.get("privacy")
                 if privacy is not None:
                     self.round_log.accountants[report.hospital] = str(privacy["accountant"])
@@ -275,7 +292,7 @@ def build_strategy(
         from fedgan.federated.central_dp import central_dp_strategy
 
         return central_dp_strategy(
-            lambda base: _recording(base, round_log, cfg.max_update_ratio),
+            lambda base: _recording(base, round_log, cfg.max_update_ratio, cfg.message_dtype),
             common,
             privacy,
             num_hospitals=cfg.num_hospitals,
