@@ -11,10 +11,11 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
 from fedgan.config import Config, from_run_config, with_changes
-from fedgan.data import hospital_dataset, local_dataset
+from fedgan.data import hospital_dataset, local_dataset, local_pool, to_signed
 from fedgan.experiment import resolve
 from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
 from fedgan.federated.records import from_arrays, to_arrays
+from fedgan.federated.site_cache import cached_pool
 from fedgan.privacy import BudgetExhausted
 from fedgan.rundir import atomic_write_bytes, atomic_write_text
 from fedgan.runs.records import HospitalReport, PrivacySpent
@@ -71,14 +72,22 @@ def save_site_state(path: Path | None, optimizers: bytes, accountant: str, round
 def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
     """This site's data and hospital index.
 
-    A deployed SuperNode names its data with ``--node-config "data-path=..."``; a simulated one
-    gets ``partition-id``/``num-partitions`` and reads only its own share.
+    A deployed SuperNode names its data with ``--node-config "data-path=..."`` (and, with
+    ``cache-dir``, keeps the decoded images there between rounds, whose ClientApp processes
+    are fresh each time); a simulated one gets ``partition-id``/``num-partitions`` and reads
+    only its own share.
     """
     node = context.node_config
     if "data-path" in node:
         hospital = int(node.get("hospital-id", context.node_id % 1_000_000))
         fmt = str(node.get("data-format", ""))
-        return local_dataset(str(node["data-path"]), cfg.data, fmt), hospital
+        path = Path(str(node["data-path"])).expanduser()
+        if "cache-dir" in node and path.exists():
+            cache = Path(str(node["cache-dir"])).expanduser()
+            pool = cached_pool(path, cfg.data, fmt, cache,
+                               lambda: local_pool(str(path), cfg.data, fmt))  # fmt: skip
+            return TensorDataset(to_signed(pool.images), pool.labels), hospital
+        return local_dataset(str(path), cfg.data, fmt), hospital
     if "partition-id" in node:
         pid, parts = int(node["partition-id"]), int(node["num-partitions"])
         return hospital_dataset(cfg.data, cfg.run.seed, pid, parts), pid
@@ -127,17 +136,21 @@ def train(msg: Message, context: Context) -> Message:
     dataset, hospital = site_data(cfg, context)
 
     # 2. Take the global networks; keep this hospital's optimizer state from earlier rounds.
-    global_state = from_arrays(msg.content.array_records["arrays"])
+    global_state = from_arrays(msg.content.array_records["arrays"], cfg.federation.message_dtype)
     #    Its privacy accountant persists here too; a resumed run's server sends the history it
     #    checkpointed, and the longer of the two is used, so nothing spent is ever forgotten.
     #    A process that has not trained this run yet (a resumed study) reads the state the
     #    hospital kept on disk.
+    #    The optimizer state (as large as the networks) stays on the hospital's disk where it
+    #    has a state file, so it never travels with the context (which a simulation pickles
+    #    to and from its worker processes every round, and holds for every hospital).
     kept = context.state.config_records.get(_STATE_KEY, ConfigRecord())
-    blob = kept.get("optimizers")
-    optimizer_state = blob if isinstance(blob, bytes) else None
     path = state_file(cfg, context.node_config, hospital)
-    on_disk, disk_accountant = load_site_state(path) if optimizer_state is None else (None, None)
-    optimizer_state = optimizer_state or on_disk
+    if path is not None:
+        optimizer_state, disk_accountant = load_site_state(path)
+    else:
+        blob = kept.get("optimizers")
+        optimizer_state, disk_accountant = (blob if isinstance(blob, bytes) else None), None
     from_server = train_config.get(f"accountant.{hospital}")
     accountant = _longer_history(
         _longer_history(kept.get("accountant") or None, disk_accountant),  # type: ignore[arg-type]
@@ -158,10 +171,11 @@ def train(msg: Message, context: Context) -> Message:
         )
     except BudgetExhausted as exhausted:
         return Message(Error(code=BUDGET_ERROR_CODE, reason=str(exhausted)), reply_to=msg)
-    context.state[_STATE_KEY] = ConfigRecord(
-        {"optimizers": result.optimizer_state, "accountant": result.accountant}
-    )
     save_site_state(path, result.optimizer_state, result.accountant, round_)
+    kept_here = ConfigRecord({"accountant": result.accountant})
+    if path is None:  # no disk to keep it on: the context keeps it
+        kept_here["optimizers"] = result.optimizer_state
+    context.state[_STATE_KEY] = kept_here
 
     # 4. Reply with the trained networks and what the server needs to weigh and log them.
     report = HospitalReport(
@@ -176,7 +190,8 @@ def train(msg: Message, context: Context) -> Message:
         privacy=PrivacySpent(**result.privacy) if result.privacy else None,  # type: ignore[arg-type]
     )
     metrics = MetricRecord({**report.to_metrics(), UNIT_WEIGHT: 1})
-    content = RecordDict({"arrays": to_arrays(result.state), "metrics": metrics})
+    arrays = to_arrays(result.state, cfg.federation.message_dtype)
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     if result.accountant:
         content["privacy"] = ConfigRecord({"accountant": result.accountant})
     return Message(content=content, reply_to=msg)

@@ -82,13 +82,15 @@ def check_run_dir(cfg: Config) -> None:
 
 
 def federation_config(cfg: Config) -> dict[str, int | float]:
-    """Simulation settings: one SuperNode per hospital, one CPU each (Ray then sets one torch
-    thread per worker), a share of the GPU per hospital when there is one."""
+    """Simulation settings: one SuperNode per hospital; ``federation.concurrent_hospitals``
+    worker processes (one per CPU core by default), each training one hospital at a time with
+    one torch thread; a share of the GPU per hospital when there is one."""
     hospitals = cfg.federation.num_hospitals
+    workers = cfg.federation.concurrent_hospitals or max(1, os.cpu_count() or 1)
     fed: dict[str, int | float] = {
         "num_supernodes": hospitals,
         "client_resources_num_cpus": 1,
-        "init_args_num_cpus": max(1, os.cpu_count() or 1),
+        "init_args_num_cpus": workers,
     }
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         fed["client_resources_num_gpus"] = round(1.0 / min(hospitals, 8), 3)
