@@ -34,7 +34,7 @@ node="data-path='$DATA_PATH'"
 [[ -n "${DEVICE:-}" && "${DEVICE}" != auto ]] && node="$node device='$DEVICE'"
 [[ -n "${MAX_EPSILON:-}" ]] && node="$node max-epsilon=$MAX_EPSILON"
 [[ -n "${HOSPITAL_ID:-}" ]] && node="$node hospital-id=$HOSPITAL_ID"
-[[ -n "${STATE_DIR:-}" ]] && node="$node state-dir='$STATE_DIR'"
+node="$node state-dir='${STATE_DIR:-$home/state}' cache-dir='${CACHE_DIR:-$home/cache}'"
 
 cmd=("flower-supernode"
     --superlink "$SUPERLINK"
