@@ -136,3 +136,15 @@ def test_metrics_declare_their_direction(key: str, expected: str | None) -> None
     from fedgan.evaluation.metrics import direction
 
     assert direction(key) == expected
+
+
+def test_a_hospital_round_does_not_import_the_evaluation_stack() -> None:
+    """A deployed round is a fresh ClientApp process: importing it must not load what only the
+    server's evaluation uses (seconds of imports per round otherwise)."""
+    heavy = ("torchmetrics", "torchvision", "matplotlib", "fedgan.evaluation", "fedgan.report")
+    code = (
+        "import sys, fedgan.federated.client_app\n"
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
