@@ -2,12 +2,15 @@
 Flower simulation and once as a real deployment on this machine (the kits in server/ and
 clients/: TLS SuperLink with node authentication, one SuperNode per hospital, `flwr run`).
 
-    python benchmarks/deployment.py [--rounds 4] [--set key=value ...]
+    python benchmarks/deployment.py [--rounds 4] [--steps 20,300] [--set key=value ...]
 
-Where the time goes is read from metrics.jsonl: each hospital's own training time against the
-round's wall time (the rest is process start-up, transfer and aggregation). Prints one JSON line
-with `deployment_round_ratio` (deployment / simulation round time, steady state: round 1 is
-dropped).
+Run at two round lengths (20 local steps: about 2 s of training here; 300: about 30 s). Where
+the time goes is read from metrics.jsonl: each hospital's own training time against the
+round's wall time (the rest, ``deployment_fixed_s``, is the SuperNode's polling, the ClientApp
+process start-up, transfer and aggregation); the ClientApp's import time and a site's data
+read (decoded, then from the site cache) are measured on their own. Prints one JSON line per
+round length, then one with ``deployment_round_ratio_<steps>_steps`` (deployment / simulation
+round time, steady state: round 1 is dropped) for each.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def steady(records: list[dict]) -> dict[str, float]:
 
 
 def deploy(cfg, root: Path, data: list[Path]) -> list[dict]:
+    root.mkdir(parents=True, exist_ok=True)
     coord = root / "coordinator"
     kit("server/make-certs.sh", str(coord / "certs"))
     port = free_port()
@@ -102,42 +106,99 @@ def export_folders(cfg, root: Path) -> list[Path]:
     return folders
 
 
+def import_seconds() -> float:
+    """Wall time of a fresh process importing the ClientApp (what each deployed round pays
+    before it trains, besides the interpreter itself)."""
+    code = (
+        "import time; t = time.perf_counter(); import fedgan.federated.client_app; "
+        "print(time.perf_counter() - t)"
+    )
+    times = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env=ENV)  # fmt: skip
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def data_seconds(cfg, folder: Path, cache: Path) -> tuple[float, float]:
+    """``(decode, cached)``: seconds to read a site's folder, first decoding its files, then
+    from the site cache a later round finds."""
+    from fedgan.data import local_pool
+    from fedgan.federated.site_cache import cached_pool
+
+    def read():
+        local_pool.cache_clear()
+        return local_pool(str(folder), cfg.data, "folder")
+
+    t0 = time.perf_counter()
+    cached_pool(folder, cfg.data, "folder", cache, read)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cached_pool(folder, cfg.data, "folder", cache, read)
+    return cold, time.perf_counter() - t0
+
+
+def compare(args: argparse.Namespace, steps: int, root: Path) -> dict[str, float]:
+    """Simulation and deployment of the same plan with ``steps`` local steps per round."""
+    base = [
+        "federation.num_hospitals=2",
+        f"federation.num_rounds={args.rounds}",
+        f"train.local_steps={steps}",
+        "eval.every=1000",
+        "eval.metrics=",
+        "eval.final_metrics=",
+        "train.device=cpu",
+        *args.overrides,
+    ]
+    sim_cfg = load_config(None, [f"run.output_dir={root}", f"run.name=sim{steps}", *base])
+    t0 = time.perf_counter()
+    simulate(sim_cfg)
+    sim_wall = time.perf_counter() - t0
+    sim = steady(RunDir(sim_cfg.run_dir).read_metrics())
+    dep_cfg = load_config(None, [f"run.output_dir={root}", f"run.name=dep{steps}", *base])
+    t0 = time.perf_counter()
+    folders = export_folders(sim_cfg, root / f"data{steps}")
+    dep = steady(deploy(dep_cfg, root / f"deploy{steps}", folders))
+    dep_wall = time.perf_counter() - t0
+    return {
+        "local_steps": steps,
+        "simulation_round_s": round(sim["round_s"], 3),
+        "simulation_train_s": round(sim["train_s"], 3),
+        "simulation_wall_s": round(sim_wall, 1),
+        "deployment_round_s": round(dep["round_s"], 3),
+        "deployment_train_s": round(dep["train_s"], 3),
+        "deployment_wall_s": round(dep_wall, 1),
+        "deployment_fixed_s": round(dep["round_s"] - dep["train_s"], 3),
+        "deployment_round_ratio": round(dep["round_s"] / sim["round_s"], 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--steps", default="20,300", help="local steps per round (about 2 s and 30 s here)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    out: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = [
-            "federation.num_hospitals=2",
-            f"federation.num_rounds={args.rounds}",
-            "eval.every=1000",
-            "train.device=cpu",
-            *args.overrides,
-        ]
-        sim_cfg = load_config(None, [f"run.output_dir={root}", "run.name=sim", *base])
-        t0 = time.perf_counter()
-        simulate(sim_cfg)
-        sim_wall = time.perf_counter() - t0
-        sim = steady(RunDir(sim_cfg.run_dir).read_metrics())
-        dep_cfg = load_config(None, [f"run.output_dir={root}", "run.name=dep", *base])
-        t0 = time.perf_counter()
-        dep = steady(deploy(dep_cfg, root, export_folders(sim_cfg, root)))
-        dep_wall = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {
-                "simulation_round_s": round(sim["round_s"], 3),
-                "simulation_train_s": round(sim["train_s"], 3),
-                "simulation_wall_s": round(sim_wall, 1),
-                "deployment_round_s": round(dep["round_s"], 3),
-                "deployment_train_s": round(dep["train_s"], 3),
-                "deployment_wall_s": round(dep_wall, 1),
-                "deployment_round_ratio": round(dep["round_s"] / sim["round_s"], 3),
-            }
-        )
-    )
+        rows = []
+        for steps in (int(x) for x in args.steps.split(",")):
+            rows.append(compare(args, steps, root))
+            print(json.dumps(rows[-1]), flush=True)
+        cfg = load_config(None, ["federation.num_hospitals=2", *args.overrides])
+        folder = root / f"data{rows[0]['local_steps']}" / "data0"
+        cold, cached = data_seconds(cfg, folder, root / "cache-check")
+    out["clientapp_import_s"] = round(import_seconds(), 3)
+    out["site_data_decode_s"] = round(cold, 3)
+    out["site_data_cached_s"] = round(cached, 3)
+    out["rows"] = rows
+    for row in rows:
+        out[f"deployment_round_ratio_{row['local_steps']}_steps"] = row["deployment_round_ratio"]
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -394,7 +394,7 @@ class EvalSection:
         use_training_images: Let the server read the simulated hospitals' training images for
             memorization checks (a deployed server never has them: set false there).
         background: Evaluate in a separate process while the next round trains (at the
-            lowest CPU priority; the same metrics as evaluating in line). False evaluates on
+            low CPU priority; the same metrics as evaluating in line). False evaluates on
             the round's path, as the centralized and federated runs did before.
     """
 

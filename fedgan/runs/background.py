@@ -3,11 +3,10 @@ while the next round trains.
 
 The process starts with the run and prepares what every evaluation shares (the real data, the
 domain feature network, the real features) at once, so none of it lands on a round. On a CPU
-it runs at the lowest scheduling priority: it takes the cores only when training leaves them
-idle (between waves of hospitals, while messages travel, while the server waits), and the
-training processes keep them otherwise. It computes exactly what the synchronous evaluator
-computes (same code, same seeds, same number of threads); the recorder writes the results into
-the rounds' records, in round order.
+it runs at a low scheduling priority: it takes what training leaves idle (between waves of
+hospitals, while messages travel, while the server waits) and a small share besides. It
+computes exactly what the synchronous evaluator computes (same code, same seeds, same number of
+threads); the recorder writes the results into the rounds' records, in round order.
 """
 
 from __future__ import annotations
@@ -34,16 +33,19 @@ logger = logging.getLogger(__name__)
 #: Run first in the evaluation process, before torch starts its threads (which inherit it).
 #: Linux shares the CPU fairly between sessions before it looks at nice values within one
 #: (autogroups), and the simulation's hospitals run in sessions of their own: so the process
-#: starts its own session (``start_new_session``) and gives that session the lowest weight,
-#: as well as its own threads. Where either is not permitted it runs at normal priority.
+#: starts its own session (``start_new_session``) and gives that session, and its own threads,
+#: nice 10 (a tenth of a normal process's weight). At 19 (a seventieth) it was starved while
+#: hospitals trained and every evaluation waited for the end of the run; at 10 the default
+#: job's rounds are as fast as without evaluation and the evaluations keep up
+#: (``benchmarks/eval_overlap.py``). Where either is not permitted it runs at normal priority.
 _LOW_PRIORITY = """import os
 try:
     with open("/proc/self/autogroup", "w") as f:
-        f.write("19")
+        f.write("10")
 except OSError:
     pass
 try:
-    os.nice(19)
+    os.nice(10)
 except OSError:
     pass
 """
