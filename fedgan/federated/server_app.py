@@ -14,6 +14,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedgan.config import Config, from_run_config, with_changes
 from fedgan.experiment import resolve
+from fedgan.federated.grid import PromptGrid
 from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.federated.strategies import RoundLog, build_strategy
 from fedgan.privacy.accounting import BUDGET_EXHAUSTED
@@ -117,6 +118,7 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     Returns:
         The run's summary (also written to ``summary.json``).
     """
+    grid = PromptGrid(grid)
     recorder = RunRecorder(cfg, "federated", log=lambda line: log(INFO, line))
     # Check the federation before anything is written, so a mis-sized one leaves no run behind.
     connected = wait_for_hospitals(grid, cfg, timeout=cfg.federation.connect_timeout)
