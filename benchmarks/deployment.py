@@ -42,11 +42,17 @@ def kit(script: str, *args: str, **env: str) -> None:
 
 def steady(records: list[dict]) -> dict[str, float]:
     later = records[1:] or records
+
+    def slowest(key: str) -> float:
+        return statistics.median(
+            max(h.get(key, 0.0) for h in r["hospitals"].values()) for r in later
+        )
+
     return {
         "round_s": statistics.median(r["round_seconds"] for r in later),
-        "train_s": statistics.median(
-            max(h["train_seconds"] for h in r["hospitals"].values()) for r in later
-        ),
+        "train_s": slowest("train_seconds"),
+        "startup_s": slowest("startup_seconds"),
+        "data_s": slowest("data_seconds"),
     }
 
 
@@ -170,6 +176,11 @@ def compare(args: argparse.Namespace, steps: int, root: Path) -> dict[str, float
         "deployment_train_s": round(dep["train_s"], 3),
         "deployment_wall_s": round(dep_wall, 1),
         "deployment_fixed_s": round(dep["round_s"] - dep["train_s"], 3),
+        # of which: the ClientApp process's start (interpreter, imports, app install, message
+        # transfer) and the site's data read; the rest is the SuperNode's 3 s poll (1.5 s on
+        # average), its 0.5 s wait for the reply, the reply's transfer and the server's part
+        "deployment_startup_s": round(dep["startup_s"], 3),
+        "deployment_data_s": round(dep["data_s"], 3),
         "deployment_round_ratio": round(dep["round_s"] / sim["round_s"], 3),
     }
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import psutil
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
@@ -96,6 +98,14 @@ def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
     )
 
 
+def _process_age() -> float:
+    """Seconds since this process started (a deployed round's ClientApp is a fresh one)."""
+    try:
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except psutil.Error:
+        return 0.0
+
+
 class SitePolicyError(ValueError):
     """The run asks for something this site's SuperNode config does not allow."""
 
@@ -125,6 +135,7 @@ def site_config(cfg: Config, node: Mapping[str, object]) -> Config:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One federated round at one hospital."""
+    startup = _process_age() if "data-path" in context.node_config else 0.0
     try:
         cfg = resolve(site_config(from_run_config(context.run_config), context.node_config))
     except SitePolicyError as refused:
@@ -132,8 +143,10 @@ def train(msg: Message, context: Context) -> Message:
     train_config = msg.content.config_records["config"]
     round_ = int(train_config["server-round"]) + int(train_config.get("round-offset", 0))  # type: ignore[arg-type]
 
-    # 1. Load this hospital's data (cached in the process across rounds).
+    # 1. Load this hospital's data (cached in the process, and on a site's disk, across rounds).
+    t0 = time.perf_counter()
     dataset, hospital = site_data(cfg, context)
+    data_seconds = time.perf_counter() - t0
 
     # 2. Take the global networks; keep this hospital's optimizer state from earlier rounds.
     global_state = from_arrays(msg.content.array_records["arrays"], cfg.federation.message_dtype)
@@ -188,6 +201,8 @@ def train(msg: Message, context: Context) -> Message:
         train_seconds=result.stats.seconds,
         optimizer_steps=result.optimizer_steps,
         privacy=PrivacySpent(**result.privacy) if result.privacy else None,  # type: ignore[arg-type]
+        startup_seconds=startup,
+        data_seconds=data_seconds,
     )
     metrics = MetricRecord({**report.to_metrics(), UNIT_WEIGHT: 1})
     arrays = to_arrays(result.state, cfg.federation.message_dtype)

@@ -8,7 +8,7 @@ on the server (``from_metrics``): the keys are written and parsed in this one pl
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 NAN = float("nan")
@@ -43,6 +43,12 @@ class HospitalReport:
             together (its state survives rounds, and a resumed study).
         privacy: Under DP-SGD, what it has spent so far.
         node_id: The SuperNode that sent it (known on the server only).
+        startup_seconds: On a deployed site, seconds from the start of the round's ClientApp
+            process to the start of its work: the interpreter, Flower's and fedgan's imports,
+            the app's installation, the message's transfer (0 where the process outlives the
+            round, as a simulation's workers do).
+        data_seconds: Seconds it took to load the site's data this round (from the site cache
+            after the first round of a deployed site).
     """
 
     hospital: int
@@ -55,6 +61,8 @@ class HospitalReport:
     optimizer_steps: int = 0
     privacy: PrivacySpent | None = None
     node_id: int = -1
+    startup_seconds: float = 0.0
+    data_seconds: float = 0.0
 
     #: The metric-record key of ``num_examples`` (what Flower's FedAvg weighs by).
     WEIGHT_KEY = "num-examples"
@@ -83,6 +91,7 @@ class HospitalReport:
                 f.name: metrics[f.name.replace("_", "-")]
                 for f in fields(cls)
                 if f.name not in ("privacy", "node_id")
+                and (f.name.replace("_", "-") in metrics or f.default is MISSING)
             }
             privacy = None
             if "privacy-epsilon" in metrics:
@@ -115,6 +124,9 @@ class HospitalReport:
             "train_seconds": self.train_seconds,
             "optimizer_steps": self.optimizer_steps,
         }
+        if self.startup_seconds or self.data_seconds:
+            out["startup_seconds"] = self.startup_seconds
+            out["data_seconds"] = self.data_seconds
         if self.privacy is not None:
             out.update(asdict(self.privacy))
         return out
