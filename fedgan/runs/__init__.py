@@ -12,7 +12,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedgan.runs.recorder import RunRecorder, make_evaluator
+    from fedgan.runs.evaluators import make_evaluator
+    from fedgan.runs.recorder import RunRecorder
     from fedgan.runs.records import Failure, HospitalReport, PrivacySpent, RoundRecord
 
 _WHERE = {
@@ -21,7 +22,7 @@ _WHERE = {
     "PrivacySpent": "fedgan.runs.records",
     "RoundRecord": "fedgan.runs.records",
     "RunRecorder": "fedgan.runs.recorder",
-    "make_evaluator": "fedgan.runs.recorder",
+    "make_evaluator": "fedgan.runs.evaluators",
 }
 
 __all__ = [

@@ -73,7 +73,7 @@ class Result:
 def _serve(cfg: Config, samples_dir: str, threads: int, jobs: Any, send: Any) -> None:
     """The evaluation process: prepare, then evaluate each job until ``None`` arrives."""
     torch.set_num_threads(threads)
-    from fedgan.runs.recorder import make_evaluator
+    from fedgan.runs.evaluators import make_evaluator
 
     evaluator = make_evaluator(cfg, Path(samples_dir))
     try:

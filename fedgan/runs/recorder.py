@@ -14,15 +14,13 @@ from typing import Any
 import torch
 
 from fedgan.config import Config, dump_yaml
-from fedgan.evaluation import CentralEvaluator, PairedEvaluator
-from fedgan.models import ImageShape, pack_state
+from fedgan.models import pack_state
 from fedgan.report import plot_metrics
 from fedgan.rundir import RunDir, UnreadableCheckpoint
 from fedgan.runs.background import BackgroundEvaluator, EvaluatorDied
+from fedgan.runs.evaluators import Evaluator, make_evaluator
 from fedgan.runs.records import RoundRecord
-from fedgan.training import Objective, make_objective, networks_for
-
-Evaluator = CentralEvaluator | PairedEvaluator
+from fedgan.training import make_objective, networks_for
 
 #: Evaluations that may be owed before a round waits for the oldest (they cost no memory:
 #: the evaluation process reads each round's weights from its checkpoint).
@@ -36,16 +34,6 @@ class _Pending:
     line: dict[str, Any]  # the round's record, without its evaluation
     checkpoint: Path
     awaiting: bool  # its evaluation is still in the evaluation process
-
-
-def make_evaluator(cfg: Config, samples_dir: Path, objective: Objective | None = None) -> Evaluator:
-    """The central evaluator of ``cfg``'s task: generated-image metrics for an objective that
-    generates from noise, paired metrics against its classical baselines for an image-to-image
-    one."""
-    objective = objective or make_objective(cfg)
-    if objective.paired:
-        return PairedEvaluator(cfg, samples_dir, objective)  # type: ignore[arg-type]
-    return CentralEvaluator(cfg, ImageShape(cfg.data.channels, cfg.data.image_size), samples_dir)
 
 
 class RunRecorder:
