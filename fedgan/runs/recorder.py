@@ -247,6 +247,10 @@ class RunRecorder:
     def flush(self) -> None:
         """Commits every pending round (waiting for its evaluation) and stops the evaluation
         process. Also called when a run ends early, so every whole round is kept."""
+        owed = sum(p.awaiting for p in self.pending)
+        if owed:
+            self.log(f"[{self.mode}] waiting for the evaluation of {owed} round(s) still "
+                     "running in the evaluation process")  # fmt: skip
         try:
             self._commit(block=True)
         finally:
