@@ -40,6 +40,7 @@ _DECLARED: dict[Registry[Any], dict[str, tuple[str, ...]]] = {
         "fedgan.training.objectives.enhance": ("enhance",),
         "fedgan.training.objectives.super_resolution": ("super-resolution",),
         "fedgan.training.objectives.translate": ("translate",),
+        "fedgan.training.objectives.inpaint": ("inpaint",),
     },
     STRATEGIES: {
         "fedgan.federated.strategies": (
@@ -73,7 +74,18 @@ _DECLARED: dict[Registry[Any], dict[str, tuple[str, ...]]] = {
             "ms_ssim_diversity",
             "tstr_auc",
         ),
-        "fedgan.evaluation.paired": ("mae", "ms_ssim", "nmi", "psnr", "ssim"),
+        "fedgan.evaluation.paired": (
+            "gmsd",
+            "hole",
+            "lpips",
+            "mae",
+            "ms_gmsd",
+            "ms_ssim",
+            "mse",
+            "nmi",
+            "psnr",
+            "ssim",
+        ),
     },
     DATASETS: {"fedgan.data.sources": ("phantom", "medmnist", "folder", "dicom", "nifti")},
     PARTITIONERS: {"fedgan.data.partition": ("iid", "dirichlet", "quantity", "site-shift")},

@@ -173,7 +173,8 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     check_trained(ckpt)
     check_out_folder(Path(args.out), args.force)
     written = enhance_files(cfg, ckpt["state"], Path(args.input), Path(args.out),
-                            native=args.native)  # fmt: skip
+                            native=args.native,
+                            mask=Path(args.mask) if args.mask else None)  # fmt: skip
     print(f"fedgan: wrote {len(written)} image(s) to {args.out}")
     return 0
 
@@ -195,13 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.set_defaults(func=func)
     p = sub.add_parser("enhance", help="apply a trained image-to-image generator to images")
-    p.add_argument("--run", required=True, help="a run of task enhance/super-resolution/translate")
+    p.add_argument("--run", required=True,
+                   help="a run of task enhance/super-resolution/translate/inpaint")  # fmt: skip
     p.add_argument("--input", required=True, help="an image, DICOM or NIfTI file, or a folder")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
     p.add_argument("--native", action="store_true",
                    help="apply the generator at each image's own size instead of resizing it "
                         "to the model's input size")  # fmt: skip
+    p.add_argument(
+        "--mask",
+        help="inpaint runs: an image of the hole (non-zero = missing), applied to every input; "
+        "default: each image's zero pixels",
+    )
     p.add_argument("--force", action="store_true", help="write into a folder that holds files")
     p.set_defaults(func=cmd_enhance)
     p = sub.add_parser("compare", help="centralized vs federated (and variants), one report")

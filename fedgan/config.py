@@ -389,6 +389,9 @@ class EvalSection:
         final_metrics: Metrics computed once more at the last round (Inception ``fid_2k`` and
             ``kid_2k`` cost minutes on CPU; add them here or run ``fedgan evaluate``).
         inception_weights: Local file of the FID Inception weights; empty downloads them.
+        lpips_weights: A folder holding LPIPS's weights (torchvision's
+            ``vgg16-397923af.pth`` and piq's ``lpips_weights.pt``); ``download`` fetches
+            them; empty leaves LPIPS out of the image-to-image metrics.
         cache_dir: Where extractor weights and real-data features are cached; empty means
             ``<run.output_dir>/.cache``.
         use_training_images: Let the server read the simulated hospitals' training images for
@@ -403,6 +406,7 @@ class EvalSection:
     metrics: str = "domain_fd_1k,domain_kd_1k,domain_prdc_1k,ms_ssim_diversity"
     final_metrics: str = "memorization_1k,tstr_auc"
     inception_weights: str = ""
+    lpips_weights: str = ""
     cache_dir: str = ""
     use_training_images: bool = True
     background: bool = True
@@ -440,7 +444,8 @@ class TaskSection:
         name: ``synthesis`` (the GAN families of ``model.family``), ``enhance`` (pix2pix:
             U-Net generator, PatchGAN discriminator, adversarial + L1), ``super-resolution``
             (SRGAN/ESRGAN-style residual generator with pixel-shuffle upsampling) or
-            ``translate`` (CycleGAN between two domains).
+            ``translate`` (CycleGAN between two domains) or ``inpaint`` (fill masked holes:
+            U-Net given the image with its hole and the mask, PatchGAN, adversarial + L1).
         degradation: ``enhance``: how clean images become inputs: ``noise`` (low-dose-like:
             Poisson photon noise plus Gaussian read noise), ``blur``, or ``noise+blur``.
         noise_sigma: Gaussian read-noise std (images in [0, 1]).
@@ -459,6 +464,11 @@ class TaskSection:
             MR-like tissue contrast (so the translation has a ground truth).
         cycle_weight: ``translate``: cycle-consistency weight.
         identity_weight: ``translate``: identity-loss weight.
+        hole: ``inpaint``: the shape of the seeded holes: ``box`` (one rectangle), ``stroke``
+            (an irregular brush stroke), or ``mixed`` (either, half the images each).
+        hole_fraction: ``inpaint``: the share of each image's pixels a hole covers (a stroke
+            covers exactly ``round(hole_fraction * size**2)`` pixels; a box the nearest
+            rectangle of sides at most one pixel apart).
     """
 
     name: str = "synthesis"
@@ -476,9 +486,14 @@ class TaskSection:
     target: str = "mr-contrast"
     cycle_weight: float = 10.0
     identity_weight: float = 5.0
+    hole: str = "mixed"
+    hole_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         _check_choice("task.degradation", self.degradation, ["noise", "blur", "noise+blur"])
+        _check_choice("task.hole", self.hole, ["box", "stroke", "mixed"])
+        if not 0 < self.hole_fraction <= 0.5:
+            _fail("task.hole_fraction", f"must be in (0, 0.5], got {self.hole_fraction}")
         _check_choice("task.perceptual", self.perceptual, ["discriminator", "vgg", "none"])
         _check_choice("task.target", self.target, ["mr-contrast"])
         if self.scale not in (2, 4):

@@ -44,6 +44,7 @@ def resolve(cfg: Config) -> Config:
         unknown = [n for n in names if n not in METRICS]
         if unknown:
             _fail(key, f"unknown metric(s) {unknown}; known: {', '.join(METRICS.names())}")
+    _check_lpips(cfg)
     _check_privacy(cfg)
     _check_federation(cfg)
     if cfg.task.name == "super-resolution" and cfg.data.image_size // cfg.task.scale < 8:
@@ -53,6 +54,28 @@ def resolve(cfg: Config) -> Config:
             "raise data.image_size or lower task.scale",
         )
     return cfg
+
+
+def _check_lpips(cfg: Config) -> None:
+    weights = cfg.eval.lpips_weights
+    named = "lpips" in cfg.eval.metric_list + cfg.eval.final_metric_list
+    files = ("vgg16-397923af.pth", "lpips_weights.pt")
+    if named and not weights:
+        _fail(
+            "eval.lpips_weights",
+            f"LPIPS needs its weights: set it to a folder holding {' and '.join(files)}, "
+            "or to download",
+        )
+    if weights and weights != "download":
+        from pathlib import Path
+
+        missing = [f for f in files if not (Path(weights) / f).is_file()]
+        if missing:
+            _fail(
+                "eval.lpips_weights",
+                f"{weights!r} lacks {', '.join(missing)}; put torchvision's VGG16 and piq's "
+                "LPIPS weights there, or set it to download",
+            )
 
 
 def _check_privacy(cfg: Config) -> None:

@@ -157,15 +157,6 @@ def test_evaluator_writes_metrics_curves_and_pictures(toy_config: Config) -> Non
     assert (rd.samples / "memorization_0002.png").exists()
 
 
-def test_paired_metrics() -> None:
-    g = torch.Generator().manual_seed(0)
-    target = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
-    slight = fn.paired_metrics(target + 0.02 * torch.randn(target.shape, generator=g), target)
-    heavy = fn.paired_metrics(target + 0.3 * torch.randn(target.shape, generator=g), target)
-    assert slight["psnr"] > heavy["psnr"] and slight["ssim"] > heavy["ssim"]
-    assert slight["mae"] < heavy["mae"] and slight["nmi"] > heavy["nmi"]
-
-
 @pytest.mark.slow
 def test_inception_fid_and_kid_with_the_standard_weights(inception_weights) -> None:
     from fedgan.data.phantom import render_phantoms

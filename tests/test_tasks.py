@@ -184,7 +184,12 @@ def test_enhance_command_on_png_dicom_and_nifti(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("task", "strategy"),
-    [("enhance", "fedavg"), ("super-resolution", "fedadam"), ("translate", "fedmedian")],
+    [
+        ("enhance", "fedavg"),
+        ("super-resolution", "fedadam"),
+        ("translate", "fedmedian"),
+        ("inpaint", "fedavgm"),
+    ],
 )
 def test_federated_rounds_of_each_task(task: str, strategy: str, tmp_path: Path) -> None:
     args = [sys.executable, "-m", "fedgan.cli", "simulate"]
@@ -202,7 +207,10 @@ def test_federated_rounds_of_each_task(task: str, strategy: str, tmp_path: Path)
     ]
     assert [r["round"] for r in records] == [1, 2]
     ev = records[-1]["eval"]
-    assert {"psnr", "ssim", "ms_ssim", "nmi", "mae", "psnr_gain"} <= set(ev)
+    paired = {"psnr", "ssim", "ms_ssim", "gmsd", "ms_gmsd", "nmi", "mae", "mse", "psnr_gain"}
+    assert paired <= set(ev)
+    if task == "inpaint":
+        assert {"hole_psnr", "biharmonic_hole_psnr", "hole_psnr_gain"} <= set(ev)
     assert len(records[-1]["hospitals"]) == 2
     ckpt = torch.load(tmp_path / "i2i" / "checkpoints" / "round_0002.pt", weights_only=True)
     prefixes = {k.split(".")[0] for k in ckpt["state"]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +67,68 @@ def mr_contrast(x: torch.Tensor) -> torch.Tensor:
     u = (x + 1) / 2
     v = 1.6 * torch.exp(-((u - 0.45) ** 2) / (2 * 0.18**2)) * torch.sigmoid((u - 0.12) * 30)
     return (v.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def hole_masks(
+    n: int, size: int, shape: str, fraction: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Seeded ``[n, 1, size, size]`` hole masks (1 = missing) for ``inpaint``.
+
+    Args:
+        n: How many masks.
+        size: Their side in pixels.
+        shape: ``box`` (one near-square rectangle at a random place), ``stroke`` (a brush
+            stroke: a random walk of discs of radius ``size // 16``, starting afresh where it
+            gets stuck), or ``mixed`` (each mask one or the other, with equal chance).
+        fraction: The share of pixels a hole covers: a stroke covers exactly
+            ``round(fraction * size**2)`` pixels (its last disc is cut short), a box has sides
+            ``round(sqrt(target))`` and ``round(target / side)``.
+        gen: The seed's generator (one draw per call; the same state gives the same masks).
+    """
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    target = max(1, round(fraction * size * size))
+    out = np.zeros((n, 1, size, size), dtype=np.float32)
+    for i in range(n):
+        kind = shape if shape != "mixed" else ("box" if rng.random() < 0.5 else "stroke")
+        out[i, 0] = _box(size, target, rng) if kind == "box" else _stroke(size, target, rng)
+    return torch.from_numpy(out)
+
+
+def _box(size: int, target: int, rng: np.random.Generator) -> np.ndarray:
+    h = min(size, max(1, round(target**0.5)))
+    w = min(size, max(1, round(target / h)))
+    top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+    mask = np.zeros((size, size), dtype=np.float32)
+    mask[top : top + h, left : left + w] = 1
+    return mask
+
+
+def _stroke(size: int, target: int, rng: np.random.Generator) -> np.ndarray:
+    r = max(1, size // 16)
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    inside = dy**2 + dx**2 <= r * r
+    dy, dx = dy[inside], dx[inside]
+    mask = np.zeros((size, size), dtype=np.float32)
+    count, stuck = 0, 0
+    y, x, angle = rng.uniform(r, size - r), rng.uniform(r, size - r), rng.uniform(0, 2 * np.pi)
+    while count < target:
+        py, px = int(y) + dy, int(x) + dx
+        ok = (py >= 0) & (py < size) & (px >= 0) & (px < size)
+        py, px = py[ok], px[ok]
+        new = mask[py, px] == 0
+        py, px = py[new][: target - count], px[new][: target - count]
+        mask[py, px] = 1
+        count += len(py)
+        stuck = 0 if len(py) else stuck + 1
+        if stuck > 8:  # boxed in by its own stroke: start a new one elsewhere
+            y, x = rng.uniform(0, size), rng.uniform(0, size)
+            stuck = 0
+        angle += rng.normal(0, 0.6)
+        y = float(np.clip(y + r * np.sin(angle), 0, size - 1))
+        x = float(np.clip(x + r * np.cos(angle), 0, size - 1))
+    return mask
+
+
+def mask_images(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with its hole (``mask`` = 1) set to 0, mid-grey in [-1, 1]."""
+    return x * (1 - mask)

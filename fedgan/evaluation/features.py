@@ -195,3 +195,73 @@ class InceptionFeatures:
                 x = x.repeat(1, 3, 1, 1)
             out.append(self.model(x.to(self.device)).cpu().double())
         return torch.cat(out)
+
+
+class LPIPSDistance:
+    """LPIPS (Zhang et al. 2018): VGG16 features with the learned linear weights, through
+    ``piq``; grey images are repeated to three channels.
+
+    Args:
+        weights_dir: A folder holding ``vgg16-397923af.pth`` (torchvision's ImageNet VGG16; its
+            ``features.*`` entries suffice) and ``lpips_weights.pt`` (piq's release v0.4.0),
+            the files a download would fetch; ``download`` lets piq and torchvision fetch them.
+        device: Where to run it.
+
+    Raises:
+        FileNotFoundError: A file missing from ``weights_dir`` (one line naming it and the fix).
+    """
+
+    VGG_FILE = "vgg16-397923af.pth"
+    LINEAR_FILE = "lpips_weights.pt"
+    LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+
+    def __init__(self, weights_dir: str, device: torch.device) -> None:
+        from piq.perceptual import VGG16_LAYERS, ContentLoss
+
+        self.device = device
+        if weights_dir == "download":
+            import piq
+
+            try:
+                self.model: nn.Module = piq.LPIPS(reduction="none")
+            except Exception as err:  # offline, proxy, ...
+                raise FileNotFoundError(
+                    f"LPIPS weights could not be downloaded ({type(err).__name__}); set "
+                    "eval.lpips_weights to a folder holding "
+                    f"{self.VGG_FILE} and {self.LINEAR_FILE}"
+                ) from err
+        else:
+            from torchvision.models import vgg16
+
+            folder = Path(weights_dir)
+            for name in (self.VGG_FILE, self.LINEAR_FILE):
+                if not (folder / name).is_file():
+                    raise FileNotFoundError(
+                        f"eval.lpips_weights: {folder / name} does not exist; put torchvision's "
+                        f"{self.VGG_FILE} and piq's {self.LINEAR_FILE} in {folder}, or set "
+                        "eval.lpips_weights=download where the network is reachable"
+                    )
+            state = torch.load(folder / self.VGG_FILE, map_location="cpu", weights_only=True)
+            features = vgg16(weights=None).features
+            own = {k.removeprefix("features."): v for k, v in state.items() if "features." in k}
+            features.load_state_dict(own)
+            linear = torch.load(folder / self.LINEAR_FILE, map_location="cpu", weights_only=True)
+            self.model = ContentLoss(
+                features, layers=[VGG16_LAYERS[n] for n in self.LAYERS], weights=list(linear),
+                normalize_features=True, distance="mse", reduction="none",
+            )  # fmt: skip
+        # LPIPS reads relu5_3 and never the last pooling, which images under 32 px cannot take.
+        body = self.model.model
+        if isinstance(body, nn.Sequential) and isinstance(body[-1], nn.MaxPool2d):
+            self.model.model = body[:-1]
+        self.model.to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS per image of ``[N, C, H, W]`` images in [0, 1] (0 for identical images)."""
+        out = []
+        for a, b in zip(x.split(64), y.split(64), strict=True):
+            if a.shape[1] == 1:
+                a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
+            out.append(self.model(a.float().to(self.device), b.float().to(self.device)).cpu())
+        return torch.cat(out)

@@ -4,12 +4,61 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torchmetrics.functional.image import (
-    multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
+
+#: SSIM's protocol (Wang et al. 2004): an 11-pixel Gaussian window of sigma 1.5, K1 = 0.01,
+#: K2 = 0.03, averaged over the window positions inside the image (no padded borders), per
+#: image; the same as ``skimage.metrics.structural_similarity(gaussian_weights=True,
+#: sigma=1.5, use_sample_covariance=False)``.
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+#: MS-SSIM's protocol (Wang et al. 2003). From 161 px: the paper's 5 scales, 11-pixel window
+#: and weights. Below: 3 scales (fewer under 17 px, where 3 do not fit) with a 5-pixel Gaussian
+#: window of sigma 1.5, weighted by the paper's three middle weights scaled to sum to 1 (a
+#: 28-32 px image is a coarse view already, so its finest scale stands for the paper's second).
+#: Scales are 2x2 average pools; each SSIM term is averaged over window positions inside the
+#: image, as above; negative terms count as 0 (as in the paper's code and pytorch-msssim).
+MS_SSIM_FULL = (11, 1.5, (0.0448, 0.2856, 0.3001, 0.2363, 0.1333))
+MS_SSIM_SMALL = (5, 1.5, (0.2856, 0.3001, 0.2363))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM per image of ``[N, C, H, W]`` images in [0, 1] under :data:`SSIM_WINDOW`'s
+    protocol (channels averaged).
+
+    Raises:
+        ValueError: Images smaller than the 11-pixel window.
+    """
+    import piq
+
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW} px, got {x.shape[-1]}")
+    return piq.ssim(x.float(), y.float(), kernel_size=SSIM_WINDOW, kernel_sigma=SSIM_SIGMA,
+                    data_range=1.0, reduction="none", downsample=False)  # fmt: skip
+
+
+def ms_ssim_protocol(size: int) -> tuple[int, float, tuple[float, ...]]:
+    """``(window, sigma, scale weights)`` MS-SSIM uses on ``size``-pixel images (see
+    :data:`MS_SSIM_SMALL`); the weights as given, before they are scaled to sum to 1."""
+    if size >= 161:
+        return MS_SSIM_FULL
+    window, sigma, weights = MS_SSIM_SMALL
+    levels = len(weights)
+    while levels > 1 and (window - 1) * 2 ** (levels - 1) + 1 > size:
+        levels -= 1
+    return window, sigma, weights[:levels]
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MS-SSIM per image of ``[N, C, H, W]`` images in [0, 1] under the protocol of
+    :func:`ms_ssim_protocol` (through ``piq``, which scales the weights to sum to 1)."""
+    import piq
+
+    window, sigma, weights = ms_ssim_protocol(min(x.shape[-2:]))
+    if len(weights) == 1:  # one scale: plain SSIM with the small window
+        return piq.ssim(x.float(), y.float(), kernel_size=window, kernel_sigma=sigma,
+                        data_range=1.0, reduction="none", downsample=False)  # fmt: skip
+    return piq.multi_scale_ssim(x.float(), y.float(), kernel_size=window, kernel_sigma=sigma,
+                                data_range=1.0, reduction="none",
+                                scale_weights=torch.tensor(weights))  # fmt: skip
 
 
 def _stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,11 +91,23 @@ def kernel_distance(
     """KID: unbiased MMD^2 with the cubic polynomial kernel ``(x.y/d + 1)^3``, averaged over
     random subsets (Binkowski et al. 2018).
 
+    Each subset holds ``subset_size`` points of each set, or half the smaller set when a set
+    holds fewer than twice that: subsets of a whole set would all be that set, and their
+    spread would read about 0 whatever the estimate's uncertainty. The estimator is unbiased
+    at any subset size, so the mean does not depend on that choice. Subsets of one small set
+    share its sampling error, so the spread then understates the uncertainty of a fresh
+    sample (about half of it for 300 real points, tests/test_image_metrics.py).
+
     Returns:
         ``(mean, std)`` over subsets.
+
+    Raises:
+        ValueError: A set of fewer than 4 points.
     """
+    if min(len(real), len(fake)) < 4:
+        raise ValueError("KID needs at least 4 points in each set")
     g = torch.Generator().manual_seed(seed)
-    m = min(subset_size, len(real), len(fake))
+    m = min(subset_size, len(real) // 2, len(fake) // 2)
     d = real.shape[1]
     values = []
     for _ in range(subsets):
@@ -78,28 +139,16 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, *, k: int = 5) -> dict[str, flo
 
 
 def pairwise_ssim(images: torch.Tensor, *, pairs: int = 500, seed: int = 0) -> float:
-    """Mean (MS-)SSIM over random pairs of distinct images in [-1, 1]: high means alike.
-
-    MS-SSIM needs images of at least 161 px at its five scales; smaller images use SSIM.
-    """
+    """Mean MS-SSIM (the protocol of :func:`ms_ssim`) over random pairs of distinct images in
+    [-1, 1]: high means alike, 1 means one image drawn again and again."""
     n = len(images)
     if n < 2:
         raise ValueError("diversity needs at least 2 images")
     g = torch.Generator().manual_seed(seed)
     i = torch.randint(0, n, (pairs,), generator=g)
     j = (i + torch.randint(1, n, (pairs,), generator=g)) % n  # never the same index
-    a, b = (images[i] + 1) / 2, (images[j] + 1) / 2
-    values: torch.Tensor
-    if images.shape[-1] > 160:
-        values = multiscale_structural_similarity_index_measure(  # type: ignore[assignment]
-            a, b, data_range=1.0, reduction="none"
-        )
-    else:
-        kernel = 7 if images.shape[-1] < 64 else 11
-        values = structural_similarity_index_measure(  # type: ignore[assignment]
-            a, b, data_range=1.0, kernel_size=kernel, reduction="none"
-        )
-    return float(values.mean())
+    a, b = ((images[i] + 1) / 2).clamp(0, 1), ((images[j] + 1) / 2).clamp(0, 1)
+    return float(ms_ssim(a, b).mean())
 
 
 def nearest_distances(
@@ -137,33 +186,3 @@ def copy_statistics(
         "gen_nn_median": float(d_gen.median()),
         "heldout_nn_median": float(d_held.median()),
     }
-
-
-def paired_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Image-to-image quality of ``pred`` against ``target`` (both ``[N, C, H, W]`` in [-1, 1]):
-    PSNR, SSIM, MS-SSIM (images >= 161 px), NMI and MAE."""
-    from skimage.metrics import normalized_mutual_information
-
-    a, b = (pred.clamp(-1, 1) + 1) / 2, (target + 1) / 2
-    out = {
-        "psnr": float(peak_signal_noise_ratio(a, b, data_range=1.0)),
-        "ssim": float(
-            structural_similarity_index_measure(  # type: ignore[arg-type]
-                a, b, data_range=1.0, kernel_size=7 if a.shape[-1] < 64 else 11
-            )
-        ),
-        "mae": float(F.l1_loss(a, b)),
-        "nmi": float(
-            np.mean(
-                [
-                    normalized_mutual_information(x.numpy(), y.numpy(), bins=64)
-                    for x, y in zip(a, b, strict=True)
-                ]
-            )
-        ),
-    }
-    if a.shape[-1] > 160:
-        out["ms_ssim"] = float(
-            multiscale_structural_similarity_index_measure(a, b, data_range=1.0)  # type: ignore[arg-type]
-        )
-    return out

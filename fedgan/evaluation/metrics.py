@@ -358,8 +358,13 @@ def direction(key: str) -> str | None:
         for own in metric.output_keys:
             if re.sub(r"_\d+k(?=_std$|$)", "", own) == key:
                 return metric.direction(own)
+    if key.endswith("_gain"):  # fedgan's margin over the best baseline
+        return HIGHER if direction(key.removesuffix("_gain")) is not None else None
     for name in METRICS.names():
         metric = METRICS.get(name)
-        if metric.paired and (key.endswith(f"_{name}") or key == f"{name}_gain"):
-            return metric.direction(name) if not key.endswith("_gain") else HIGHER
+        if not metric.paired:
+            continue
+        for own in metric.output_keys:  # a baseline's value: ``<baseline>_<key>``
+            if key.endswith(f"_{own}"):
+                return metric.direction(own)
     return None

@@ -1,5 +1,6 @@
 """Central evaluation of image-to-image tasks on a held-out paired set: PSNR, SSIM, MS-SSIM,
-NMI and MAE of the global generator and of every classical baseline, measured the same way;
+GMSD, MS-GMSD, LPIPS, NMI, MAE and MSE of the global generator and of every classical
+baseline, measured the same way;
 for unpaired tasks (``translate``) also the domain Fréchet/kernel distances to the target
 domain; pictures of input | baselines | fedgan | ground truth with zoomed crops.
 
@@ -10,6 +11,7 @@ training.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,7 +20,9 @@ import torch
 from torch import nn
 
 from fedgan.device import resolve_device
-from fedgan.evaluation.metrics import METRICS, Metric
+from fedgan.evaluation import functional as fn
+from fedgan.evaluation.features import LPIPSDistance
+from fedgan.evaluation.metrics import METRICS, Metric, MetricUnavailable
 from fedgan.models import load_state
 from fedgan.rundir import atomic_save_image
 
@@ -37,12 +41,32 @@ class PairedTask(Protocol):
 
     def baselines(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]: ...
 
+    def visible(self, inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def region(self, inputs: torch.Tensor) -> torch.Tensor | None: ...
+
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+@dataclass(frozen=True)
+class PairedSettings:
+    """What a paired metric may need beyond the two images.
+
+    Attributes:
+        lpips_weights: ``eval.lpips_weights`` (a folder, ``download``, or empty: no LPIPS).
+        device: Where network metrics (LPIPS) run.
+        region: The task's region of each image (``[N, 1, H, W]``, 1 inside: an inpainting
+            hole) that ``hole`` scores on its own; None for tasks without one.
+    """
+
+    lpips_weights: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    region: torch.Tensor | None = None
+
+
+def _psnr(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     # PSNR per image, then averaged (the convention of restoration papers).
@@ -51,53 +75,131 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     )
 
 
-def _ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return float(structural_similarity_index_measure(x, y, data_range=1.0))  # type: ignore[arg-type]
-
-
-def _ms_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
-
-    size = x.shape[-1]
-    # MS-SSIM needs room for each scale: 3 scales with a 5-pixel kernel from 32 px up,
-    # torchmetrics' 5 scales with 11 pixels from 176 px.
-    if size >= 176:
-        return float(multiscale_structural_similarity_index_measure(x, y, data_range=1.0))
-    return float(multiscale_structural_similarity_index_measure(
-        x, y, data_range=1.0, kernel_size=5 if size >= 32 else 3,
-        betas=(0.2856, 0.3001, 0.2363) if size >= 32 else (0.5, 0.5),
-    ))  # fmt: skip
+def _ssim(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
+    """SSIM with an 11-px Gaussian window (sigma 1.5) over the image's interior; see
+    :data:`fedgan.evaluation.functional.SSIM_WINDOW`."""
+    return float(fn.ssim(x, y).mean())
 
 
-def _nmi(x: torch.Tensor, y: torch.Tensor) -> float:
+def _ms_ssim(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
+    """MS-SSIM: 3 scales of a 5-px Gaussian window under 161 px, the paper's 5 scales of 11 px
+    from there; see :func:`fedgan.evaluation.functional.ms_ssim_protocol`."""
+    return float(fn.ms_ssim(x, y).mean())
+
+
+#: GMSD's scale weights in MS-GMSD (Zhang et al. 2017, as in piq); images under 17 px keep
+#: the finest scales that fit (a scale needs 2**k + 1 pixels).
+MS_GMSD_WEIGHTS = (0.096, 0.596, 0.289, 0.019)
+
+
+def _gmsd(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
+    """Gradient magnitude similarity deviation (Xue et al. 2014; piq): 0 for identical
+    images, larger is worse."""
+    import piq
+
+    return float(piq.gmsd(x.float(), y.float(), data_range=1.0, reduction="none").mean())
+
+
+def _ms_gmsd(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
+    """Multi-scale GMSD (Zhang et al. 2017; piq), the MedGAN paper's MS-GMSD."""
+    import piq
+
+    size = min(x.shape[-2:])
+    levels = max(k for k in range(1, len(MS_GMSD_WEIGHTS) + 1) if 2**k + 1 <= size)
+    weights = torch.tensor(MS_GMSD_WEIGHTS[:levels])
+    return float(piq.multi_scale_gmsd(x.float(), y.float(), data_range=1.0, reduction="none",
+                                      scale_weights=weights).mean())  # fmt: skip
+
+
+_LPIPS: dict[tuple[str, str], LPIPSDistance] = {}
+
+
+def _lpips(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
+    """LPIPS (VGG16, Zhang et al. 2018) from ``eval.lpips_weights``; the network is loaded
+    once per process."""
+    if not settings.lpips_weights:
+        raise ValueError(
+            "config key 'eval.lpips_weights': LPIPS needs its weights; set it to a folder "
+            f"holding {LPIPSDistance.VGG_FILE} and {LPIPSDistance.LINEAR_FILE}, or to download"
+        )
+    key = (settings.lpips_weights, str(settings.device))
+    if key not in _LPIPS:
+        _LPIPS[key] = LPIPSDistance(settings.lpips_weights, settings.device)
+    return float(_LPIPS[key](x, y).mean())
+
+
+def _hole(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> dict[str, float]:
+    """PSNR, SSIM and MAE inside the task's region (an inpainting hole), per image then
+    averaged: PSNR and MAE over the hole's pixels, SSIM as the mean of the SSIM map (the
+    protocol of :data:`~fedgan.evaluation.functional.SSIM_WINDOW`, skimage's map) over them."""
+    from skimage.metrics import structural_similarity
+
+    if settings.region is None:
+        raise MetricUnavailable("scores a hole: it needs task inpaint")
+    m = settings.region.expand_as(x).double()
+    area = m.sum((1, 2, 3)).clamp(min=1)
+    mse = ((x.double() - y.double()) ** 2 * m).sum((1, 2, 3)) / area
+    mae = ((x.double() - y.double()).abs() * m).sum((1, 2, 3)) / area
+    ssims = []
+    for a, b, hole in zip(x.double().numpy(), y.double().numpy(), m.numpy(), strict=True):
+        _, smap = structural_similarity(
+            a, b, channel_axis=0, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, data_range=1.0, full=True,
+        )  # fmt: skip
+        ssims.append(float((smap * hole).sum() / max(hole.sum(), 1)))
+    return {
+        "hole_psnr": float((10 * torch.log10(1 / mse)).mean()),
+        "hole_ssim": float(np.mean(ssims)),
+        "hole_mae": float(mae.mean()),
+    }
+
+
+def _nmi(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
     from skimage.metrics import normalized_mutual_information
 
     pairs = zip(x.numpy(), y.numpy(), strict=True)
     return float(np.mean([normalized_mutual_information(a[0], b[0], bins=64) for a, b in pairs]))
 
 
-def _mae(x: torch.Tensor, y: torch.Tensor) -> float:
+def _mae(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
     return float((x - y).abs().mean())
 
 
-for _name, _fn, _higher in (("psnr", _psnr, True), ("ssim", _ssim, True),
-                            ("ms_ssim", _ms_ssim, True), ("nmi", _nmi, True),
-                            ("mae", _mae, False)):  # fmt: skip
-    METRICS.add(_name, Metric(_name, 0, _fn, higher_is_better=_higher, paired=True))
+def _mse(x: torch.Tensor, y: torch.Tensor, settings: PairedSettings) -> float:
+    return float((x - y).square().mean())
 
-#: Every paired metric, in the order reports list them.
-PAIRED_METRICS = ("psnr", "ssim", "ms_ssim", "nmi", "mae")
+
+for _name, _fn, _higher in (("psnr", _psnr, True), ("ssim", _ssim, True),
+                            ("ms_ssim", _ms_ssim, True), ("gmsd", _gmsd, False),
+                            ("ms_gmsd", _ms_gmsd, False), ("lpips", _lpips, False),
+                            ("nmi", _nmi, True), ("mae", _mae, False),
+                            ("mse", _mse, False)):  # fmt: skip
+    METRICS.add(_name, Metric(_name, 0, _fn, higher_is_better=_higher, paired=True))
+METRICS.add("hole", Metric("hole", 0, _hole, higher_is_better=True, paired=True,
+                           keys=("hole_psnr", "hole_ssim", "hole_mae"),
+                           lower_keys=("hole_mae",)))  # fmt: skip
+
+#: The paired metrics every image-to-image evaluation reports, in the order reports list them
+#: (``lpips`` joins them where ``eval.lpips_weights`` is set).
+PAIRED_METRICS = ("psnr", "ssim", "ms_ssim", "gmsd", "ms_gmsd", "nmi", "mae", "mse")
 
 
 def paired_scores(
-    output: torch.Tensor, target: torch.Tensor, names: tuple[str, ...] = PAIRED_METRICS
+    output: torch.Tensor,
+    target: torch.Tensor,
+    names: tuple[str, ...] = PAIRED_METRICS,
+    settings: PairedSettings | None = None,
 ) -> dict[str, float]:
-    """Means over the set of the named paired metrics (PSNR in dB, SSIM, MS-SSIM, NMI with
-    1 = independent and 2 = identical, MAE), on images mapped to [0, 1] (data range 1)."""
+    """Means over the set of the named paired metrics (PSNR in dB, SSIM, MS-SSIM, GMSD,
+    MS-GMSD, LPIPS, NMI with 1 = independent and 2 = identical, MAE, MSE), on images mapped to
+    [0, 1] (data range 1)."""
     x, y = _unit(output), _unit(target)
-    return {name: METRICS.get(name).compute(x, y) for name in names}
+    settings = settings or PairedSettings()
+    out: dict[str, float] = {}
+    for name in names:
+        value = METRICS.get(name).compute(x, y, settings)
+        out.update(value if isinstance(value, dict) else {name: value})
+    return out
 
 
 @torch.no_grad()
@@ -150,6 +252,7 @@ class PairedEvaluator:
         self.task = task
         self.samples_dir = samples_dir
         self.device = resolve_device(cfg.train.device)
+        self.settings = PairedSettings(cfg.eval.lpips_weights, self.device)
         self.skipped: dict[str, str] = {}
         self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._baselines: dict[str, dict[str, float]] | None = None
@@ -164,12 +267,16 @@ class PairedEvaluator:
             cfg = self.cfg
             clean = eval_dataset(cfg.data, cfg.run.seed, cfg.federation.num_hospitals).tensors[0]
             self._pairs = self.task.eval_pairs(clean, cfg.run.seed + 515_151)
+            self.settings = replace(self.settings, region=self.task.region(self._pairs[0]))
         return self._pairs
 
     def metric_names(self) -> tuple[str, ...]:
         """The paired metrics of ``eval.metrics`` (every paired metric if it names none)."""
         named = tuple(n for n in self.cfg.eval.metric_list if METRICS.get(n).paired)
-        return named or PAIRED_METRICS
+        if named:
+            return named
+        extra = ("hole",) if self.pairs() and self.settings.region is not None else ()
+        return PAIRED_METRICS + (("lpips",) if self.cfg.eval.lpips_weights else ()) + extra
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Every classical baseline's scores on the held-out pairs (computed once)."""
@@ -179,7 +286,9 @@ class PairedEvaluator:
             for name, method in self.task.baselines().items():
                 out = method(inputs)
                 self._baseline_outputs[name] = out
-                self._baselines[name] = paired_scores(out, targets, self.metric_names())
+                self._baselines[name] = paired_scores(
+                    out, targets, self.metric_names(), self.settings
+                )
         return self._baselines
 
     def prepare(self) -> None:
@@ -197,8 +306,8 @@ class PairedEvaluator:
     def sample_grid(self, round_: int, state: dict[str, torch.Tensor]) -> Path:
         inputs, targets = self.pairs()
         self.baselines()
-        columns = {"input": inputs, **{k: v for k, v in self._baseline_outputs.items()
-                                      if k != "input"}}  # fmt: skip
+        columns = {"input": self.task.visible(inputs),
+                   **{k: v for k, v in self._baseline_outputs.items() if k != "input"}}  # fmt: skip
         columns["fedgan"] = self.outputs(state)
         columns["ground truth"] = targets
         return comparison_picture(columns, self.samples_dir / f"round_{round_:04d}.png")
@@ -216,15 +325,16 @@ class PairedEvaluator:
                 if not METRICS.get(name).paired:
                     self.skipped[name] = "scores generated images: it needs task synthesis"
             chosen = tuple(n for n in names if METRICS.get(n).paired)
-        result = paired_scores(out, targets, chosen)
+        result = paired_scores(out, targets, chosen, self.settings)
         baselines = self.baselines()
         for name, scores in baselines.items():
             for key, value in scores.items():
                 result[f"{name}_{key}"] = value
-        if "psnr" in result:
-            best = max((s["psnr"] for n, s in baselines.items() if n != "input"), default=None)
-            if best is not None:
-                result["psnr_gain"] = result["psnr"] - best
+        for key in ("psnr", "hole_psnr"):  # the gain over the best classical method
+            best = max((s[key] for n, s in baselines.items() if n != "input" and key in s),
+                       default=None)  # fmt: skip
+            if key in result and best is not None:
+                result[f"{key}_gain"] = result[key] - best
         if self.task.unpaired:  # trained without pairs: how close to the target domain
             result.update(self._domain_distances(out, targets))
         return result
@@ -242,7 +352,7 @@ class PairedEvaluator:
         labels = torch.zeros(len(target), dtype=torch.long)
         features = DomainFeatures(target, labels, cache, self.device)
         fake, real = features(out), features(target)
-        kd, _ = kernel_distance(real, fake, seed=cfg.run.seed, subset_size=min(500, len(real)))
+        kd, _ = kernel_distance(real, fake, seed=cfg.run.seed)
         return {"domain_fd": float(frechet_distance(real, fake)), "domain_kd": kd}
 
     def evaluate(self, round_: int, state: dict[str, torch.Tensor], *, final: bool = False

@@ -3,6 +3,7 @@
 - :func:`unet_generator`: pix2pix / CycleGAN generator (MONAI ``UNet``, instance norm, residual).
 - :class:`SRGenerator`: SRGAN/ESRGAN-style residual generator with pixel-shuffle upsampling
   (MONAI ``SubpixelUpsample``), predicting a residual over bicubic interpolation.
+- :class:`InpaintGenerator`: a U-Net that fills a masked hole and keeps the given pixels.
 - :func:`patch_discriminator`: PatchGAN (MONAI ``PatchDiscriminator``) with GroupNorm, never
   BatchNorm, so Opacus can privatize it; it returns its intermediate features too, which the
   feature (perceptual) loss matches without any downloaded weights.
@@ -54,6 +55,33 @@ def unet_generator(channels: int, size: int, width: int) -> nn.Module:
             norm="INSTANCE",
         )
     )
+
+
+class InpaintGenerator(nn.Module):
+    """Fills holes: ``[N, C + 1, H, W]`` (the image with its hole set to 0, then the mask, 1 =
+    missing) -> ``[N, C, H, W]``, a U-Net's output inside the hole and the given pixels,
+    unchanged, outside it (so only the hole is learnt and scored)."""
+
+    def __init__(self, channels: int, size: int, width: int) -> None:
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.channels = channels
+        levels = _levels(size)
+        self.net = UNet(
+            spatial_dims=2,
+            in_channels=channels + 1,
+            out_channels=channels,
+            channels=tuple(width * 2**i for i in range(levels + 1)),
+            strides=(2,) * levels,
+            num_res_units=1,
+            norm="INSTANCE",
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image, mask = x[:, : self.channels], x[:, self.channels :]
+        fill = torch.tanh(self.net(x))
+        return image * (1 - mask) + fill * mask
 
 
 class _Residual(nn.Module):

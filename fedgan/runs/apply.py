@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -131,6 +132,29 @@ def check_trained(ckpt: dict) -> None:
         )
 
 
+def _read_mask(path: Path, cfg: Config) -> torch.Tensor:
+    """A hole mask file -> ``[1, H, W]`` (1 where the file is non-zero).
+
+    Raises:
+        ValueError: A missing or unreadable file, or one with no non-zero pixel.
+    """
+    from fedgan.data.readers import FORMATS, BadFile
+
+    if not path.is_file():
+        raise ValueError(f"--mask {str(path)!r} does not exist; give an image file of the hole")
+    fmt = next((n for n in FORMATS.names() if FORMATS.get(n).matches(path)), "")
+    if not fmt:
+        raise ValueError(f"--mask {str(path)!r}: unknown image format; use PNG, DICOM or NIfTI")
+    try:
+        first = FORMATS.get(fmt).read(path, replace(cfg.data, channels=1))[0]
+    except BadFile as err:
+        raise ValueError(f"--mask: {err}") from err
+    hole = (torch.as_tensor(first).float()[:1] > 0).float()
+    if not hole.any():
+        raise ValueError(f"--mask {str(path)!r} has no non-zero pixel: it marks no hole")
+    return hole
+
+
 def enhance_files(
     cfg: Config,
     state: dict[str, torch.Tensor],
@@ -138,6 +162,7 @@ def enhance_files(
     out: Path,
     *,
     native: bool = False,
+    mask: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Runs the task's generator over every image (or slice) in ``source`` (a file or a folder)
@@ -145,7 +170,9 @@ def enhance_files(
 
     Images of another size than the model's input are resized to it (the scale it was trained
     at), and the log says how many; with ``native`` the generator runs at each image's own
-    size instead (a x4 super-resolution of a 512 px image then writes 2048 px).
+    size instead (a x4 super-resolution of a 512 px image then writes 2048 px). An ``inpaint``
+    run fills the hole ``mask`` marks (an image file, non-zero = missing, applied to every
+    image) or, without a mask, each image's zero pixels.
 
     Raises:
         ValueError: For a ``synthesis`` run, files of no known format, or (``native``) an image
@@ -176,6 +203,9 @@ def enhance_files(
             )
         files = [source]
     task = cast(ImageToImage, objective)  # paired, checked above
+    hole = _read_mask(mask, cfg) if mask is not None else None
+    if hole is not None:  # refuses a mask before any file is read if the task takes none
+        task.file_inputs(torch.zeros(1, cfg.data.channels, *hole.shape[-2:]), hole[None])
     size = task.input_size
     generator = PairedEvaluator(cfg, out, task).generator(state)
     written: list[Path] = []
@@ -193,6 +223,11 @@ def enhance_files(
             resized += sum(side != (size, size) for side in sides)
             inputs = torch.stack([fit_slice(s, cfg.data, str(path), size=size)
                                   for s in slices]) * 2 - 1  # fmt: skip
+        side_mask = None
+        if hole is not None:  # fitted to the input as the images are (data.fit), then binary
+            one = replace(cfg.data, channels=1)
+            side_mask = (fit_slice(hole, one, "--mask", size=inputs.shape[-1]) > 0.5).float()[None]
+        inputs = task.file_inputs(inputs, side_mask)
         with torch.no_grad():
             try:
                 outputs = generator(inputs.to(next(generator.parameters()).device)).cpu()

@@ -49,6 +49,25 @@ class ImageToImage(Objective):
         """Classical methods measured the same way (inputs -> outputs, in [-1, 1])."""
         return {}
 
+    def visible(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The part of the inputs a picture shows (all of it, unless the inputs carry a mask)."""
+        return inputs
+
+    def region(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Where the task changes the image (``[N, 1, H, W]``, 1 inside), scored apart from the
+        whole image; None where the whole image is the task's."""
+        return None
+
+    def file_inputs(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The generator's inputs for images read from files (``fedgan enhance``).
+
+        Raises:
+            ValueError: A mask for a task that takes none.
+        """
+        if mask is not None:
+            raise ValueError(f"--mask applies to task inpaint; this run's is {self.cfg.task.name}")
+        return images
+
 
 def per_image(fn: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
     """A scikit-image function on [0, 1] grayscale arrays, applied to ``[N, 1, H, W]`` in
