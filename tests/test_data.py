@@ -127,3 +127,25 @@ def test_local_folder_dataset(tmp_path) -> None:
     assert sorted(ds.tensors[1].tolist()) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(FileNotFoundError, match="data-path"):
         local_dataset(tmp_path / "missing", cfg.data)
+
+
+def test_phantom_lesion_masks_match_the_drawn_nodules() -> None:
+    from fedgan.data.phantom import render_phantoms_with_masks
+
+    images, labels, masks = render_phantoms_with_masks(200, 32, seed=4)
+    plain, plain_labels = render_phantoms(200, 32, seed=4)
+    assert torch.equal(images, plain) and torch.equal(labels, plain_labels)
+    assert masks.shape == images.shape and set(masks.unique().tolist()) <= {0.0, 1.0}
+    lesion = labels == 1
+    assert masks[~lesion].sum() == 0  # a lesion-free slice has an empty mask
+    area = masks[lesion].sum((1, 2, 3))
+    assert area.min() >= 3 and area.max() < 0.05 * 32 * 32  # one small nodule each
+    # inside the mask the slice has the nodule's intensity (0.62; at least half of it on the
+    # anti-aliased edge); the same anatomy rendered without lesions differs only around them
+    healthy, _, _ = render_phantoms_with_masks(200, 32, seed=4, lesion_fraction=0.0)
+    inside = images[lesion][masks[lesion] > 0]
+    assert (inside - 0.62).abs().median() < 0.01 and inside.min() > 0.3
+    changed = (images - healthy).abs() > 0.05
+    rim = torch.nn.functional.max_pool2d(masks, 3, stride=1, padding=1)  # one pixel around
+    assert (changed & (rim == 0)).sum() == 0  # only the soft edge lies outside the mask
+    assert (masks.bool() & ~changed).sum() <= 0.1 * masks.sum()

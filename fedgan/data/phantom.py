@@ -83,6 +83,20 @@ def render_phantoms(
         ``(images, labels)``: float32 ``[n, 1, size, size]`` in [0, 1], and int64 ``[n]``
         (1 = lesion).
     """
+    images, labels, _ = render_phantoms_with_masks(
+        n, size, seed=seed, lesion_fraction=lesion_fraction
+    )
+    return images, labels
+
+
+def render_phantoms_with_masks(
+    n: int, size: int, *, seed: int, lesion_fraction: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`render_phantoms` (the same images for the same arguments) with each slice's
+    lesion mask: ``[n, 1, size, size]``, 1 where the drawn nodule covers at least half a
+    pixel (its anti-aliased edge cut at 0.5), all 0 on a lesion-free slice. A scanner
+    profile blurs and shifts intensities but moves nothing, so the masks hold for every
+    site's rendering too."""
     g = torch.Generator().manual_seed(seed)
 
     def u(low: float, high: float) -> torch.Tensor:
@@ -129,7 +143,8 @@ def render_phantoms(
     nodule = _ellipse(x, y, ncx, ncy, nr, nr, torch.zeros_like(nr), sharp)
     nodule = nodule * labels.view(n, 1, 1).float()
     img = img * (1 - nodule) + 0.62 * nodule
-    return img.clamp(0.0, 1.0).unsqueeze(1).contiguous(), labels
+    masks = (nodule >= 0.5).float().unsqueeze(1).contiguous()
+    return img.clamp(0.0, 1.0).unsqueeze(1).contiguous(), labels, masks
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
