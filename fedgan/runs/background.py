@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fedgan.config import Config
+from fedgan.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def _serve(cfg: Config, samples_dir: str, threads: int, jobs: Any, send: Any) ->
         t0 = time.perf_counter()
         try:
             state = source
-            if isinstance(source, str):  # a checkpoint file
-                state = torch.load(source, map_location="cpu", weights_only=True)["state"]
+            if isinstance(source, str):  # a checkpoint file, checked like any other load
+                state = RunDir(Path(source).parent.parent).load_checkpoint(source)["state"]
             out = evaluator.evaluate(round_, state, final=final)
             send(Result(round_, out, time.perf_counter() - t0, dict(evaluator.skipped)))
         except Exception as err:
