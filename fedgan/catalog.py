@@ -41,6 +41,7 @@ _DECLARED: dict[Registry[Any], dict[str, tuple[str, ...]]] = {
         "fedgan.training.objectives.super_resolution": ("super-resolution",),
         "fedgan.training.objectives.translate": ("translate",),
         "fedgan.training.objectives.inpaint": ("inpaint",),
+        "fedgan.training.objectives.anomaly": ("anomaly",),
     },
     STRATEGIES: {
         "fedgan.federated.strategies": (
@@ -58,6 +59,7 @@ _DECLARED: dict[Registry[Any], dict[str, tuple[str, ...]]] = {
         ),
     },
     METRICS: {
+        "fedgan.evaluation.anomaly": ("anomaly",),
         "fedgan.evaluation.metrics": (
             "domain_fd_1k",
             "domain_fd_2k",

@@ -179,6 +179,28 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Scores new images with a trained anomaly detector: one heat-map overlay PNG per image or
+    slice, and ``scores.csv``."""
+    from pathlib import Path
+
+    from fedgan.runs.apply import check_out_folder, check_trained, detect_files
+
+    rd, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
+    check_trained(ckpt)
+    check_out_folder(Path(args.out), args.force)
+    # the pixel threshold the run's evaluation chose on validation images, for its checkpoint
+    chosen = [
+        r["eval"]["anomaly_threshold"]
+        for r in rd.read_metrics()
+        if "anomaly_threshold" in r.get("eval", {}) and r["round"] <= ckpt["round"]
+    ]
+    rows = detect_files(cfg, ckpt["state"], Path(args.input), Path(args.out),
+                        threshold=chosen[-1] if chosen else None)  # fmt: skip
+    print(f"fedgan: scored {len(rows)} image(s); overlays and scores.csv in {args.out}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_yaml(_resolve(args)), end="")
     return 0
@@ -211,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="write into a folder that holds files")
     p.set_defaults(func=cmd_enhance)
+    p = sub.add_parser("detect", help="score images with a trained anomaly detector")
+    p.add_argument("--run", required=True, help="a run of task anomaly")
+    p.add_argument("--input", required=True, help="an image, DICOM or NIfTI file, or a folder")
+    p.add_argument("--out", required=True, help="output folder for the overlays and scores.csv")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--force", action="store_true", help="write into a folder that holds files")
+    p.set_defaults(func=cmd_detect)
     p = sub.add_parser("compare", help="centralized vs federated (and variants), one report")
     _config_args(p)
     p.add_argument(

@@ -75,6 +75,9 @@ class DataSection:
         channels: 1 (grayscale) or 3 (RGB).
         num_images: Phantom only: how many scans the whole consortium holds.
         lesion_fraction: Phantom only: share of scans with a lesion (class label 1).
+        train_label: Train on the images of this label only (the healthy class, e.g. 0 for
+            the phantom and PneumoniaMNIST, for ``task.name: anomaly``); -1 trains on all.
+            Central evaluation always sees every label.
         eval_fraction: Share of the pooled data held out for central evaluation (whole files
             for file sources, so a volume's slices never sit on both sides).
         partition: How a simulation splits the pool across hospitals: ``iid``, ``dirichlet``
@@ -102,6 +105,7 @@ class DataSection:
     channels: int = 1
     num_images: int = 2400
     lesion_fraction: float = 0.5
+    train_label: int = -1
     eval_fraction: float = 0.1
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -123,6 +127,11 @@ class DataSection:
         if self.num_images < 8:
             _fail("data.num_images", f"must be >= 8, got {self.num_images}")
         _check_range("data.lesion_fraction", self.lesion_fraction, 0.0, 1.0)
+        if self.train_label < -1:
+            _fail(
+                "data.train_label",
+                f"must be a class label >= 0, or -1 for all, got {self.train_label}",
+            )
         _check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.5)
         _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _check_choice("data.fit", self.fit, ["resize", "crop", "pad", "none"])
@@ -444,8 +453,10 @@ class TaskSection:
         name: ``synthesis`` (the GAN families of ``model.family``), ``enhance`` (pix2pix:
             U-Net generator, PatchGAN discriminator, adversarial + L1), ``super-resolution``
             (SRGAN/ESRGAN-style residual generator with pixel-shuffle upsampling) or
-            ``translate`` (CycleGAN between two domains) or ``inpaint`` (fill masked holes:
-            U-Net given the image with its hole and the mask, PatchGAN, adversarial + L1).
+            ``translate`` (CycleGAN between two domains), ``inpaint`` (fill masked holes:
+            U-Net given the image with its hole and the mask, PatchGAN, adversarial + L1) or
+            ``anomaly`` (f-AnoGAN: a GAN of healthy images, ``data.train_label``, plus an
+            encoder into its latent space; abnormal regions are what it cannot reconstruct).
         degradation: ``enhance``: how clean images become inputs: ``noise`` (low-dose-like:
             Poisson photon noise plus Gaussian read noise), ``blur``, or ``noise+blur``.
         noise_sigma: Gaussian read-noise std (images in [0, 1]).
@@ -469,6 +480,8 @@ class TaskSection:
         hole_fraction: ``inpaint``: the share of each image's pixels a hole covers (a stroke
             covers exactly ``round(hole_fraction * size**2)`` pixels; a box the nearest
             rectangle of sides at most one pixel apart).
+        feature_weight: ``anomaly``: kappa, the weight of the discriminator-feature residual
+            beside the image residual, in the encoder's loss and the anomaly score.
     """
 
     name: str = "synthesis"
@@ -488,6 +501,7 @@ class TaskSection:
     identity_weight: float = 5.0
     hole: str = "mixed"
     hole_fraction: float = 0.15
+    feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("task.degradation", self.degradation, ["noise", "blur", "noise+blur"])
@@ -507,6 +521,7 @@ class TaskSection:
             "perceptual_weight",
             "cycle_weight",
             "identity_weight",
+            "feature_weight",
         ):
             if getattr(self, key) < 0:
                 _fail(f"task.{key}", f"must be >= 0, got {getattr(self, key)}")

@@ -47,6 +47,21 @@ def resolve(cfg: Config) -> Config:
     _check_lpips(cfg)
     _check_privacy(cfg)
     _check_federation(cfg)
+    if cfg.task.name == "anomaly":
+        if cfg.data.train_label < 0:
+            _fail(
+                "data.train_label",
+                "task anomaly learns healthy anatomy only: set it to the healthy class "
+                "(0 for the phantom and PneumoniaMNIST)",
+            )
+        if cfg.model.family not in ("dcgan", "wgan-gp"):
+            _fail(
+                "model.family",
+                f"task anomaly scores with the discriminator's features, which "
+                f"{cfg.model.family!r} does not expose; use dcgan or wgan-gp",
+            )
+        if cfg.privacy.mode == "dp-sgd":
+            _fail("privacy.mode", "task anomaly is not trained with DP-SGD yet; set it to none")
     if cfg.task.name == "super-resolution" and cfg.data.image_size // cfg.task.scale < 8:
         _fail(
             "task.scale",

@@ -22,6 +22,7 @@ __all__ = [
     "PARTITIONERS",
     "ImagePool",
     "eval_dataset",
+    "eval_masks",
     "fit_images",
     "hospital_dataset",
     "local_dataset",
@@ -62,16 +63,24 @@ def _scanner_view(cfg: DataSection, images: torch.Tensor, hospital: int, seed: i
     return source.hospital_view(images, hospital, seed)
 
 
+def train_only(pool: ImagePool, cfg: DataSection) -> ImagePool:
+    """The images a hospital trains on: all, or those of ``data.train_label``."""
+    if cfg.train_label < 0:
+        return pool
+    return pool.subset(torch.nonzero(pool.labels == cfg.train_label).flatten())
+
+
 def hospital_pool(cfg: DataSection, seed: int, hospital: int, num_hospitals: int) -> ImagePool:
     """Hospital ``hospital``'s share of the training pool, as its scanner renders it."""
     if not 0 <= hospital < num_hospitals:
         raise ValueError(f"hospital index {hospital} is outside 0..{num_hospitals - 1}")
     train, _ = _pools(cfg, seed)
-    part = train.subset(_partition(cfg, seed, num_hospitals)[hospital])
+    part = train_only(train.subset(_partition(cfg, seed, num_hospitals)[hospital]), cfg)
     if len(part.labels) == 0:
         raise ValueError(
-            f"hospital {hospital} received no images from the {cfg.partition!r} partition; "
-            "use fewer hospitals, more data, or a larger data.dirichlet_alpha"
+            f"hospital {hospital} received no images from the {cfg.partition!r} partition"
+            + (f" of label {cfg.train_label}" if cfg.train_label >= 0 else "")
+            + "; use fewer hospitals, more data, or a larger data.dirichlet_alpha"
         )
     return replace(part, images=_scanner_view(cfg, part.images, hospital, seed))
 
@@ -101,6 +110,12 @@ def eval_dataset(cfg: DataSection, seed: int, num_hospitals: int) -> TensorDatas
         idx = torch.arange(h, len(images), num_hospitals)
         images[idx] = _scanner_view(cfg, pool.images[idx], h, seed + 99_991)
     return TensorDataset(to_signed(images), pool.labels)
+
+
+def eval_masks(cfg: DataSection, seed: int) -> torch.Tensor | None:
+    """The lesion masks of :func:`eval_dataset`'s images, where the source knows them (the
+    phantom); a scanner moves nothing, so they hold for every hospital's rendering."""
+    return _pools(cfg, seed)[1].masks
 
 
 @lru_cache(maxsize=2)
@@ -135,5 +150,10 @@ def local_pool(path: str, cfg: DataSection, fmt: str = "") -> ImagePool:
 
 def local_dataset(path: str | Path, cfg: DataSection, fmt: str = "") -> TensorDataset:
     """:func:`local_pool` as training pairs ``(image in [-1, 1], label)``."""
-    pool = local_pool(str(path), cfg, fmt)
+    pool = train_only(local_pool(str(path), cfg, fmt), cfg)
+    if len(pool.labels) == 0:
+        raise ValueError(
+            f"data-path {str(path)!r} holds no image of label {cfg.train_label} "
+            "(data.train_label); check the site's class folders or the setting"
+        )
     return TensorDataset(to_signed(pool.images), pool.labels)

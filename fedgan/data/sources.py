@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fedgan.catalog import DATASETS as _DATASETS
-from fedgan.data.phantom import apply_scanner, render_phantoms, site_profile
+from fedgan.data.phantom import apply_scanner, render_phantoms_with_masks, site_profile
 from fedgan.data.readers import detect_format, read_folder
 from fedgan.data.transforms import convert_channels, fit_slice
 from fedgan.registry import Registry
@@ -34,6 +34,8 @@ class ImagePool:
         files: The file behind each image, where the source has files (empty otherwise).
         skipped: ``(file, reason)`` of every bad file skipped under ``data.skip_bad_files``.
         classes: Class names (sub-folder names), where the source names them.
+        masks: Lesion masks ``[N, 1, H, W]`` (1 = lesion), where the source knows them (the
+            phantom draws its nodules).
     """
 
     images: torch.Tensor
@@ -42,6 +44,7 @@ class ImagePool:
     files: tuple[str, ...] = ()
     skipped: tuple[tuple[str, str], ...] = ()
     classes: tuple[str, ...] = ()
+    masks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
@@ -59,6 +62,7 @@ class ImagePool:
             files=tuple(self.files[i] for i in idx_t.tolist()) if self.files else (),
             skipped=self.skipped,
             classes=self.classes,
+            masks=None if self.masks is None else self.masks[idx_t],
         )
 
 
@@ -108,11 +112,11 @@ class PhantomSource:
     plain = False  # every hospital always renders through its own scanner profile
 
     def load(self, cfg: DataSection, seed: int) -> tuple[ImagePool, ImagePool]:
-        images, labels = render_phantoms(
+        images, labels, masks = render_phantoms_with_masks(
             cfg.num_images, cfg.image_size, seed=seed, lesion_fraction=cfg.lesion_fraction
         )
         images = fit_images(images, cfg.image_size, cfg.channels)
-        pool = ImagePool(images, labels)
+        pool = ImagePool(images, labels, masks=masks)
         train_idx, eval_idx = holdout_split(len(pool.labels), cfg.eval_fraction, seed)
         return pool.subset(train_idx), pool.subset(eval_idx)
 

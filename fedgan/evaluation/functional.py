@@ -186,3 +186,39 @@ def copy_statistics(
         "gen_nn_median": float(d_gen.median()),
         "heldout_nn_median": float(d_held.median()),
     }
+
+
+def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Dice of binary maps pooled over every pixel given: ``2|P & T| / (|P| + |T|)`` (1 when
+    both are empty)."""
+    p, t = pred.bool(), target.bool()
+    total = int(p.sum() + t.sum())
+    return 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+
+
+def iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Intersection over union of binary maps pooled over every pixel (1 when both are
+    empty)."""
+    p, t = pred.bool(), target.bool()
+    union = int((p | t).sum())
+    return 1.0 if union == 0 else int((p & t).sum()) / union
+
+
+def best_threshold(maps: torch.Tensor, masks: torch.Tensor) -> float:
+    """The threshold ``t`` on ``maps`` whose binary map ``maps > t`` has the highest pooled
+    Dice against ``masks``, searched exactly over every distinct map value (sorted once:
+    Dice of the top ``k`` pixels is ``2 TP_k / (k + |masks|)``); ``t`` lies halfway between
+    the last value kept and the next."""
+    v = maps.flatten().double()
+    m = masks.flatten().bool()
+    order = torch.argsort(v, descending=True)
+    v, m = v[order], m[order].double()
+    tp = torch.cumsum(m, 0)
+    k = torch.arange(1, len(v) + 1, dtype=torch.float64)
+    scores = 2 * tp / (k + m.sum())
+    last = torch.ones(len(v), dtype=torch.bool)  # a cut only where the value changes
+    last[:-1] = v[1:] < v[:-1]
+    scores[~last] = -1
+    best = int(torch.argmax(scores))
+    below = float(v[best + 1]) if best + 1 < len(v) else float(v[best]) - 1.0
+    return (float(v[best]) + below) / 2

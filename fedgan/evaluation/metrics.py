@@ -360,11 +360,12 @@ def direction(key: str) -> str | None:
                 return metric.direction(own)
     if key.endswith("_gain"):  # fedgan's margin over the best baseline
         return HIGHER if direction(key.removesuffix("_gain")) is not None else None
-    for name in METRICS.names():
-        metric = METRICS.get(name)
-        if not metric.paired:
-            continue
-        for own in metric.output_keys:  # a baseline's value: ``<baseline>_<key>``
-            if key.endswith(f"_{own}"):
-                return metric.direction(own)
+    for paired in (True, False):  # a baseline's value: ``<baseline>_<key>``
+        for name in METRICS.names():
+            metric = METRICS.get(name)
+            if metric.paired != paired:
+                continue
+            for own in metric.output_keys:
+                if key.endswith(f"_{own}"):
+                    return metric.direction(own)
     return None

@@ -96,6 +96,21 @@ class Discriminator(nn.Module):
         return self.head(self.features(x)).flatten()
 
 
+class Encoder(nn.Module):
+    """image -> latent code: the discriminator's body with a ``latent_dim`` head (the
+    encoder of f-AnoGAN, Schlegl et al. 2019). GroupNorm, like the discriminator."""
+
+    def __init__(self, latent_dim: int, shape: ImageShape, base_channels: int) -> None:
+        super().__init__()
+        body = Discriminator(shape, base_channels)
+        self.features = body.features
+        self.head = nn.Conv2d(body.feature_channels, latent_dim, 4, 1, 0)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).flatten(1)
+
+
 def bce_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Discriminator BCE: real -> 1, fake -> 0, summed over the two halves (one backward)."""
     return F.binary_cross_entropy_with_logits(

@@ -155,6 +155,95 @@ def _read_mask(path: Path, cfg: Config) -> torch.Tensor:
     return hole
 
 
+def input_files(source: Path) -> tuple[str, list[Path]]:
+    """``(format, files)`` of ``--input``: a file, or every image of a folder.
+
+    Raises:
+        FileNotFoundError: If ``source`` does not exist.
+        ValueError: A file of no known format.
+    """
+    from fedgan.data.readers import FORMATS, detect_format, list_files
+
+    if not source.exists():
+        raise FileNotFoundError(f"--input {str(source)!r} does not exist")
+    if source.is_dir():
+        fmt = detect_format(source)
+        return fmt, list_files(source, fmt)
+    fmt = next((n for n in FORMATS.names() if FORMATS.get(n).matches(source)), "")
+    if not fmt:
+        raise ValueError(
+            f"{str(source)!r}: unknown image format; use PNG/JPEG/TIFF, DICOM or NIfTI"
+        )
+    return fmt, [source]
+
+
+def read_slices(path: Path, fmt: str, cfg: Config) -> torch.Tensor:
+    """The slices of one input file, ``[S, C, H, W]`` in [0, 1].
+
+    Raises:
+        ValueError: An unreadable file, naming it and the fix.
+    """
+    from fedgan.data.readers import FORMATS, BadFile
+
+    try:
+        return FORMATS.get(fmt).read(path, cfg.data)
+    except BadFile as err:
+        raise ValueError(f"{err}; fix or remove the file") from err
+
+
+def detect_files(
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    source: Path,
+    out: Path,
+    *,
+    threshold: float | None = None,
+) -> list[tuple[str, float]]:
+    """Scores every image (or slice) in ``source`` with an ``anomaly`` run and writes
+    ``out/<name>.png``: the image in grey with its anomaly map over it in red (full red at
+    ``threshold``, the pixel threshold the run's evaluation chose on validation images; the
+    image's own 99th map percentile without one), and ``out/scores.csv``.
+
+    Returns:
+        ``(output name, anomaly score)`` per image, in order.
+
+    Raises:
+        ValueError: For a run of another task, or files of no known format.
+        FileNotFoundError: If ``source`` does not exist.
+    """
+    from fedgan.data.transforms import fit_slice
+    from fedgan.evaluation.anomaly import AnomalyEvaluator, smooth_map
+
+    objective = make_objective(cfg)
+    if not objective.detects:
+        raise ValueError(
+            f"fedgan detect needs a run of task anomaly; this run's task is {cfg.task.name!r}"
+        )
+    fmt, files = input_files(source)
+    evaluator = AnomalyEvaluator(cfg, out, objective)  # type: ignore[arg-type]
+    nets = evaluator.networks(state)
+    size = cfg.data.image_size
+    rows: list[tuple[str, float]] = []
+    for path in track(files, f"scoring {len(files)} file(s)"):
+        slices = read_slices(path, fmt, cfg)
+        images = torch.stack([fit_slice(s, cfg.data, str(path), size=size) for s in slices]) * 2 - 1
+        scores, maps, _ = objective.anomaly_maps(nets, images)  # type: ignore[attr-defined]
+        maps = smooth_map(maps)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = path.name.split(".")[0]
+        for k, (image, score, amap) in enumerate(zip(images, scores, maps, strict=True)):
+            name = f"{stem}.png" if len(images) == 1 else f"{stem}_s{k:03d}.png"
+            top = threshold or float(torch.quantile(amap.flatten().double(), 0.99)) or 1.0
+            heat = (amap / top).clamp(0, 1)
+            grey = ((image[:1] + 1) / 2).clamp(0, 1)
+            overlay = torch.cat([grey * (1 - heat) + heat, grey * (1 - heat), grey * (1 - heat)])
+            atomic_save_image(overlay, out / name)
+            rows.append((name, float(score)))
+    lines = ["file,score"] + [f"{name},{score:.6g}" for name, score in rows]
+    atomic_write_bytes(out / "scores.csv", ("\n".join(lines) + "\n").encode())
+    return rows
+
+
 def enhance_files(
     cfg: Config,
     state: dict[str, torch.Tensor],
@@ -179,7 +268,6 @@ def enhance_files(
             the generator cannot take at its own size.
         FileNotFoundError: If ``source`` does not exist.
     """
-    from fedgan.data.readers import FORMATS, BadFile, detect_format, list_files
     from fedgan.data.transforms import fit_slice
     from fedgan.evaluation.paired import PairedEvaluator
 
@@ -190,18 +278,7 @@ def enhance_files(
             "needs a run of an image-to-image task such as enhance, super-resolution or "
             "translate (use fedgan sample instead)"
         )
-    if not source.exists():
-        raise FileNotFoundError(f"--input {str(source)!r} does not exist")
-    if source.is_dir():
-        fmt = detect_format(source)
-        files = list_files(source, fmt)
-    else:
-        fmt = next((n for n in FORMATS.names() if FORMATS.get(n).matches(source)), "")
-        if not fmt:
-            raise ValueError(
-                f"{str(source)!r}: unknown image format; use PNG/JPEG/TIFF, DICOM or NIfTI"
-            )
-        files = [source]
+    fmt, files = input_files(source)
     task = cast(ImageToImage, objective)  # paired, checked above
     hole = _read_mask(mask, cfg) if mask is not None else None
     if hole is not None:  # refuses a mask before any file is read if the task takes none
@@ -211,10 +288,7 @@ def enhance_files(
     written: list[Path] = []
     resized = 0
     for path in track(files, f"applying the generator to {len(files)} file(s)"):
-        try:
-            slices = FORMATS.get(fmt).read(path, cfg.data)
-        except BadFile as err:
-            raise ValueError(f"{err}; fix or remove the file") from err
+        slices = read_slices(path, fmt, cfg)
         sides = {tuple(s.shape[-2:]) for s in slices}
         if native:
             inputs = torch.stack([fit_slice(s, cfg.data, str(path), size=max(s.shape[-2:]))

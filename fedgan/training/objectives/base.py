@@ -115,12 +115,14 @@ class Objective:
             data-reading phase step takes a fresh batch.
         paired: An image-to-image task (evaluated on held-out pairs with baselines).
         unpaired: Its batches join two independent real batches (``make_batch``'s ``other``).
+        detects: An anomaly detector (evaluated on images with and without lesions).
     """
 
     phases: tuple[Phase, ...] = ()
     share_batch: bool = False
     paired: bool = False
     unpaired: bool = False
+    detects: bool = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

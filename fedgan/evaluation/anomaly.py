@@ -1,0 +1,272 @@
+"""Central evaluation of anomaly detection: image-level ROC AUC and average precision, and,
+where the data know their lesions (the phantom), pixel-level Dice and IoU of the thresholded
+anomaly map at the threshold chosen on a validation half, never on the test half. fedgan and
+the classical baselines (distance to the mean healthy image; PCA reconstruction of healthy
+images) are scored the same way, on the same images, with the same map smoothing.
+
+The task is passed in (anything with :class:`AnomalyTask`'s methods): evaluation never
+imports training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedgan.data.degrade import gaussian_blur
+from fedgan.device import resolve_device
+from fedgan.evaluation import functional as fn
+from fedgan.evaluation.metrics import METRICS, Metric, MetricUnavailable
+from fedgan.models import load_state
+
+if TYPE_CHECKING:
+    from fedgan.config import Config
+
+Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # -> (scores, maps)
+
+
+class AnomalyTask(Protocol):
+    """What the evaluator needs of an anomaly-detection task."""
+
+    def build(self) -> dict[str, nn.Module]: ...
+
+    def anomaly_maps(
+        self, nets: dict[str, nn.Module], images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def smooth_map(maps: torch.Tensor) -> torch.Tensor:
+    """Every method's anomaly map is smoothed the same way before thresholding: a Gaussian of
+    1 px at 32 px (scaled with the size), which turns single-pixel residual noise into
+    regions."""
+    return gaussian_blur(maps, maps.shape[-1] / 32)
+
+
+def mean_image_detector(healthy: torch.Tensor) -> Detector:
+    """The pixel-wise distance to the mean healthy image (score: mean squared distance)."""
+    mean = healthy.mean(0, keepdim=True)
+
+    def detect(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        diff = (x - mean).abs().mean(1, keepdim=True)
+        return diff.square().flatten(1).mean(1), diff
+
+    return detect
+
+
+def pca_detector(healthy: torch.Tensor, components: int = 32, seed: int = 0) -> Detector:
+    """Reconstruction by the leading principal components of healthy images (score: mean
+    squared residual)."""
+    from sklearn.decomposition import PCA
+
+    k = max(1, min(components, len(healthy) - 1))
+    pca = PCA(n_components=k, random_state=seed).fit(healthy.flatten(1).double().numpy())
+
+    def detect(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.flatten(1).double().numpy()
+        rec = torch.from_numpy(pca.inverse_transform(pca.transform(flat))).float()
+        diff = (x - rec.view_as(x)).abs().mean(1, keepdim=True)
+        return diff.square().flatten(1).mean(1), diff
+
+    return detect
+
+
+def detection_scores(
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    test_labels: torch.Tensor,
+    val_masks: torch.Tensor | None,
+    test_masks: torch.Tensor | None,
+) -> dict[str, float]:
+    """Image-level AUC and AP on the test half, of the method's own score and
+    (``anomaly_auc_map``) of the same rule for every method, the largest value of the smoothed
+    map (a small lesion barely moves a whole-image mean); with masks, the pixel threshold that
+    maximizes Dice on the validation half and the test half's Dice and IoU at it.
+
+    Args:
+        val: ``(scores, smoothed maps)`` of the validation half.
+        test: The same of the test half.
+        test_labels: 1 = abnormal.
+        val_masks: Lesion masks of the validation half (None where unknown).
+        test_masks: Lesion masks of the test half.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = test_labels.numpy()
+    if len(np.unique(y)) < 2:
+        raise MetricUnavailable("the test half holds a single class: AUC is undefined")
+    scores = test[0].double().numpy()
+    out = {
+        "anomaly_auc": float(roc_auc_score(y, scores)),
+        "anomaly_ap": float(average_precision_score(y, scores)),
+        "anomaly_auc_map": float(roc_auc_score(y, test[1].flatten(1).amax(1).double().numpy())),
+    }
+    if val_masks is not None and test_masks is not None and val_masks.any():
+        threshold = fn.best_threshold(val[1], val_masks)
+        out["anomaly_dice"] = fn.dice(test[1] > threshold, test_masks)
+        out["anomaly_iou"] = fn.iou(test[1] > threshold, test_masks)
+        out["anomaly_threshold"] = threshold
+    return out
+
+
+def _unavailable(*args: object) -> dict[str, float]:
+    raise MetricUnavailable("scores an anomaly detector: it needs task anomaly")
+
+
+METRICS.add("anomaly", Metric(
+    "anomaly", 0, _unavailable, higher_is_better=True,
+    keys=("anomaly_auc", "anomaly_ap", "anomaly_auc_map", "anomaly_dice", "anomaly_iou",
+          "anomaly_threshold"),
+    references=("anomaly_threshold",),
+))  # fmt: skip
+
+
+class AnomalyEvaluator:
+    """The central evaluator of an anomaly-detection run (the surface of the others).
+
+    The held-out images are split in two seeded halves: validation (chooses the pixel
+    threshold) and test (is scored). The baselines' healthy reference is the healthy training
+    images where the server may read them (a simulation, ``eval.use_training_images``), else
+    the validation half's healthy images.
+
+    Args:
+        cfg: The experiment config.
+        samples_dir: Where the pictures go.
+        task: The anomaly task (its networks and maps).
+    """
+
+    def __init__(self, cfg: Config, samples_dir: Path, task: AnomalyTask) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.samples_dir = samples_dir
+        self.device = resolve_device(cfg.train.device)
+        self.skipped: dict[str, str] = {}
+        self._data: dict[str, torch.Tensor | None] | None = None
+        self._baselines: dict[str, dict[str, float]] | None = None
+        self._baseline_maps: dict[str, torch.Tensor] = {}
+
+    def data(self) -> dict[str, torch.Tensor | None]:
+        """The validation and test halves: images, labels (1 = abnormal) and masks."""
+        if self._data is None:
+            from fedgan.data import eval_dataset, eval_masks
+
+            cfg = self.cfg
+            n = cfg.federation.num_hospitals
+            images, labels = eval_dataset(cfg.data, cfg.run.seed, n).tensors
+            abnormal = (labels != max(cfg.data.train_label, 0)).long()
+            masks = eval_masks(cfg.data, cfg.run.seed)
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
+                cfg.run.seed + 424_242))  # fmt: skip
+            half = len(order) // 2
+            parts = {"val": order[:half], "test": order[half:]}
+            self._data = {}
+            for part, idx in parts.items():
+                self._data[f"{part}_images"] = images[idx]
+                self._data[f"{part}_labels"] = abnormal[idx]
+                self._data[f"{part}_masks"] = None if masks is None else masks[idx]
+        return self._data
+
+    def _healthy_reference(self) -> torch.Tensor:
+        data = self.data()
+        if self.cfg.eval.use_training_images:
+            from fedgan.data import pooled_dataset
+
+            cfg = self.cfg
+            train = pooled_dataset(cfg.data, cfg.run.seed, cfg.federation.num_hospitals)
+            images, labels = train.tensors
+            healthy = images[labels == max(cfg.data.train_label, 0)]
+            if len(healthy) > 1:
+                return healthy
+        val_images, val_labels = data["val_images"], data["val_labels"]
+        assert val_images is not None and val_labels is not None
+        return val_images[val_labels == 0]
+
+    def _score(self, detect: Detector) -> tuple[dict[str, float], torch.Tensor]:
+        d = self.data()
+        val = detect(d["val_images"])  # type: ignore[arg-type]
+        test = detect(d["test_images"])  # type: ignore[arg-type]
+        val = (val[0], smooth_map(val[1]))
+        test = (test[0], smooth_map(test[1]))
+        scores = detection_scores(val, test, d["test_labels"],  # type: ignore[arg-type]
+                                  d["val_masks"], d["test_masks"])  # fmt: skip
+        return scores, test[1]
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Each classical detector's scores (computed once)."""
+        if self._baselines is None:
+            healthy = self._healthy_reference()
+            self._baselines = {}
+            detectors = {
+                "mean": mean_image_detector(healthy),
+                "pca": pca_detector(healthy, seed=self.cfg.run.seed),
+            }
+            for name, detect in detectors.items():
+                self._baselines[name], self._baseline_maps[name] = self._score(detect)
+        return self._baselines
+
+    def prepare(self) -> None:
+        """Loads the halves and scores the baselines (before the first evaluation)."""
+        self.baselines()
+
+    def networks(self, state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+        nets = self.task.build()
+        load_state(nets, state)
+        return {k: v.to(self.device).eval() for k, v in nets.items()}
+
+    def detector(self, state: dict[str, torch.Tensor]) -> Detector:
+        nets = self.networks(state)
+
+        def detect(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            scores, maps, _ = self.task.anomaly_maps(nets, x)
+            return scores, maps
+
+        return detect
+
+    def metrics(self, round_: int, state: dict[str, torch.Tensor], names: list[str] | None = None
+                ) -> dict[str, float]:  # fmt: skip
+        """fedgan's detection scores, each baseline's as ``<baseline>_<key>``, and fedgan's AUC
+        (and Dice) gain over the best baseline."""
+        result, _ = self._score(self.detector(state))
+        baselines = self.baselines()
+        for name, scores in baselines.items():
+            for key, value in scores.items():
+                result[f"{name}_{key}"] = value
+        for key in ("anomaly_auc", "anomaly_auc_map", "anomaly_dice"):
+            best = max((s[key] for s in baselines.values() if key in s), default=None)
+            if key in result and best is not None:
+                result[f"{key}_gain"] = result[key] - best
+        return result
+
+    def sample_grid(self, round_: int, state: dict[str, torch.Tensor]) -> Path:
+        """Abnormal test images: input | reconstruction | fedgan's map | each baseline's map |
+        the lesion mask (where known); maps scaled by their own 99th percentile."""
+        from fedgan.evaluation.paired import comparison_picture
+
+        d = self.data()
+        labels = d["test_labels"]
+        assert labels is not None
+        rows = torch.nonzero(labels == 1).flatten()[:4]
+        images = d["test_images"][rows]  # type: ignore[index]
+        nets = self.networks(state)
+        _, maps, rec = self.task.anomaly_maps(nets, images)
+        self.baselines()
+
+        def shown(m: torch.Tensor) -> torch.Tensor:
+            top = torch.quantile(m.flatten().double(), 0.99).clamp(min=1e-8).float()
+            return (m / top).clamp(0, 1) * 2 - 1
+
+        columns = {"input": images, "reconstruction": rec, "fedgan map": shown(smooth_map(maps))}
+        for name, bmaps in self._baseline_maps.items():
+            columns[f"{name} map"] = shown(bmaps[rows])
+        if d["test_masks"] is not None:
+            columns["lesion"] = d["test_masks"][rows] * 2 - 1  # type: ignore[index]
+        return comparison_picture(columns, self.samples_dir / f"round_{round_:04d}.png")
+
+    def evaluate(self, round_: int, state: dict[str, torch.Tensor], *, final: bool = False
+                 ) -> dict[str, float]:  # fmt: skip
+        self.sample_grid(round_, state)
+        return self.metrics(round_, state)

@@ -1,0 +1,112 @@
+"""Anomaly detection (f-AnoGAN, Schlegl et al. 2019): a GAN of healthy images
+(``data.train_label``) and an encoder into its latent space, trained together; an image is as
+abnormal as the GAN fails to reconstruct it.
+
+Each iteration takes the family's discriminator and generator steps, then one encoder step
+with the GAN frozen (izi_f: image residual plus ``task.feature_weight`` times the residual of
+the discriminator's features). The encoder federates like the other networks (``encoder.``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedgan.catalog import TASKS
+from fedgan.models import ImageShape
+from fedgan.models.dcgan import Encoder
+from fedgan.training.objectives.base import Batch, Nets, Phase, StepContext
+from fedgan.training.objectives.synthesis import SynthesisObjective
+
+if TYPE_CHECKING:
+    from fedgan.config import Config
+
+
+@contextmanager
+def evaluating(*nets: nn.Module) -> Iterator[None]:
+    """``nets`` in eval mode (a frozen generator's BatchNorm keeps its statistics), then back."""
+    modes = [n.training for n in nets]
+    for n in nets:
+        n.eval()
+    try:
+        yield
+    finally:
+        for n, mode in zip(nets, modes, strict=True):
+            n.train(mode)
+
+
+class AnomalyObjective(SynthesisObjective):
+    """f-AnoGAN: the family's GAN of healthy anatomy plus an encoder ``E``; the anomaly score
+    of ``x`` is ``mean((x - G(E(x)))^2) + kappa * mean((f(x) - f(G(E(x))))^2)`` with ``f`` the
+    discriminator's features, its map the per-pixel residual ``|x - G(E(x))|``."""
+
+    detects = True
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.phases = (*self.phases, Phase("E", ("encoder",), reads_data=True))
+
+    def check_private(self) -> None:
+        raise ValueError(
+            "task anomaly is not trained with DP-SGD yet (its encoder step reads patient "
+            "images through the generator's BatchNorm); set privacy.mode=none"
+        )
+
+    def build(self) -> dict[str, nn.Module]:
+        nets = super().build()
+        if not isinstance(getattr(nets["discriminator"], "features", None), nn.Module):
+            raise ValueError(
+                f"task anomaly needs a discriminator with a feature layer; model.family "
+                f"{self.cfg.model.family!r} has none: use dcgan or wgan-gp"
+            )
+        m = self.cfg.model
+        shape = ImageShape(self.cfg.data.channels, self.cfg.data.image_size)
+        nets["encoder"] = Encoder(m.latent_dim, shape, m.base_channels)
+        return nets
+
+    def accumulate_gradients(
+        self, phase: str, nets: Nets, batch: Batch, ctx: StepContext
+    ) -> torch.Tensor:
+        if phase != "E":
+            return super().accumulate_gradients(phase, nets, batch, ctx)
+        kappa = self.cfg.task.feature_weight
+
+        def e_loss(nets: Nets, b: Batch) -> torch.Tensor:
+            g, d, e = nets["generator"], nets["discriminator"], nets["encoder"]
+            real = b["real"]
+            with evaluating(g, d):
+                rec = g(e(real))
+                with torch.no_grad():
+                    target = d.features(real)
+                return F.mse_loss(rec, real) + kappa * F.mse_loss(d.features(rec), target)
+
+        return ctx.backward(e_loss, nets, batch)
+
+    @torch.no_grad()
+    def anomaly_maps(
+        self, nets: Nets, images: torch.Tensor, batch: int = 128
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scores [N], maps [N, 1, H, W], reconstructions)`` of ``images`` in [-1, 1],
+        on the networks' device; maps are ``|x - G(E(x))|`` averaged over channels."""
+        g, d, e = nets["generator"], nets["discriminator"], nets["encoder"]
+        device = next(g.parameters()).device
+        kappa = self.cfg.task.feature_weight
+        scores, maps, recs = [], [], []
+        with evaluating(g, d, e):
+            for x in images.split(batch):
+                x = x.to(device)
+                rec = g(e(x))
+                pixel = (x - rec).square().flatten(1).mean(1)
+                feat = (d.features(x) - d.features(rec)).square().flatten(1).mean(1)
+                scores.append((pixel + kappa * feat).cpu())
+                maps.append((x - rec).abs().mean(1, keepdim=True).cpu())
+                recs.append(rec.cpu())
+        return torch.cat(scores), torch.cat(maps), torch.cat(recs)
+
+
+TASKS.add("anomaly", AnomalyObjective)

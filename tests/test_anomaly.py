@@ -1,0 +1,287 @@
+"""Anomaly detection (f-AnoGAN): healthy-only training data, the encoder's phase, Dice/IoU
+against an independent implementation, the threshold chosen on validation images, scores that
+rank a lesion above its healthy twin, the encoder through every strategy, the evaluator, and
+`fedgan detect` on PNG, DICOM and NIfTI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedgan.config import load_config
+from fedgan.data import eval_dataset, eval_masks, hospital_dataset, pooled_dataset
+from fedgan.evaluation import functional as fn
+from fedgan.experiment import resolve
+from fedgan.federated.strategies import STRATEGIES
+from fedgan.models import load_state, pack_state
+from fedgan.training import make_objective, networks_for
+
+TOY = ["task.name=anomaly", "data.train_label=0", "data.image_size=16", "data.num_images=160",
+       "model.base_channels=8", "model.latent_dim=16", "train.batch_size=16"]  # fmt: skip
+
+
+def test_dice_and_iou_match_sklearn_and_hand_made_cases() -> None:
+    from sklearn.metrics import f1_score, jaccard_score
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        pred = torch.rand(3, 1, 8, 8, generator=g) > 0.6
+        target = torch.rand(3, 1, 8, 8, generator=g) > 0.7
+        p, t = pred.flatten().numpy(), target.flatten().numpy()
+        assert fn.dice(pred, target) == pytest.approx(f1_score(t, p))
+        assert fn.iou(pred, target) == pytest.approx(jaccard_score(t, p))
+    m = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    m[0, 0, :2] = True  # 8 pixels
+    half = torch.zeros_like(m)
+    half[0, 0, 1:3] = True  # 4 of them, plus 4 others
+    assert fn.dice(m, m) == 1.0 and fn.iou(m, m) == 1.0
+    assert fn.dice(m, ~m) == 0.0 and fn.iou(m, ~m) == 0.0
+    assert fn.dice(half, m) == pytest.approx(0.5) and fn.iou(half, m) == pytest.approx(1 / 3)
+    assert fn.dice(m & False, m & False) == 1.0  # nothing to find, nothing found
+
+
+def test_best_threshold_recovers_a_planted_region() -> None:
+    g = torch.Generator().manual_seed(1)
+    masks = torch.zeros(10, 1, 16, 16)
+    masks[:, :, 4:8, 5:9] = 1
+    maps = 0.3 * torch.rand(masks.shape, generator=g) + 0.5 * masks
+    t = fn.best_threshold(maps, masks)
+    assert 0.3 <= t < 0.5 + 1e-6
+    assert fn.dice(maps > t, masks) == 1.0
+
+
+def test_training_sees_the_healthy_label_only_and_evaluation_sees_all() -> None:
+    cfg = load_config(None, TOY).data
+    for h in range(2):
+        assert set(hospital_dataset(cfg, 0, h, 2).tensors[1].tolist()) == {0}
+    pooled = pooled_dataset(cfg, 0, 2)
+    everything = pooled_dataset(load_config(None, TOY[2:4]).data, 0, 2)
+    assert len(pooled) == int((everything.tensors[1] == 0).sum())
+    labels = eval_dataset(cfg, 0, 2).tensors[1]
+    assert set(labels.tolist()) == {0, 1}
+    masks = eval_masks(cfg, 0)
+    assert masks is not None and len(masks) == len(labels)
+    assert bool(masks[labels == 0].sum() == 0) and bool(
+        (masks[labels == 1].sum((1, 2, 3)) > 0).all()
+    )
+
+
+def test_anomaly_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="data.train_label"):
+        resolve(load_config(None, ["task.name=anomaly"]))
+    with pytest.raises(ValueError, match="model.family.*dcgan or wgan-gp"):
+        resolve(load_config(None, [*TOY, "model.family=sngan"]))
+    with pytest.raises(ValueError, match="privacy.mode"):
+        resolve(load_config(None, [*TOY, "privacy.mode=dp-sgd", "privacy.target_epsilon=3"]))
+    with pytest.raises(ValueError, match="data.train_label"):
+        load_config(None, ["data.train_label=-2"])
+
+
+def test_encoder_step_trains_the_encoder_only() -> None:
+    from fedgan.training.loop import make_optimizers, phase_step
+    from fedgan.training.objectives.base import StepContext
+
+    cfg = load_config(None, TOY)
+    objective = make_objective(cfg)
+    nets = networks_for(cfg, objective)
+    assert nets["encoder"](torch.zeros(2, 1, 16, 16)).shape == (2, 16)
+    before = {k: v.clone() for k, v in pack_state(nets).items()}
+    ctx = StepContext.seeded(0, torch.device("cpu"))
+    real = hospital_dataset(cfg.data, 0, 0, 2).tensors[0][:8]
+    batch = objective.make_batch(real, torch.zeros(8, dtype=torch.long), None, ctx)
+    loss = phase_step(objective, objective.phase("E"), nets, make_optimizers(nets, cfg.train),
+                      batch, ctx)  # fmt: skip
+    assert float(loss) > 0
+    after = pack_state(nets)
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"encoder"}  # generator weights and BatchNorm statistics untouched
+
+
+def _twins(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phantoms rendered without and with a nodule: the same anatomy, and the nodule's mask."""
+    from fedgan.data.phantom import render_phantoms_with_masks
+
+    healthy, _, _ = render_phantoms_with_masks(n, size, seed=77, lesion_fraction=0.0)
+    sick, _, masks = render_phantoms_with_masks(n, size, seed=77, lesion_fraction=1.0)
+    return healthy * 2 - 1, sick * 2 - 1, masks
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple:
+    """A toy anomaly run: 160 steps on healthy 16 px phantoms, pooled."""
+    from fedgan.runs.centralized import train_centralized
+
+    out = tmp_path_factory.mktemp("anomaly")
+    cfg = resolve(load_config(None, [*TOY, "train.local_steps=40", "federation.num_rounds=2",
+                                     "federation.num_hospitals=2", f"run.output_dir={out}",
+                                     "run.name=toy", "eval.background=false"]))  # fmt: skip
+    train_centralized(cfg, log=lambda _: None)
+    return cfg, out / "toy"
+
+
+def _discs(n: int, seed: int, lesion: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hand-made 16 px "anatomy": a grey disc of varying brightness on black; a lesion is a
+    bright 3x3 square inside it. Returns ``(images in [-1, 1], lesion masks)``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(16).float()
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    disc = (((yy - 7.5) ** 2 + (xx - 7.5) ** 2) < 36).float()
+    level = 0.4 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
+    images = disc * level
+    masks = torch.zeros(n, 1, 16, 16)
+    if lesion:
+        for i in range(n):
+            y, x = torch.randint(5, 9, (2,), generator=g).tolist()
+            masks[i, 0, y : y + 3, x : x + 3] = 1
+        images = images * (1 - masks) + masks
+    return images * 2 - 1, masks
+
+
+def test_a_lesion_scores_above_its_healthy_twin() -> None:
+    from torch.utils.data import TensorDataset
+
+    from fedgan.training.hospital import local_round
+
+    cfg = load_config(None, [*TOY, "train.local_steps=300", "model.base_channels=16"])
+    objective = make_objective(cfg)
+    nets = networks_for(cfg, objective)
+    healthy, _ = _discs(256, 0)
+    data = TensorDataset(healthy, torch.zeros(len(healthy), dtype=torch.long))
+    result = local_round(cfg, data, pack_state(nets), None, round_=1, hospital=0)
+    load_state(nets, result.state)
+    twins, _ = _discs(32, 5)
+    sick, masks = _discs(32, 5, lesion=True)  # the same discs (same seed), with a lesion
+    s_healthy, _, _ = objective.anomaly_maps(nets, twins)  # type: ignore[attr-defined]
+    s_sick, maps, _ = objective.anomaly_maps(nets, sick)  # type: ignore[attr-defined]
+    assert bool((s_sick > s_healthy).all()), s_sick - s_healthy
+    assert maps[masks > 0].mean() > 3 * maps[masks == 0].mean()  # the residual is the lesion
+
+
+def test_the_evaluator_scores_fedgan_and_both_baselines(trained) -> None:
+    _, run = trained
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = records[-1]["eval"]
+    for method in ("", "mean_", "pca_"):
+        for key in ("anomaly_auc", "anomaly_ap", "anomaly_auc_map", "anomaly_dice", "anomaly_iou"):
+            assert 0.0 <= ev[f"{method}{key}"] <= 1.0, f"{method}{key}"
+    assert ev["anomaly_auc_gain"] == pytest.approx(
+        ev["anomaly_auc"] - max(ev["mean_anomaly_auc"], ev["pca_anomaly_auc"])
+    )
+    columns = (run / "samples" / "round_0002.columns.txt").read_text().strip()
+    assert columns == "input | reconstruction | fedgan map | mean map | pca map | lesion"
+    from fedgan.evaluation.metrics import direction
+
+    assert direction("pca_anomaly_dice") == "higher" and direction("anomaly_auc_gain") == "higher"
+
+
+@pytest.mark.parametrize("strategy_name", STRATEGIES.names())
+def test_the_encoder_federates_under_every_strategy(strategy_name: str, monkeypatch) -> None:
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedgan.federated.records import from_arrays, to_arrays
+    from fedgan.federated.strategies import build_strategy
+    from fedgan.runs.records import HospitalReport
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    n = 7  # enough for bulyan's quorum with one Byzantine hospital
+    cfg = load_config(None, [*TOY, f"federation.strategy={strategy_name}",
+                             f"federation.num_hospitals={n}"])  # fmt: skip
+    common = pack_state(networks_for(cfg))
+    states = []
+    for i in range(n):
+        s = dict(common)
+        s.update({k: v + 0.01 * i for k, v in common.items()
+                  if k.startswith("generator.") and v.is_floating_point()})  # fmt: skip
+        states.append(s)
+    strategy = build_strategy(cfg.federation)
+    if hasattr(strategy, "current_arrays"):
+        strategy.current_arrays = {k: v.numpy() for k, v in common.items()}
+
+    def reply(state, i):  # type: ignore[no-untyped-def]
+        report = HospitalReport(hospital=i, num_examples=10, examples_seen=8, steps=1,
+                                d_loss=0.0, g_loss=0.0, train_seconds=0.1)  # fmt: skip
+        content = RecordDict({"arrays": to_arrays(state),
+                              "metrics": MetricRecord(report.to_metrics())})  # fmt: skip
+        return Message(content=content, dst_node_id=0, message_type="train")
+
+    arrays, _ = strategy.aggregate_train(1, [reply(s, i) for i, s in enumerate(states)])
+    merged = from_arrays(arrays)
+    encoder = [k for k in common if k.startswith("encoder.")]
+    assert encoder and set(merged) == set(common)
+    for k in encoder:  # every hospital sent the same encoder: it comes back as it went
+        assert torch.allclose(merged[k].float(), common[k].float(), atol=1e-6), k
+    nets = networks_for(cfg)
+    load_state(nets, merged)
+
+
+def test_detect_on_png_dicom_and_nifti(trained, tmp_path: Path, capsys) -> None:
+    import nibabel as nib
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from fedgan.cli import main
+
+    _, run = trained
+    _, sick, _ = _twins(2, 16)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, img in enumerate(sick):
+        Image.fromarray(((img[0] + 1) * 127.5).round().byte().numpy()).save(src / f"p{i}.png")
+
+    def detect(source: Path, out: str) -> int:
+        return main(["detect", "--run", str(run), "--input", str(source),
+                     "--out", str(tmp_path / out)])  # fmt: skip
+
+    assert detect(src, "png") == 0
+    rows = list(csv.DictReader((tmp_path / "png" / "scores.csv").open()))
+    assert [r["file"] for r in rows] == ["p0.png", "p1.png"]
+    assert all(float(r["score"]) > 0 for r in rows)
+    overlay = np.asarray(Image.open(tmp_path / "png" / "p0.png"))
+    assert overlay.shape == (16, 16, 3)
+    ct = get_testdata_file("CT_small.dcm")
+    assert ct is not None
+    assert detect(Path(ct), "dcm") == 0 and (tmp_path / "dcm" / "CT_small.png").exists()
+    vol = np.zeros((12, 12, 2), dtype=np.float32)
+    vol[2:10, 2:10, :] = 5.0
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    assert detect(tmp_path / "v.nii.gz", "nii") == 0
+    assert sorted(p.name for p in (tmp_path / "nii").iterdir()) == [
+        "scores.csv",
+        "v_s000.png",
+        "v_s001.png",
+    ]
+    other = load_config(None, ["data.image_size=16", "data.num_images=64",
+                               "model.base_channels=8", "train.batch_size=8",
+                               "train.local_steps=1", "federation.num_rounds=1",
+                               f"run.output_dir={tmp_path}", "run.name=gan"])  # fmt: skip
+    from fedgan.runs.centralized import train_centralized
+
+    train_centralized(other, log=lambda _: None)
+    assert main(["detect", "--run", str(other.run_dir), "--input", str(src),
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "task anomaly" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_federated_rounds_of_anomaly_detection(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "fedgan.cli", "simulate"]
+    for o in (f"run.output_dir={tmp_path}", "run.name=ad", *TOY, "federation.num_hospitals=2",
+              "federation.num_rounds=2", "train.local_steps=2"):  # fmt: skip
+        args += ["--set", o]
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "ad" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert {"anomaly_auc", "anomaly_dice", "pca_anomaly_auc"} <= set(records[-1]["eval"])
+    ckpt = torch.load(tmp_path / "ad" / "checkpoints" / "round_0002.pt", weights_only=True)
+    assert {k.split(".")[0] for k in ckpt["state"]} == {"generator", "discriminator", "encoder"}
