@@ -4,20 +4,19 @@ mask as an input channel); seeded box and stroke holes; biharmonic inpainting as
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedgan.catalog import TASKS
 from fedgan.data.degrade import hole_masks, mask_images
 from fedgan.models.image2image import InpaintGenerator, patch_discriminator
-from fedgan.training.objectives.base import Batch, Nets, StepContext, lsgan
-from fedgan.training.objectives.image2image import ImageToImage
+from fedgan.training.objectives.enhance import EnhanceObjective
 
 
-class InpaintObjective(ImageToImage):
-    """The generator sees the image with its hole set to mid-grey and the mask; the
-    discriminator judges (input, completed image) pairs, as in pix2pix. The L1 loss reaches
-    the hole only: the generator passes the given pixels through unchanged."""
+class InpaintObjective(EnhanceObjective):
+    """pix2pix's losses (those of ``enhance``) on other inputs: the generator sees the image
+    with its hole set to mid-grey and the mask; the discriminator judges (input, completed
+    image) pairs. The L1 loss reaches the hole only: the generator passes the given pixels
+    through unchanged."""
 
     def build(self) -> dict[str, nn.Module]:
         c, s, w = self.cfg.data.channels, self.cfg.data.image_size, self.cfg.model.base_channels
@@ -45,30 +44,6 @@ class InpaintObjective(ImageToImage):
             mask = (images <= -1).any(1, keepdim=True).float()
         mask = mask.expand(len(images), 1, *images.shape[-2:]).float()
         return torch.cat([mask_images(images, mask), mask], 1)
-
-    def accumulate_gradients(
-        self, phase: str, nets: Nets, batch: Batch, ctx: StepContext
-    ) -> torch.Tensor:
-        task = self.cfg.task
-        if phase == "D":
-
-            def d_loss(nets: Nets, b: Batch) -> torch.Tensor:
-                d, x, y = nets["discriminator"], b["inputs"], b["targets"]
-                with torch.no_grad():
-                    fake = nets["generator"](x)
-                real_out, _ = d(torch.cat([x, y], 1))
-                fake_out, _ = d(torch.cat([x, fake], 1))
-                return 0.5 * (lsgan(real_out, 1.0) + lsgan(fake_out, 0.0))
-
-            return ctx.backward(d_loss, nets, batch)
-
-        def g_loss(nets: Nets, b: Batch) -> torch.Tensor:
-            x, y = b["inputs"], b["targets"]
-            fake = nets["generator"](x)
-            out, _ = nets["discriminator"](torch.cat([x, fake], 1))
-            return task.adversarial_weight * lsgan(out, 1.0) + task.l1_weight * F.l1_loss(fake, y)
-
-        return ctx.backward(g_loss, nets, batch)
 
     def baselines(self):  # type: ignore[no-untyped-def]
         import numpy as np
