@@ -176,3 +176,15 @@ def test_enhance_fills_a_mask_file_or_the_zero_pixels(tmp_path: Path, capsys) ->
     assert enhance(src, "bad", "--mask", str(tmp_path / "empty.png")) == 2
     assert "marks no hole" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_hole_metric_named_for_another_task_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    cfg = load_config(None, [*TOY[:3], "task.name=enhance", "data.image_size=16",
+                             "eval.metrics=psnr,hole", f"run.output_dir={tmp_path}"])  # fmt: skip
+    objective = make_objective(cfg)
+    ev = PairedEvaluator(cfg, tmp_path / "samples", objective)  # type: ignore[arg-type]
+    from fedgan.models import pack_state
+
+    m = ev.metrics(1, pack_state(networks_for(cfg)))
+    assert "psnr" in m and not any(k.startswith("hole") for k in m)
+    assert ev.skipped["hole"] == "scores a hole: it needs task inpaint"

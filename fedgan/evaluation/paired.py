@@ -189,15 +189,23 @@ def paired_scores(
     target: torch.Tensor,
     names: tuple[str, ...] = PAIRED_METRICS,
     settings: PairedSettings | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Means over the set of the named paired metrics (PSNR in dB, SSIM, MS-SSIM, GMSD,
     MS-GMSD, LPIPS, NMI with 1 = independent and 2 = identical, MAE, MSE), on images mapped to
-    [0, 1] (data range 1)."""
+    [0, 1] (data range 1). A metric that does not apply (``hole`` without a hole) raises
+    :class:`MetricUnavailable`, or, given ``skipped``, is left out with its reason there."""
     x, y = _unit(output), _unit(target)
     settings = settings or PairedSettings()
     out: dict[str, float] = {}
     for name in names:
-        value = METRICS.get(name).compute(x, y, settings)
+        try:
+            value = METRICS.get(name).compute(x, y, settings)
+        except MetricUnavailable as why:
+            if skipped is None:
+                raise
+            skipped[name] = str(why)
+            continue
         out.update(value if isinstance(value, dict) else {name: value})
     return out
 
@@ -287,7 +295,7 @@ class PairedEvaluator:
                 out = method(inputs)
                 self._baseline_outputs[name] = out
                 self._baselines[name] = paired_scores(
-                    out, targets, self.metric_names(), self.settings
+                    out, targets, self.metric_names(), self.settings, self.skipped
                 )
         return self._baselines
 
@@ -325,7 +333,7 @@ class PairedEvaluator:
                 if not METRICS.get(name).paired:
                     self.skipped[name] = "scores generated images: it needs task synthesis"
             chosen = tuple(n for n in names if METRICS.get(n).paired)
-        result = paired_scores(out, targets, chosen, self.settings)
+        result = paired_scores(out, targets, chosen, self.settings, self.skipped)
         baselines = self.baselines()
         for name, scores in baselines.items():
             for key, value in scores.items():
