@@ -220,6 +220,8 @@ class TrainSection:
 
 #: Precisions the weights may travel in (``federation.message_dtype``).
 MESSAGE_DTYPES = ("float32", "float16", "bfloat16")
+SERVER_NETWORKS = ("all", "generator")
+OPTIMIZER_STATES = ("keep", "reset")
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,18 @@ class FederationSection:
             float32 either way; see ``fedgan.federated.records`` for the rounding bound).
         concurrent_hospitals: In a simulation, how many hospitals train at the same time (one
             worker process each); 0 means one per CPU core.
+        server_networks: Which networks the server optimizer of ``fedavgm``, ``fedadam``,
+            ``fedyogi`` and ``fedadagrad`` steps: ``all``, or ``generator`` (the generators
+            take the server step, the discriminators are plainly averaged). Buffers such as
+            BatchNorm's running statistics are always averaged, never stepped.
+        share_discriminator: The discriminators are averaged every this many rounds (1: every
+            round; 0: never, so each hospital keeps and trains its own discriminator and it
+            never leaves the site). Between averages each hospital trains the one it kept.
+        local_norm: FedBN: normalisation layers (BatchNorm, GroupNorm, their affine weights
+            and running statistics) stay at each hospital and are never sent or averaged.
+        optimizer_state: ``keep``: each hospital's Adam moments carry over from its previous
+            round; ``reset``: a network whose weights the server replaced starts the round with
+            fresh moments (a network the hospital kept keeps its own).
     """
 
     num_hospitals: int = 4
@@ -278,6 +292,10 @@ class FederationSection:
     connect_timeout: float = 60.0
     message_dtype: str = "float32"
     concurrent_hospitals: int = 0
+    server_networks: str = "all"
+    share_discriminator: int = 1
+    local_norm: bool = False
+    optimizer_state: str = "keep"
 
     def __post_init__(self) -> None:
         _check_positive("federation.num_hospitals", self.num_hospitals)
@@ -314,6 +332,27 @@ class FederationSection:
                 "federation.concurrent_hospitals",
                 f"must be >= 0 (0: one per CPU core), got {self.concurrent_hospitals}",
             )
+        if self.server_networks not in SERVER_NETWORKS:
+            _fail(
+                "federation.server_networks",
+                f"must be one of {', '.join(SERVER_NETWORKS)}, got {self.server_networks!r}",
+            )
+        if self.share_discriminator < 0:
+            _fail(
+                "federation.share_discriminator",
+                f"must be >= 0 (0: never, 1: every round), got {self.share_discriminator}",
+            )
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            _fail(
+                "federation.optimizer_state",
+                f"must be one of {', '.join(OPTIMIZER_STATES)}, got {self.optimizer_state!r}",
+            )
+
+    @property
+    def keeps_local(self) -> bool:
+        """Some weights stay at the hospitals between rounds (a local discriminator between
+        averages, or FedBN's normalisation layers)."""
+        return self.local_norm or self.share_discriminator != 1
 
     @property
     def sampled(self) -> int:

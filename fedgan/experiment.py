@@ -117,6 +117,13 @@ def _check_privacy(cfg: Config) -> None:
             "privacy.mode 'central-dp' is accounted on equal-weight FedAvg only; "
             "set federation.strategy=fedavg",
         )
+    if cfg.privacy.mode == "central-dp" and cfg.federation.keeps_local:
+        _fail(
+            "federation.share_discriminator",
+            "central DP clips and noises the whole model's update each round; set "
+            "federation.share_discriminator=1 and federation.local_norm=false with "
+            "privacy.mode=central-dp",
+        )
     if cfg.privacy.mode == "central-dp" and cfg.federation.message_dtype != "float32":
         _fail(
             "federation.message_dtype",

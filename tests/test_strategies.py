@@ -66,7 +66,7 @@ def test_every_strategy_builds_and_aggregates(name: str) -> None:
     strategy = build_strategy(cfg.federation)
     states = [{"generator.w": torch.full((3,), float(i))} for i in range(3)]
     if hasattr(strategy, "current_arrays"):  # server-side optimizers need the global model
-        strategy.current_arrays = {"generator.w": np.zeros(3, dtype=np.float32)}
+        strategy.current_arrays = to_arrays({"generator.w": torch.zeros(3)})
     arrays, _ = strategy.aggregate_train(1, [_reply(s, 10, i) for i, s in enumerate(states)])
     assert arrays is not None and torch.isfinite(from_arrays(arrays)["generator.w"]).all()
     assert len(strategy.round_log.reports) == 3
@@ -102,7 +102,7 @@ def test_every_family_aggregates_under_every_strategy(family: str, strategy_name
     states = [pack_state(build_networks(cfg.model, ImageShape(1, 16), seed=s)) for s in range(3)]
     strategy = build_strategy(cfg.federation)
     if hasattr(strategy, "current_arrays"):
-        strategy.current_arrays = {k: v.numpy() for k, v in states[0].items()}
+        strategy.current_arrays = to_arrays(states[0])
     arrays, _ = strategy.aggregate_train(1, [_reply(s, 10 + i, i) for i, s in enumerate(states)])
     merged = from_arrays(arrays)
     nets = build_networks(cfg.model, ImageShape(1, 16), seed=9)
@@ -148,11 +148,13 @@ def test_strategy_parameters_come_from_the_config() -> None:
 
     avgm = built("federation.strategy=fedavgm", "federation.avgm_lr=0.7",
                  "federation.avgm_momentum=0.9")  # fmt: skip
-    assert (avgm.server_learning_rate, avgm.server_momentum) == (0.7, 0.9)
+    opt = avgm.server_optimizer
+    assert (opt.kind, opt.lr, opt.momentum) == ("momentum", 0.7, 0.9)
     assert built("federation.strategy=fedtrimmedavg", "federation.trim_beta=0.1").beta == 0.1
     adam = built("federation.strategy=fedadam", "federation.server_lr=0.05",
                  "federation.server_tau=0.01")  # fmt: skip
-    assert (adam.eta, adam.tau) == (0.05, 0.01)
+    opt = adam.server_optimizer
+    assert (opt.kind, opt.lr, opt.tau) == ("adam", 0.05, 0.01)
     krum = built("federation.strategy=multikrum", "federation.num_hospitals=7",
                  "federation.malicious_hospitals=2", "federation.krum_select=3")  # fmt: skip
     assert (krum.num_malicious_nodes, krum.num_nodes_to_select) == (2, 3)

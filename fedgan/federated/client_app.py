@@ -17,11 +17,12 @@ from fedgan.data import hospital_dataset, local_dataset, local_pool, to_signed
 from fedgan.experiment import resolve
 from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
 from fedgan.federated.records import from_arrays, to_arrays
+from fedgan.federated.sharing import sharing_plan
 from fedgan.federated.site_cache import cached_pool
 from fedgan.privacy import BudgetExhausted
 from fedgan.rundir import atomic_write_bytes, atomic_write_text
 from fedgan.runs.records import HospitalReport, PrivacySpent
-from fedgan.training.hospital import local_round
+from fedgan.training.hospital import deserialize_state, local_round, serialize_state
 
 app = ClientApp(mods=[client_clipping_mod])
 
@@ -49,6 +50,10 @@ def state_file(cfg: Config, node: Mapping[str, object], hospital: int) -> Path |
     return None
 
 
+def _weights_file(path: Path) -> Path:
+    return path.with_name(path.stem + ".weights.pt")
+
+
 def load_site_state(path: Path | None) -> tuple[bytes | None, str | None]:
     """``(optimizer state, accountant history)`` saved by :func:`save_site_state`, or Nones
     (also for an unreadable file: optimizer state is worth keeping, never worth failing for)."""
@@ -62,10 +67,25 @@ def load_site_state(path: Path | None) -> tuple[bytes | None, str | None]:
         return None, None
 
 
-def save_site_state(path: Path | None, optimizers: bytes, accountant: str, round_: int) -> None:
-    """Writes this hospital's optimizer state and accountant atomically."""
+def load_site_weights(path: Path | None) -> bytes | None:
+    """The weights this hospital kept (a local discriminator, FedBN's layers), or None."""
+    if path is None or not _weights_file(path).exists():
+        return None
+    try:
+        return _weights_file(path).read_bytes() or None
+    except OSError:
+        return None
+
+
+def save_site_state(
+    path: Path | None, optimizers: bytes, accountant: str, round_: int, weights: bytes = b""
+) -> None:
+    """Writes this hospital's optimizer state, accountant and kept weights atomically (the
+    weights first: a state file never points past the weights it was trained with)."""
     if path is None:
         return
+    if weights:
+        atomic_write_bytes(_weights_file(path), weights)
     atomic_write_bytes(path, optimizers)
     atomic_write_text(path.with_suffix(".json"),
                       json.dumps({"round": round_, "accountant": accountant}))  # fmt: skip
@@ -157,13 +177,18 @@ def train(msg: Message, context: Context) -> Message:
     #    The optimizer state (as large as the networks) stays on the hospital's disk where it
     #    has a state file, so it never travels with the context (which a simulation pickles
     #    to and from its worker processes every round, and holds for every hospital).
+    #    Weights that never travel (a local discriminator, FedBN's layers) are kept the same way.
     kept = context.state.config_records.get(_STATE_KEY, ConfigRecord())
     path = state_file(cfg, context.node_config, hospital)
+    plan = sharing_plan(cfg) if cfg.federation.keeps_local else None
     if path is not None:
         optimizer_state, disk_accountant = load_site_state(path)
+        weights = load_site_weights(path) if plan is not None else None
     else:
         blob = kept.get("optimizers")
         optimizer_state, disk_accountant = (blob if isinstance(blob, bytes) else None), None
+        blob = kept.get("weights")
+        weights = blob if isinstance(blob, bytes) and plan is not None else None
     from_server = train_config.get(f"accountant.{hospital}")
     accountant = _longer_history(
         _longer_history(kept.get("accountant") or None, disk_accountant),  # type: ignore[arg-type]
@@ -181,13 +206,18 @@ def train(msg: Message, context: Context) -> Message:
             hospital=max(hospital, 0),
             accountant=accountant,
             proximal_mu=float(train_config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+            kept_state=deserialize_state(weights) if weights else None,
+            reset_optimizers=cfg.federation.optimizer_state == "reset",
         )
     except BudgetExhausted as exhausted:
         return Message(Error(code=BUDGET_ERROR_CODE, reason=str(exhausted)), reply_to=msg)
-    save_site_state(path, result.optimizer_state, result.accountant, round_)
+    kept_weights = serialize_state(result.state) if plan is not None else b""
+    save_site_state(path, result.optimizer_state, result.accountant, round_, kept_weights)
     kept_here = ConfigRecord({"accountant": result.accountant})
     if path is None:  # no disk to keep it on: the context keeps it
         kept_here["optimizers"] = result.optimizer_state
+        if kept_weights:
+            kept_here["weights"] = kept_weights
     context.state[_STATE_KEY] = kept_here
 
     # 4. Reply with the trained networks and what the server needs to weigh and log them.
@@ -205,7 +235,11 @@ def train(msg: Message, context: Context) -> Message:
         data_seconds=data_seconds,
     )
     metrics = MetricRecord({**report.to_metrics(), UNIT_WEIGHT: 1})
-    arrays = to_arrays(result.state, cfg.federation.message_dtype)
+    state = result.state
+    if plan is not None:  # only the round's shared weights leave the site
+        returned = plan.returned(round_)
+        state = {k: v for k, v in state.items() if k in returned}
+    arrays = to_arrays(state, cfg.federation.message_dtype)
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     if result.accountant:
         content["privacy"] = ConfigRecord({"accountant": result.accountant})

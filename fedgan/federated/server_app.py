@@ -17,8 +17,10 @@ from fedgan.experiment import resolve
 from fedgan.federated.grid import PromptGrid
 from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.federated.strategies import RoundLog, build_strategy
+from fedgan.models import ModelKeys
 from fedgan.privacy.accounting import BUDGET_EXHAUSTED
 from fedgan.runs import Failure, RoundRecord, RunRecorder
+from fedgan.training import networks_for
 
 app = ServerApp()
 
@@ -129,7 +131,8 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         return recorder.finish()
     log(INFO, "%s hospital(s) connected; training %s round(s)", connected, remaining)
     round_log = RoundLog()
-    strategy = build_strategy(cfg.federation, round_log, cfg.privacy)
+    keys = ModelKeys.of(networks_for(cfg))
+    strategy = build_strategy(cfg.federation, round_log, cfg.privacy, keys)
     # Privacy accountants of every hospital, checkpointed so that a resumed run (whose fresh
     # SuperNodes have forgotten them) continues each hospital's history.
     accountants: dict[str, str] = dict(recorder.resumed_meta.get("accountants", {}))

@@ -8,18 +8,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
-    FedAdagrad,
-    FedAdam,
     FedAvg,
-    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
-    FedYogi,
     Krum,
     MultiKrum,
     Strategy,
@@ -27,34 +23,90 @@ from flwr.serverapp.strategy import (
 
 from fedgan.catalog import STRATEGIES
 from fedgan.federated.records import from_arrays, in_full_precision, nbytes, to_arrays
+from fedgan.federated.server_opt import ServerOptimizer
+from fedgan.federated.sharing import SharingPlan
+from fedgan.models import ModelKeys
 from fedgan.runs.records import HospitalReport
 
 if TYPE_CHECKING:
     from fedgan.config import FederationSection, PrivacySection
 
-StrategyFactory = Callable[[dict[str, Any], "FederationSection", "RoundLog"], Strategy]
+StrategyFactory = Callable[
+    [dict[str, Any], "FederationSection", "RoundLog", SharingPlan | None], Strategy
+]
+
+
+class ServerOptFedAvg(FedAvg):
+    """FedAvg's example-weighted average, then a :class:`ServerOptimizer` step from the global
+    weights sent this round (``current_arrays``, set by the recording wrapper)."""
+
+    def __init__(self, *, server_optimizer: ServerOptimizer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server_optimizer = server_optimizer
+        self.current_arrays: ArrayRecord | None = None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        averaged, metrics = super().aggregate_train(server_round, replies)
+        if averaged is None or self.current_arrays is None:
+            return averaged, metrics
+        current = {k: np.asarray(getattr(a, "numpy", lambda a=a: a)())
+                   for k, a in self.current_arrays.items() if k in averaged}  # fmt: skip
+        new = self.server_optimizer.step(current, {k: a.numpy() for k, a in averaged.items()})
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in new.items()}), metrics
+
+
+def _stepped(cfg: FederationSection, plan: SharingPlan | None) -> frozenset[str] | None:
+    """Keys the server optimizer steps (None: every floating-point key, when the model's keys
+    are not known)."""
+    if plan is None:
+        return None
+    keys = plan.keys
+    if cfg.server_networks == "generator":
+        return frozenset(k for k in keys.parameters if keys.network_of(k).startswith("generator"))
+    return keys.parameters
 
 
 def _register(
     name: str, base: type[Strategy], **params: Callable[[FederationSection], Any]
 ) -> None:
-    """Registers Flower's ``base`` under ``name``; ``params`` map its keyword arguments to the
-    config keys they come from."""
+    """Registers ``base`` under ``name``; ``params`` map its keyword arguments to the config
+    keys they come from."""
 
-    def factory(common: dict[str, Any], cfg: FederationSection, log: RoundLog) -> Strategy:
-        wrapped = _recording(base, log, cfg.max_update_ratio, cfg.message_dtype)
+    def factory(
+        common: dict[str, Any], cfg: FederationSection, log: RoundLog, plan: SharingPlan | None
+    ) -> Strategy:
+        wrapped = _recording(base, log, cfg.max_update_ratio, cfg.message_dtype, plan)
         return wrapped(**common, **{k: get(cfg) for k, get in params.items()})
 
     STRATEGIES.add(name, factory)
 
 
+def _register_server_opt(
+    name: str, kind: str, **params: Callable[[FederationSection], Any]
+) -> None:
+    """Registers :class:`ServerOptFedAvg` with a ``kind`` of :class:`ServerOptimizer`."""
+
+    def factory(
+        common: dict[str, Any], cfg: FederationSection, log: RoundLog, plan: SharingPlan | None
+    ) -> Strategy:
+        optimizer = ServerOptimizer(kind=kind, stepped=_stepped(cfg, plan),
+                                    **{k: get(cfg) for k, get in params.items()})  # fmt: skip
+        wrapped = _recording(ServerOptFedAvg, log, cfg.max_update_ratio, cfg.message_dtype, plan)
+        return wrapped(**common, server_optimizer=optimizer)
+
+    STRATEGIES.add(name, factory)
+
+
 _register("fedavg", FedAvg)
-_register("fedavgm", FedAvgM, server_learning_rate=lambda c: c.avgm_lr,
-          server_momentum=lambda c: c.avgm_momentum)  # fmt: skip
+_register_server_opt("fedavgm", "momentum", lr=lambda c: c.avgm_lr,
+                     momentum=lambda c: c.avgm_momentum)  # fmt: skip
 _register("fedmedian", FedMedian)
 _register("fedtrimmedavg", FedTrimmedAvg, beta=lambda c: c.trim_beta)
-for _name, _base in (("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad)):
-    _register(_name, _base, eta=lambda c: c.server_lr, tau=lambda c: c.server_tau)
+for _name in ("fedadam", "fedyogi", "fedadagrad"):
+    _register_server_opt(_name, _name.removeprefix("fed"), lr=lambda c: c.server_lr,
+                         tau=lambda c: c.server_tau)  # fmt: skip
 _register("fedprox", FedProx, proximal_mu=lambda c: c.proximal_mu)
 _register("krum", Krum, num_malicious_nodes=lambda c: c.malicious_hospitals)
 _register("multikrum", MultiKrum, num_malicious_nodes=lambda c: c.malicious_hospitals,
@@ -171,29 +223,45 @@ def screen_replies(
     return accepted, rejected
 
 
+def _subset(arrays: ArrayRecord, keys: frozenset[str]) -> ArrayRecord:
+    return ArrayRecord({k: a for k, a in arrays.items() if k in keys})
+
+
 def _recording(
     base: type[Strategy],
     round_log: RoundLog,
     max_update_ratio: float = 10.0,
     message_dtype: str = "float32",
+    plan: SharingPlan | None = None,
 ) -> Callable[..., Strategy]:
     """A subclass of ``base`` that screens each round's replies (:func:`screen_replies`)
     before ``base`` aggregates them, and keeps the per-hospital reports in ``round_log``.
 
     With a ``message_dtype`` other than float32, the global weights travel rounded to it and
     the replies, which arrive in it, are turned back to float32 before anything reads them:
-    the server keeps, screens and aggregates in full precision (``base`` never sees a half)."""
+    the server keeps, screens and aggregates in full precision (``base`` never sees a half).
+
+    With a ``plan`` that keeps weights at the hospitals, only the round's shared keys travel
+    (:class:`SharingPlan`); ``base`` averages what comes back and the global model keeps its
+    other keys as they were."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.round_log = round_log
             self.global_arrays: ArrayRecord | None = None
+            self.full_arrays: ArrayRecord | None = None
             self.sent_to: list[int] = []
 
         def configure_train(
             self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
+            self.full_arrays = self.current_arrays = arrays
+            reference = arrays
+            if plan is not None and not plan.shares_everything:
+                round_ = server_round + int(config.get("round-offset", 0))  # type: ignore[arg-type]
+                reference = _subset(arrays, plan.returned(round_))
+                arrays = _subset(arrays, plan.sent(round_))
             messages = list(super().configure_train(server_round, arrays, config, grid))
             if message_dtype != "float32":
                 travelling = to_arrays(from_arrays(arrays), message_dtype)
@@ -203,7 +271,7 @@ def _recording(
                 travelling = arrays
             self.round_log.reset(sent=len(messages),
                                  bytes_down=nbytes(travelling) * len(messages))  # fmt: skip
-            self.global_arrays = arrays
+            self.global_arrays = reference
             self.sent_to = [m.metadata.dst_node_id for m in messages]
             return messages
 
@@ -257,7 +325,12 @@ def _recording(
                 privacy = msg.content.config_records.get("privacy")
                 if privacy is not None:
                     self.round_log.accountants[report.hospital] = str(privacy["accountant"])
-            return super().aggregate_train(server_round, replies)
+            aggregated, metrics = super().aggregate_train(server_round, replies)
+            full = self.full_arrays
+            if aggregated is None or full is None or set(aggregated) == set(full):
+                return aggregated, metrics
+            merged = ArrayRecord({k: aggregated.get(k, a) for k, a in full.items()})
+            return merged, metrics
 
     Recording.__name__ = Recording.__qualname__ = base.__name__
     return Recording
@@ -267,6 +340,7 @@ def build_strategy(
     cfg: FederationSection,
     round_log: RoundLog | None = None,
     privacy: PrivacySection | None = None,
+    keys: ModelKeys | None = None,
 ) -> Strategy:
     """The configured strategy; server-side only (no federated evaluation round).
 
@@ -276,7 +350,10 @@ def build_strategy(
             strategy's ``round_log`` attribute holds it either way).
         privacy: With ``mode: central-dp``, FedAvg is wrapped in Flower's fixed-clipping DP
             with its accountant.
+        keys: The model's keys, which the server optimizers and the sharing plan need (without
+            them every key travels every round and every floating-point one is stepped).
     """
+    plan = SharingPlan.from_config(cfg, keys) if keys is not None else None
     min_train = cfg.sampled
     # A round starts once the quorum is connected and trains the sampled share of whoever is:
     # a site that went down never makes it wait (Flower's sampling waits without a limit).
@@ -299,4 +376,4 @@ def build_strategy(
             sampled=min_train,
             rounds=cfg.num_rounds,
         )
-    return STRATEGIES.get(cfg.strategy)(common, cfg, round_log)
+    return STRATEGIES.get(cfg.strategy)(common, cfg, round_log, plan)

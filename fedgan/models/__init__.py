@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from fedgan.models.base import FAMILIES, GanFamily, ImageShape, build_networks
 
@@ -14,6 +16,7 @@ __all__ = [
     "FAMILIES",
     "GanFamily",
     "ImageShape",
+    "ModelKeys",
     "build_networks",
     "load_state",
     "pack_state",
@@ -64,3 +67,43 @@ def load_state(nets: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor])
     stray = [k for k in state if not any(k.startswith(p) for p in known)]
     if stray:
         raise ValueError(f"weights hold networks this model lacks: {stray[:3]}")
+
+
+_NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    """The :func:`pack_state` keys of a set of networks, by what they are.
+
+    Attributes:
+        networks: Each network's keys, by network name.
+        parameters: Keys of trainable parameters (the rest are buffers: running statistics,
+            counters, spectral-norm vectors).
+        norms: Keys of normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm, and
+            modules that declare ``is_normalization``): weights and statistics alike.
+    """
+
+    networks: dict[str, frozenset[str]]
+    parameters: frozenset[str]
+    norms: frozenset[str]
+
+    @classmethod
+    def of(cls, nets: Mapping[str, nn.Module]) -> ModelKeys:
+        networks, parameters, norms = {}, set(), set()
+        for name, net in nets.items():
+            networks[name] = frozenset(f"{name}.{k}" for k in net.state_dict())
+            parameters |= {f"{name}.{k}" for k, _ in net.named_parameters()}
+            for mod_name, module in net.named_modules():
+                if isinstance(module, _NORMS) or getattr(module, "is_normalization", False):
+                    prefix = f"{name}.{mod_name}." if mod_name else f"{name}."
+                    norms |= {f"{prefix}{k}" for k in module.state_dict()}
+        return cls(networks, frozenset(parameters), frozenset(norms))
+
+    @property
+    def all(self) -> frozenset[str]:
+        return frozenset().union(*self.networks.values())
+
+    def network_of(self, key: str) -> str:
+        """The network that ``key`` belongs to."""
+        return key.split(".", 1)[0]

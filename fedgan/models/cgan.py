@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose scale and shift are looked up per class (de Vries et al. 2017)."""
 
+    is_normalization = True  # FedBN keeps it local with the other normalisation layers
+
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, affine=False)

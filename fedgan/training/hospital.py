@@ -6,7 +6,7 @@ Flower-free: the ClientApp converts records to and from what this module takes a
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -66,11 +66,26 @@ def serialize_optimizers(optimizers: Mapping[str, torch.optim.Optimizer]) -> byt
     return buf.getvalue()
 
 
-def restore_optimizers(optimizers: Mapping[str, torch.optim.Optimizer], blob: bytes) -> None:
+def restore_optimizers(
+    optimizers: Mapping[str, torch.optim.Optimizer], blob: bytes, skip: Collection[str] = ()
+) -> None:
+    """Loads :func:`serialize_optimizers`' state into ``optimizers``, except those in ``skip``
+    (which start fresh)."""
     saved = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     for name, opt in optimizers.items():
-        if name in saved:
+        if name in saved and name not in skip:
             opt.load_state_dict(saved[name])
+
+
+def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:
+    """A :func:`~fedgan.models.pack_state` dict as bytes (a hospital's kept weights)."""
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return buf.getvalue()
+
+
+def deserialize_state(blob: bytes) -> dict[str, torch.Tensor]:
+    return dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
@@ -91,18 +106,27 @@ def local_round(
     hospital: int,
     accountant: str | None = None,
     proximal_mu: float = 0.0,
+    kept_state: Mapping[str, torch.Tensor] | None = None,
+    reset_optimizers: bool = False,
 ) -> RoundResult:
     """Trains the global networks on one hospital's data for ``train.local_steps`` iterations.
 
     Args:
         cfg: The experiment config.
         dataset: This hospital's images in [-1, 1].
-        global_state: The global networks (``generator.`` / ``discriminator.`` keys).
+        global_state: The global networks (``generator.`` / ``discriminator.`` keys): all
+            of them, or the round's shared keys when some weights stay at the hospitals.
         optimizer_state: This hospital's optimizer state from its previous round, if any.
         round_: The (absolute) round number; with ``hospital`` it seeds batches and noise.
         hospital: This hospital's index.
         accountant: Under DP-SGD, this hospital's accountant history (JSON) from earlier rounds.
         proximal_mu: FedProx's proximal weight (0: none), as the server's strategy sends it.
+        kept_state: The weights this hospital trained last round (all of them); it trains
+            from them wherever ``global_state`` has no key (a local discriminator, FedBN's
+            normalisation layers). Keys in neither start from the model's seeded initial
+            weights, as they do at every hospital.
+        reset_optimizers: A network that received any weights from ``global_state`` starts
+            with fresh optimizer state (``federation.optimizer_state: reset``).
 
     Raises:
         ValueError: If the data's image shape does not match the model config, or a network
@@ -122,12 +146,16 @@ def local_round(
     device = resolve_device(cfg.train.device)
     objective = make_objective(cfg)
     nets = networks_for(cfg, objective)
-    load_state(nets, global_state)
+    start = dict(global_state)
+    if set(start) != set(pack_state(nets)):  # some weights stay here: start from them
+        start = {**pack_state(nets), **(kept_state or {}), **start}
+    load_state(nets, start)
     for net in nets.values():
         net.to(device)
     optimizers = make_optimizers(nets, cfg.train)
     if optimizer_state:
-        restore_optimizers(optimizers, optimizer_state)
+        received = {key.split(".", 1)[0] for key in global_state}
+        restore_optimizers(optimizers, optimizer_state, skip=received if reset_optimizers else ())
     seed = round_seed(cfg.run.seed, round_, hospital)
     ctx = StepContext.seeded(seed, device)
     proximal = ProximalTerm(proximal_mu, nets) if proximal_mu > 0 else None
