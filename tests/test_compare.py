@@ -89,11 +89,38 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     assert "| domain_fd_1k ↓ |" in report and "max ε per hospital" in report
     assert "## ε per hospital" in report and "| hospital | dp |" in report
     assert "<table>" in (out / "report.html").read_text()
-    for picture in ("curves.png", "samples.png"):
+    for picture in ("curves.png", "curves_steps.png", "curves_wall.png", "samples.png"):
         assert (out / picture).stat().st_size > 5000
+    # The compute-matched axis: a federated round counts one hospital's steps (they train
+    # side by side), the pooled baseline every step it took.
+    cfg_steps = int(next(o for o in toy if o.startswith("train.local_steps=")).split("=")[1])
+    fed_steps = arms["federated"]["curves"]["domain_fd_1k"]["generator_steps"]
+    pooled_steps = arms["centralized"]["curves"]["domain_fd_1k"]["generator_steps"]
+    assert fed_steps == [cfg_steps, 2 * cfg_steps]
+    assert pooled_steps == [2 * cfg_steps, 4 * cfg_steps]  # two hospitals' worth a round
+    wall = arms["federated"]["curves"]["domain_fd_1k"]["wall_seconds"]
+    assert 0 < wall[0] < wall[1]
 
     # Running the study again reuses every finished arm and rewrites the same table.
     messages: list[str] = []
     again = run_study(study, out, log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 3
     assert again["arms"]["dp"]["final"] == arms["dp"]["final"]
+
+
+def test_real_data_values_are_a_line_on_their_metrics_panel() -> None:
+    from fedgan.report.plots import comparison_panels
+
+    def curve(*values: float) -> dict[str, list[float]]:
+        return {"value": list(values), "examples_seen": [1.0, 2.0][: len(values)]}
+
+    curves = {
+        "a": {"ms_ssim_diversity": curve(0.8, 0.7), "ms_ssim_diversity_real": curve(0.5, 0.5),
+              "domain_fd_1k": curve(3.0, 2.0), "memorization_nn_ratio": curve(1.1)},
+        "b": {"ms_ssim_diversity": curve(0.6, 0.6), "ms_ssim_diversity_real": curve(0.5, 0.7)},
+    }  # fmt: skip
+    panels, lines = comparison_panels(curves, {"ms_ssim_diversity_real"})
+    assert panels == ["domain_fd_1k", "ms_ssim_diversity"]  # no panel of its own, no final-only
+    assert lines == {"ms_ssim_diversity": 0.5}
+    panels, lines = comparison_panels(curves)
+    assert "ms_ssim_diversity_real" in panels and not lines

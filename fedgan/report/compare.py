@@ -43,18 +43,32 @@ def _final_metrics(records: list[dict]) -> dict[str, float]:
     return final
 
 
+#: The curves' x-axes: what each arm has spent when a value was measured.
+X_AXES = ("examples_seen", "generator_steps", "wall_seconds", "round")
+
+
 def _curves(records: list[dict]) -> dict[str, dict[str, list[float]]]:
-    seen = 0.0
+    """Each metric's values with the cumulative spend (:data:`X_AXES`) at each evaluation.
+
+    Generator steps count sequential updates: a federated round adds its longest hospital's
+    steps (hospitals train side by side), so an arm with n_D critic steps per generator step
+    is not drawn n_D times further right. Wall time adds each round's seconds (evaluation runs
+    off the round's path and is not counted)."""
+    spent = dict.fromkeys(("examples_seen", "generator_steps", "wall_seconds"), 0.0)
     curves: dict[str, dict[str, list[float]]] = {}
     for r in records:
-        seen += r.get("aggregate", {}).get("examples_seen", 0)
+        aggregate = r.get("aggregate", {})
+        spent["examples_seen"] += aggregate.get("examples_seen", 0)
+        spent["generator_steps"] += aggregate.get("generator_steps", 0)
+        spent["wall_seconds"] += r.get("round_seconds") or 0.0
         for key, value in (r.get("eval") or {}).items():
             if isinstance(value, (int, float)) and not key.startswith(_SKIP_PREFIXES):
                 if key.endswith("_std"):
                     continue
-                c = curves.setdefault(key, {"round": [], "examples_seen": [], "value": []})
+                c = curves.setdefault(key, {"value": [], **{x: [] for x in X_AXES}})
                 c["round"].append(r["round"])
-                c["examples_seen"].append(seen)
+                for x in ("examples_seen", "generator_steps", "wall_seconds"):
+                    c[x].append(spent[x])
                 c["value"].append(float(value))
     return curves
 
@@ -161,7 +175,13 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
     from fedgan.report.plots import plot_comparison_curves, side_by_side
 
     arms = comparison["arms"]
-    plot_comparison_curves({n: a["curves"] for n, a in arms.items()}, out / "curves.png")
+    curves = {n: a["curves"] for n, a in arms.items()}
+    references = {k for k in comparison["metrics"] if direction(k) == REFERENCE}
+    plot_comparison_curves(curves, out / "curves.png", references=references)
+    plot_comparison_curves(curves, out / "curves_steps.png", x="generator_steps",
+                           references=references)  # fmt: skip
+    plot_comparison_curves(curves, out / "curves_wall.png", x="wall_seconds",
+                           references=references)  # fmt: skip
     side_by_side({n: out / a["samples"] for n, a in arms.items()}, out / "samples.png")
     head, rows = _table(comparison)
     notes = [
@@ -197,7 +217,17 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         *_epsilon_table(arms),
         "## Curves",
         "",
+        "Against training examples seen (the arms' equal budget):",
+        "",
         "![curves](curves.png)",
+        "",
+        "Compute-matched: against sequential generator steps (a federated round counts its "
+        "longest hospital's steps, as hospitals train side by side) and against wall time. "
+        "Dashed lines are the real data's values.",
+        "",
+        "![curves by generator steps](curves_steps.png)",
+        "",
+        "![curves by wall time](curves_wall.png)",
         "",
         "## Samples (last round)",
         "",
@@ -252,6 +282,9 @@ settings: <code>{escape(", ".join(comparison["overrides"]) or "none")}</code></p
 best. ε is the largest any hospital spent.</p>
 {"".join(f"<p>{escape(n)}</p>" for n in notes)}
 <h2>Curves</h2><img src="curves.png" alt="curves">
+<p>Compute-matched: by sequential generator steps and by wall time.</p>
+<img src="curves_steps.png" alt="curves by generator steps">
+<img src="curves_wall.png" alt="curves by wall time">
 <h2>Samples (last round)</h2><img src="samples.png" alt="samples">
 <h2>Runs</h2><ul>{runs}</ul></body></html>
 """

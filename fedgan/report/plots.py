@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 
 def series(records: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -103,12 +104,44 @@ def sample_rows(rows: Sequence[Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_comparison_curves(
-    curves: dict[str, dict[str, dict[str, list[float]]]], path: Path
-) -> Path:
-    """One panel per metric: its value against training examples seen, one line per arm."""
+def comparison_panels(
+    curves: dict[str, dict[str, dict[str, list[float]]]], references: Collection[str] = ()
+) -> tuple[list[str], dict[str, float]]:
+    """The metrics that get a panel, and the real data's value to draw on a panel as a line
+    (the median of what the arms measured for it), by panel."""
     # Final-only metrics have one point per arm: they live in the table, not in the curves.
     metrics = sorted({m for arm in curves.values() for m, c in arm.items() if len(c["value"]) > 1})
+    lines: dict[str, float] = {}
+    for ref in references:
+        owner = ref.removesuffix("_real")
+        values = [v for arm in curves.values() for v in arm.get(ref, {}).get("value", [])]
+        if owner != ref and owner in metrics and values:
+            lines[owner] = float(np.median(values))
+            metrics = [m for m in metrics if m != ref]
+    return metrics, lines
+
+
+_X_LABELS = {
+    "examples_seen": "training examples seen",
+    "generator_steps": "sequential generator steps",
+    "wall_seconds": "wall time (s)",
+    "round": "round",
+}
+
+
+def plot_comparison_curves(
+    curves: dict[str, dict[str, dict[str, list[float]]]],
+    path: Path,
+    *,
+    x: str = "examples_seen",
+    references: Collection[str] = (),
+) -> Path:
+    """One panel per metric: its value against ``x`` (a key of each curve), one line per arm.
+
+    A reference metric (the real data's value, e.g. ``ms_ssim_diversity_real``) is drawn as a
+    dashed horizontal line on the panel of the metric it belongs to (its name without
+    ``_real``), not as a panel of its own."""
+    metrics, lines = comparison_panels(curves, references)
     if not metrics:
         fig, ax = plt.subplots(figsize=(4, 2))
         ax.text(0.5, 0.5, "no evaluated metrics", ha="center", va="center")
@@ -119,15 +152,22 @@ def plot_comparison_curves(
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for arm, series_ in curves.items():
-            if metric in series_:
+            if metric in series_ and series_[metric].get(x):
                 c = series_[metric]
-                ax.plot(c["examples_seen"], c["value"], marker="o", markersize=2.5, label=arm)
+                ax.plot(c[x], c["value"], marker="o", markersize=2.5, label=arm)
+        if metric in lines:
+            ax.axhline(lines[metric], color="black", linestyle="--", linewidth=1,
+                       label="real data")  # fmt: skip
         ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("training examples seen", fontsize=7)
+        ax.set_xlabel(_X_LABELS.get(x, x), fontsize=7)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    axes.flat[0].legend(handles.values(), handles.keys(), fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -78,5 +78,6 @@ def _train_rounds(
             d_loss=stats.d_loss,
             g_loss=stats.g_loss,
             train_seconds=stats.seconds,
+            generator_steps=stats.steps,
         )
         recorder.end_round(record, pack_state(nets))

@@ -182,6 +182,8 @@ class RoundRecord:
             "hospitals": len(reports),
             "num_examples": total,
             "examples_seen": sum(r.examples_seen for r in reports),
+            # sequential generator updates: hospitals train side by side
+            "generator_steps": max((r.steps for r in reports), default=0),
         }
         if total:
             aggregate["d_loss"] = sum(r.d_loss * r.num_examples for r in reports) / total
@@ -202,7 +204,7 @@ class RoundRecord:
     @classmethod
     def centralized(
         cls, round_: int, *, num_examples: int, examples_seen: int, d_loss: float,
-        g_loss: float, train_seconds: float,
+        g_loss: float, train_seconds: float, generator_steps: int = 0,
     ) -> RoundRecord:  # fmt: skip
         """The record of a round of the pooled baseline."""
         return cls(
@@ -212,6 +214,7 @@ class RoundRecord:
                 "hospitals": 0,
                 "num_examples": num_examples,
                 "examples_seen": examples_seen,
+                "generator_steps": generator_steps,
                 "d_loss": d_loss,
                 "g_loss": g_loss,
                 "train_seconds": train_seconds,
