@@ -220,12 +220,18 @@ def test_the_server_sends_and_averages_only_shared_keys(toy_config: Config, stra
 # --- a hospital's kept weights and optimizer state --------------------------------------------
 
 
-def test_a_hospital_trains_its_kept_discriminator(toy_config: Config) -> None:
+def _local_d(toy_config: Config):
+    """A config with local discriminators, its plan, hospital 0's data, the initial weights
+    and the part of them the server sends."""
     cfg = with_changes(toy_config, federation={"share_discriminator": 0})
     plan = sharing_plan(cfg)
-    ds = hospital_dataset(cfg.data, 0, 0, 3)
     start = pack_state(networks_for(cfg))
     sent = {k: v for k, v in start.items() if k in plan.sent(1)}
+    return cfg, plan, hospital_dataset(cfg.data, 0, 0, 3), start, sent
+
+
+def test_a_hospital_trains_its_kept_discriminator(toy_config: Config) -> None:
+    cfg, plan, ds, start, sent = _local_d(toy_config)
     first = local_round(cfg, ds, sent, None, round_=1, hospital=0)
     d_keys = plan.keys.networks["discriminator"]
     assert any(not torch.equal(first.state[k], start[k]) for k in d_keys)
@@ -237,11 +243,7 @@ def test_a_hospital_trains_its_kept_discriminator(toy_config: Config) -> None:
 
 
 def test_reset_optimizers_restarts_only_what_the_server_replaced(toy_config: Config) -> None:
-    cfg = with_changes(toy_config, federation={"share_discriminator": 0})
-    plan = sharing_plan(cfg)
-    ds = hospital_dataset(cfg.data, 0, 0, 3)
-    start = pack_state(networks_for(cfg))
-    sent = {k: v for k, v in start.items() if k in plan.sent(1)}
+    cfg, _, ds, _, sent = _local_d(toy_config)
     blob = None
     kept = None
     for r in (1, 2, 3):
