@@ -87,6 +87,7 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
         assert f"**{name}**" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "| domain_fd_1k ↓ |" in report and "max ε per hospital" in report
+    assert f"{arms['federated']['final']['domain_fd_1k']:.4g} (" in report  # final (recent)
     assert "## ε per hospital" in report and "| hospital | dp |" in report
     assert "<table>" in (out / "report.html").read_text()
     for picture in ("curves.png", "curves_steps.png", "curves_wall.png", "samples.png"):
@@ -98,6 +99,8 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     pooled_steps = arms["centralized"]["curves"]["domain_fd_1k"]["generator_steps"]
     assert fed_steps == [cfg_steps, 2 * cfg_steps]
     assert pooled_steps == [2 * cfg_steps, 4 * cfg_steps]  # two hospitals' worth a round
+    fd = arms["federated"]["curves"]["domain_fd_1k"]["value"]
+    assert arms["federated"]["recent"]["domain_fd_1k"] == pytest.approx(sum(fd) / 2)
     wall = arms["federated"]["curves"]["domain_fd_1k"]["wall_seconds"]
     assert 0 < wall[0] < wall[1]
 

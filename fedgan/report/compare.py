@@ -47,6 +47,11 @@ def _final_metrics(records: list[dict]) -> dict[str, float]:
 X_AXES = ("examples_seen", "generator_steps", "wall_seconds", "round")
 
 
+#: The table's second figure: the mean of this many last evaluations (one evaluation of a
+#: GAN's sample metrics swings from round to round).
+RECENT = 3
+
+
 def _curves(records: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Each metric's values with the cumulative spend (:data:`X_AXES`) at each evaluation.
 
@@ -112,6 +117,11 @@ def collect(
             "not_computed": dict(summary.get("metrics_skipped") or {}),
             "curves": _curves(records),
         }
+        arms[arm.name]["recent"] = {
+            key: sum(c["value"][-RECENT:]) / len(c["value"][-RECENT:])
+            for key, c in arms[arm.name]["curves"].items()
+            if len(c["value"]) > 1
+        }
     baseline = next((a for a in arms.values() if a["mode"] == "centralized"), None)
     for a in arms.values():
         a["same_examples_as_baseline"] = (
@@ -166,8 +176,15 @@ def _table(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ["MB communicated", *(f"{a['bytes_communicated'] / 1e6:.1f}" for a in arms.values())],
     ]  # fmt: skip
     for m in comparison["metrics"]:
-        rows.append([f"{m} {_direction(m)}", *(_fmt(a["final"].get(m)) for a in arms.values())])
+        rows.append([f"{m} {_direction(m)}", *(_with_recent(a, m) for a in arms.values())])
     return head, rows
+
+
+def _with_recent(arm: dict[str, Any], metric: str) -> str:
+    """The final value, and the mean of the last :data:`RECENT` evaluations in brackets."""
+    final = _fmt(arm["final"].get(metric))
+    recent = arm.get("recent", {}).get(metric)
+    return final if recent is None else f"{final} ({_fmt(recent)})"
 
 
 def write_report(comparison: dict[str, Any], out: Path) -> None:
@@ -211,7 +228,8 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         "",
         "↓ lower is better, ↑ higher is better; (≈ real): closest to the real data's value is "
         "best. Values come from each arm's last evaluation (final-only metrics at the last "
-        "round). ε is the largest any hospital spent.",
+        f"round); in brackets, the mean of its last {RECENT} evaluations, steadier than one. "
+        "ε is the largest any hospital spent.",
         "",
         *(f"{n}\n" for n in notes),
         *_epsilon_table(arms),
