@@ -267,8 +267,10 @@ class FederationSection:
         share_discriminator: The discriminators are averaged every this many rounds (1: every
             round; 0: never, so each hospital keeps and trains its own discriminator and it
             never leaves the site). Between averages each hospital trains the one it kept.
-        local_norm: FedBN: normalisation layers (BatchNorm, GroupNorm, their affine weights
-            and running statistics) stay at each hospital and are never sent or averaged.
+        local_norm: FedBN for the discriminators: their normalisation layers (BatchNorm,
+            GroupNorm: affine weights and running statistics) stay at each hospital and are
+            never sent or averaged. The generator's always travel, since the coordinator
+            evaluates and keeps the global generator.
         optimizer_state: ``keep``: each hospital's Adam moments carry over from its previous
             round; ``reset``: a network whose weights the server replaced starts the round with
             fresh moments (a network the hospital kept keeps its own).

@@ -162,13 +162,15 @@ def test_discriminator_averaged_every_k_rounds(toy_config: Config) -> None:
     assert everyone.shares_everything and everyone.sent(5) == everyone.keys.all
 
 
-def test_fedbn_never_sends_or_averages_norm_layers(toy_config: Config) -> None:
+def test_fedbn_never_sends_or_averages_the_discriminators_norm_layers(toy_config: Config) -> None:
     plan = _plan(toy_config, local_norm=True)
-    norms = plan.keys.norms
-    assert norms
+    d_norms = plan.keys.norms & plan.keys.networks["discriminator"]
+    g_norms = plan.keys.norms & plan.keys.networks["generator"]
+    assert d_norms and g_norms  # GroupNorm in D, BatchNorm in G
     for r in range(1, 6):
-        assert not (plan.sent(r) | plan.returned(r)) & norms
-    assert plan.never_shared == norms
+        assert not (plan.sent(r) | plan.returned(r)) & d_norms
+        assert g_norms <= plan.sent(r) & plan.returned(r)  # the global G stays whole
+    assert plan.never_shared == d_norms
 
 
 class _Grid:

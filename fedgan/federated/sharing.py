@@ -8,8 +8,10 @@ With ``federation.share_discriminator = k >= 1`` the discriminators are returned
 on rounds ``r`` with ``r % k == 0`` and sent at the start of the round after each average
 (``(r - 1) % k == 0``, round 1 included), so that every hospital resumes from the average it
 contributed to; between averages each hospital trains the discriminator it kept. With ``k = 0``
-they are never sent nor returned. With ``local_norm`` (FedBN, Li et al. 2021) normalisation
-layers are never sent nor returned.
+they are never sent nor returned. With ``local_norm`` (FedBN, Li et al. 2021) the
+discriminators' normalisation layers are never sent nor returned. The generators' always
+travel: the generator is what the coordinator takes away and evaluates, and one whose
+BatchNorm statistics stayed at the hospitals would be evaluated with its initial ones.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class SharingPlan:
     @property
     def shares_everything(self) -> bool:
         """Every key is sent and returned every round (plain federated averaging)."""
-        return self.share_discriminator == 1 and not (self.local_norm and self.keys.norms)
+        return self.share_discriminator == 1 and not self.local_norms
 
     def _select(self, discriminator_travels: bool) -> frozenset[str]:
         chosen: set[str] = set()
@@ -51,9 +53,15 @@ class SharingPlan:
             if is_discriminator(network) and not discriminator_travels:
                 continue
             chosen |= keys
-        if self.local_norm:
-            chosen -= self.keys.norms
-        return frozenset(chosen)
+        return frozenset(chosen - self.local_norms)
+
+    @property
+    def local_norms(self) -> frozenset[str]:
+        """The normalisation keys FedBN keeps at the hospitals (the discriminators')."""
+        if not self.local_norm:
+            return frozenset()
+        keys = self.keys
+        return frozenset(k for k in keys.norms if is_discriminator(keys.network_of(k)))
 
     def sent(self, round_: int) -> frozenset[str]:
         """Keys the server sends at the start of absolute round ``round_`` (from 1)."""
