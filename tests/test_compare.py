@@ -127,3 +127,17 @@ def test_real_data_values_are_a_line_on_their_metrics_panel() -> None:
     assert lines == {"ms_ssim_diversity": 0.5}
     panels, lines = comparison_panels(curves)
     assert "ms_ssim_diversity_real" in panels and not lines
+
+
+def test_generator_steps_of_runs_recorded_without_them_come_from_their_examples() -> None:
+    from fedgan.report.compare import _curves
+
+    old_federated = [{"round": r, "aggregate": {"hospitals": 5, "examples_seen": 5 * 32 * 20},
+                      "eval": {"domain_fd_1k": 3.0}} for r in (1, 2)]  # fmt: skip
+    old_pooled = [{"round": r, "aggregate": {"hospitals": 0, "examples_seen": 32 * 100},
+                   "eval": {"domain_fd_1k": 3.0}} for r in (1, 2)]  # fmt: skip
+    assert _curves(old_federated, 32)["domain_fd_1k"]["generator_steps"] == [20, 40]
+    assert _curves(old_pooled, 32)["domain_fd_1k"]["generator_steps"] == [100, 200]
+    new = [{"round": 1, "aggregate": {"hospitals": 5, "examples_seen": 999,
+                                      "generator_steps": 7}, "eval": {"x": 1.0}}]  # fmt: skip
+    assert _curves(new, 32)["x"]["generator_steps"] == [7]  # recorded steps win

@@ -52,19 +52,25 @@ X_AXES = ("examples_seen", "generator_steps", "wall_seconds", "round")
 RECENT = 3
 
 
-def _curves(records: list[dict]) -> dict[str, dict[str, list[float]]]:
+def _curves(records: list[dict], batch_size: int = 0) -> dict[str, dict[str, list[float]]]:
     """Each metric's values with the cumulative spend (:data:`X_AXES`) at each evaluation.
 
     Generator steps count sequential updates: a federated round adds its longest hospital's
     steps (hospitals train side by side), so an arm with n_D critic steps per generator step
     is not drawn n_D times further right. Wall time adds each round's seconds (evaluation runs
-    off the round's path and is not counted)."""
+    off the round's path and is not counted). A run recorded before rounds counted their
+    generator steps gets them from its examples: a hospital's examples over ``batch_size``
+    (exact for fixed batches; DP-SGD's Poisson batches make it an estimate)."""
     spent = dict.fromkeys(("examples_seen", "generator_steps", "wall_seconds"), 0.0)
     curves: dict[str, dict[str, list[float]]] = {}
     for r in records:
         aggregate = r.get("aggregate", {})
         spent["examples_seen"] += aggregate.get("examples_seen", 0)
-        spent["generator_steps"] += aggregate.get("generator_steps", 0)
+        steps = aggregate.get("generator_steps")
+        if steps is None and batch_size > 0:
+            per_hospital = aggregate.get("examples_seen", 0) / max(aggregate.get("hospitals", 0), 1)
+            steps = per_hospital / batch_size
+        spent["generator_steps"] += steps or 0
         spent["wall_seconds"] += r.get("round_seconds") or 0.0
         for key, value in (r.get("eval") or {}).items():
             if isinstance(value, (int, float)) and not key.startswith(_SKIP_PREFIXES):
@@ -115,7 +121,7 @@ def collect(
             "max_epsilon": max(epsilons.values()) if epsilons else None,
             "final": _final_metrics(records),
             "not_computed": dict(summary.get("metrics_skipped") or {}),
-            "curves": _curves(records),
+            "curves": _curves(records, cfg.train.batch_size),
         }
         arms[arm.name]["recent"] = {
             key: sum(c["value"][-RECENT:]) / len(c["value"][-RECENT:])
