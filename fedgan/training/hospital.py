@@ -147,7 +147,8 @@ def local_round(
     objective = make_objective(cfg)
     nets = networks_for(cfg, objective)
     start = dict(global_state)
-    if set(start) != set(pack_state(nets)):  # some weights stay here: start from them
+    own_keys = {f"{name}.{key}" for name, net in nets.items() for key in net.state_dict()}
+    if set(start) != own_keys:  # some weights stay here: start from them
         start = {**pack_state(nets), **(kept_state or {}), **start}
     load_state(nets, start)
     for net in nets.values():
