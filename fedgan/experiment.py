@@ -46,6 +46,12 @@ def resolve(cfg: Config) -> Config:
             _fail(key, f"unknown metric(s) {unknown}; known: {', '.join(METRICS.names())}")
     _check_lpips(cfg)
     _check_privacy(cfg)
+    if cfg.train.critic_schedule == "adaptive" and cfg.task.name != "synthesis":
+        _fail(
+            "train.critic_schedule",
+            f"the adaptive schedule paces a synthesis GAN's discriminator; task "
+            f"{cfg.task.name!r} trains with train.n_critic: set train.critic_schedule=auto",
+        )
     _check_federation(cfg)
     if cfg.task.name == "anomaly":
         if cfg.data.train_label < 0:

@@ -62,3 +62,20 @@ def pneumonia_npz() -> Path:
 @pytest.fixture
 def inception_weights() -> Path:
     return _shared("weights/fid_inception_2015-12-05.pth", "FID Inception weights")
+
+
+@pytest.fixture
+def independent_epsilon():
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps ``(sigma, q, steps, delta)`` by
+    Google's dp-accounting PLD accountant: an implementation independent of Opacus."""
+
+    def epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+        import dp_accounting
+        from dp_accounting.pld import pld_privacy_accountant
+
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+        return float(acc.get_epsilon(delta))
+
+    return epsilon

@@ -153,7 +153,8 @@ def test_dp_sgd_for_image_to_image_tasks_is_accounted_and_within_budget(task: st
     )
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-    cfg = _cfg(task, "privacy.mode=dp-sgd", "privacy.target_epsilon=6", "federation.num_rounds=2")
+    cfg = _cfg(task, "privacy.mode=dp-sgd", "privacy.target_epsilon=6", "federation.num_rounds=2",
+               "privacy.accountant=rdp")  # checked against Flower's RDP accountant  # fmt: skip
     ds = hospital_dataset(cfg.data, 0, 0, 2)
     state = pack_state(networks_for(cfg))
     acc, opt, eps = None, None, []

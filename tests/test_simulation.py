@@ -163,7 +163,7 @@ def test_dp_federation_skips_exhausted_hospitals_and_stops_when_all_are(tmp_path
     for h in range(3):
         n = len(hospital_dataset(cfg.data, cfg.run.seed, h, 3))
         plan = plan_privacy(cfg.privacy, num_examples=n, batch_size=8, planned_steps=32)
-        acc, r = HospitalAccountant("rdp"), 0
+        acc, r = HospitalAccountant(cfg.privacy.accountant), 0
         while acc.epsilon_after(plan, 4) <= 3.0:
             acc.record(plan, 4)
             r += 1

@@ -233,6 +233,9 @@ def train(msg: Message, context: Context) -> Message:
         privacy=PrivacySpent(**result.privacy) if result.privacy else None,  # type: ignore[arg-type]
         startup_seconds=startup,
         data_seconds=data_seconds,
+        d_steps=result.stats.d_steps,
+        critic_steps=int(result.stats.critic.get("n_d", 0)),
+        critic_accuracy=float(result.stats.critic.get("accuracy", float("nan"))),
     )
     metrics = MetricRecord({**report.to_metrics(), UNIT_WEIGHT: 1})
     state = result.state

@@ -37,6 +37,9 @@ class GanFamily:
         conditional: Generator and discriminator take class labels (``G(z, y)``, ``D(x, y)``).
         n_critic: Discriminator (critic) steps per generator step by default.
         gradient_penalty: The discriminator loss adds a gradient penalty (WGAN-GP).
+        decision_boundary: The discriminator's output above which it calls an image real
+            (its accuracy is what the adaptive critic schedule watches); None for a critic
+            whose scores have no fixed boundary (WGAN).
     """
 
     name: str
@@ -47,6 +50,7 @@ class GanFamily:
     conditional: bool = False
     n_critic: int = 1
     gradient_penalty: bool = False
+    decision_boundary: float | None = 0.0
 
 
 FAMILIES: Registry[GanFamily] = _FAMILIES  # declared in fedgan.catalog

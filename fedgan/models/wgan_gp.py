@@ -41,6 +41,7 @@ FAMILIES.add(
         generator_loss,
         n_critic=5,
         gradient_penalty=True,
+        decision_boundary=None,  # a critic's scores drift freely: no real/fake boundary
         dp_incompatibility=(
             "the gradient penalty differentiates the critic with respect to its inputs inside "
             "the private step (a double backward), which Opacus's per-sample gradients do not "

@@ -69,6 +69,27 @@ def plan_privacy(
     Raises:
         ValueError: If the data set is too small for the batch size to give a sampling rate < 1.
     """
+    return _plan(cfg, num_examples=num_examples, batch_size=batch_size,
+                 planned_steps=planned_steps)  # fmt: skip
+
+
+def calibration_key(
+    cfg: PrivacySection, *, num_examples: int, batch_size: int, planned_steps: int
+) -> str:
+    """What a calibrated sigma depends on, as text (the accountant remembers sigma by it)."""
+    q = sample_rate(num_examples, batch_size)
+    delta = cfg.delta or default_delta(num_examples)
+    return f"{cfg.accountant}:eps={cfg.target_epsilon!r}:delta={delta!r}:q={q!r}:T={planned_steps}"
+
+
+def _plan(
+    cfg: PrivacySection,
+    *,
+    num_examples: int,
+    batch_size: int,
+    planned_steps: int,
+    sigma: float | None = None,
+) -> PrivacyPlan:
     if num_examples < 2:
         raise ValueError(
             f"DP-SGD needs at least 2 training images, this hospital has {num_examples}"
@@ -77,7 +98,7 @@ def plan_privacy(
     delta = cfg.delta or default_delta(num_examples)
     if cfg.noise_multiplier > 0:
         sigma = cfg.noise_multiplier
-    else:
+    elif sigma is None:
         # Opacus is imported where it is used: it costs ~2.5 s, which each ClientApp process
         # of a non-private deployment would otherwise pay every round.
         from opacus.accountants.utils import get_noise_multiplier
@@ -115,10 +136,31 @@ class HospitalAccountant:
     """
 
     def __init__(
-        self, mechanism: str, history: list[tuple[float, float, int]] | None = None
+        self,
+        mechanism: str,
+        history: list[tuple[float, float, int]] | None = None,
+        calibrated: dict[str, float] | None = None,
     ) -> None:
         self.mechanism = mechanism
         self.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
+        self.calibrated = dict(calibrated or {})
+
+    def plan(
+        self, cfg: PrivacySection, *, num_examples: int, batch_size: int, planned_steps: int
+    ) -> PrivacyPlan:
+        """:func:`plan_privacy`, remembering a calibrated sigma with the history: a deployed
+        site's ClientApp is a new process every round, and calibrating with PRV takes
+        seconds, so it calibrates once per run (the same question gets the same sigma)."""
+        if cfg.noise_multiplier > 0:
+            return plan_privacy(cfg, num_examples=num_examples, batch_size=batch_size,
+                                planned_steps=planned_steps)  # fmt: skip
+        key = calibration_key(
+            cfg, num_examples=num_examples, batch_size=batch_size, planned_steps=planned_steps
+        )
+        plan = _plan(cfg, num_examples=num_examples, batch_size=batch_size,
+                     planned_steps=planned_steps, sigma=self.calibrated.get(key))  # fmt: skip
+        self.calibrated[key] = plan.noise_multiplier
+        return plan
 
     @property
     def steps(self) -> int:
@@ -169,12 +211,16 @@ class HospitalAccountant:
         self.history = self._merged(plan, steps)
 
     def to_json(self) -> str:
-        return json.dumps({"mechanism": self.mechanism, "history": self.history})
+        return json.dumps(
+            {"mechanism": self.mechanism, "history": self.history, "calibrated": self.calibrated}
+        )
 
     @classmethod
     def from_json(cls, text: str) -> HospitalAccountant:
         data = json.loads(text)
-        return cls(data["mechanism"], [tuple(h) for h in data["history"]])
+        return cls(
+            data["mechanism"], [tuple(h) for h in data["history"]], data.get("calibrated") or {}
+        )
 
 
 def plan_dict(plan: PrivacyPlan) -> dict[str, float]:

@@ -65,12 +65,14 @@ def _train_rounds(
     objective = recorder.objective
     optimizers = make_optimizers(nets, cfg.train)
     steps = steps_per_round(cfg)
+    schedule = objective.critic_schedule()  # the hospitals' critic schedule, if any
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
         seed = round_seed(cfg.run.seed, round_)
         ctx = StepContext.seeded(seed, device)
         source = shuffled_batches(dataset, cfg.train.batch_size, ctx, seed=seed,
                                   unpaired=objective.unpaired)  # fmt: skip
-        stats = train(objective, nets, optimizers, source, steps=steps, ctx=ctx)
+        stats = train(objective, nets, optimizers, source, steps=steps, ctx=ctx,
+                      schedule=schedule)  # fmt: skip
         record = RoundRecord.centralized(
             round_,
             num_examples=len(dataset),
@@ -79,5 +81,7 @@ def _train_rounds(
             g_loss=stats.g_loss,
             train_seconds=stats.seconds,
             generator_steps=stats.steps,
+            d_steps=stats.d_steps,
+            critic=stats.critic,
         )
         recorder.end_round(record, pack_state(nets))

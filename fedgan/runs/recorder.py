@@ -156,7 +156,12 @@ class RunRecorder:
             f"[{self.mode}] round {round_}/{self.cfg.federation.num_rounds}  "
             f"d_loss={agg.get('d_loss', float('nan')):.3f}  "
             f"g_loss={agg.get('g_loss', float('nan')):.3f}  "
-            f"{record.round_seconds:.1f}s  -> {self.run_dir.path}"
+            + (
+                f"n_D={agg['critic_steps']} D-acc(fake)={agg['critic_accuracy']:.2f}  "
+                if "critic_steps" in agg
+                else ""
+            )
+            + f"{record.round_seconds:.1f}s  -> {self.run_dir.path}"
         )
         self._commit(block=False)
         while sum(p.awaiting for p in self.pending) > MAX_PENDING:

@@ -49,6 +49,11 @@ class HospitalReport:
             round, as a simulation's workers do).
         data_seconds: Seconds it took to load the site's data this round (from the site cache
             after the first round of a deployed site).
+        d_steps: Discriminator steps this round.
+        critic_steps: Under a critic schedule, n_D (discriminator steps per generator step)
+            at the end of the round; 0 without one.
+        critic_accuracy: Under a critic schedule, the moving average of the discriminator's
+            accuracy on generated images (what the adaptive schedule watches).
     """
 
     hospital: int
@@ -63,6 +68,9 @@ class HospitalReport:
     node_id: int = -1
     startup_seconds: float = 0.0
     data_seconds: float = 0.0
+    d_steps: int = 0
+    critic_steps: int = 0
+    critic_accuracy: float = NAN
 
     #: The metric-record key of ``num_examples`` (what Flower's FedAvg weighs by).
     WEIGHT_KEY = "num-examples"
@@ -101,7 +109,8 @@ class HospitalReport:
                 })  # fmt: skip
         except KeyError as missing:
             raise ValueError(f"hospital report lacks {missing}") from None
-        ints = {"hospital", "num_examples", "examples_seen", "steps", "optimizer_steps"}
+        ints = {"hospital", "num_examples", "examples_seen", "steps", "optimizer_steps",
+                "d_steps", "critic_steps"}  # fmt: skip
         cast = {k: int(v) if k in ints else float(v) for k, v in values.items()}
         if privacy is not None:
             privacy = PrivacySpent(**{  # type: ignore[arg-type]
@@ -127,6 +136,10 @@ class HospitalReport:
         if self.startup_seconds or self.data_seconds:
             out["startup_seconds"] = self.startup_seconds
             out["data_seconds"] = self.data_seconds
+        if self.critic_steps:
+            out["d_steps"] = self.d_steps
+            out["critic_steps"] = self.critic_steps
+            out["critic_accuracy"] = self.critic_accuracy
         if self.privacy is not None:
             out.update(asdict(self.privacy))
         return out
@@ -191,6 +204,11 @@ class RoundRecord:
         eps = [r.privacy.epsilon for r in reports if r.privacy is not None]
         if eps:
             aggregate["max_epsilon"] = max(eps)
+        critics = [r for r in reports if r.critic_steps]
+        if critics:
+            aggregate["d_steps"] = max(r.d_steps for r in critics)
+            aggregate["critic_steps"] = max(r.critic_steps for r in critics)
+            aggregate["critic_accuracy"] = sum(r.critic_accuracy for r in critics) / len(critics)
         return cls(
             round=round_,
             mode="federated",
@@ -205,21 +223,24 @@ class RoundRecord:
     def centralized(
         cls, round_: int, *, num_examples: int, examples_seen: int, d_loss: float,
         g_loss: float, train_seconds: float, generator_steps: int = 0,
+        d_steps: int = 0, critic: Mapping[str, Any] | None = None,
     ) -> RoundRecord:  # fmt: skip
-        """The record of a round of the pooled baseline."""
-        return cls(
-            round=round_,
-            mode="centralized",
-            aggregate={
-                "hospitals": 0,
-                "num_examples": num_examples,
-                "examples_seen": examples_seen,
-                "generator_steps": generator_steps,
-                "d_loss": d_loss,
-                "g_loss": g_loss,
-                "train_seconds": train_seconds,
-            },
-        )
+        """The record of a round of the pooled baseline (``critic``: its critic schedule's
+        state, if one ran)."""
+        aggregate: dict[str, float | int] = {
+            "hospitals": 0,
+            "num_examples": num_examples,
+            "examples_seen": examples_seen,
+            "generator_steps": generator_steps,
+            "d_loss": d_loss,
+            "g_loss": g_loss,
+            "train_seconds": train_seconds,
+        }
+        if critic:
+            aggregate["d_steps"] = d_steps
+            aggregate["critic_steps"] = int(critic["n_d"])
+            aggregate["critic_accuracy"] = float(critic.get("accuracy", NAN))
+        return cls(round=round_, mode="centralized", aggregate=aggregate)
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` object (evaluation keys only where it ran)."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
@@ -15,7 +16,7 @@ from torch.utils.data import TensorDataset
 from fedgan.config import Config
 from fedgan.device import resolve_device
 from fedgan.models import ImageShape, load_state, pack_state
-from fedgan.privacy import HospitalAccountant, plan_privacy
+from fedgan.privacy import HospitalAccountant
 from fedgan.training.loop import (
     LocalStats,
     ProximalTerm,
@@ -60,21 +61,32 @@ class RoundResult:
     accountant: str = ""
 
 
-def serialize_optimizers(optimizers: Mapping[str, torch.optim.Optimizer]) -> bytes:
+#: Where the critic schedule's state sits among the kept optimizer states.
+CRITIC_KEY = "critic_schedule"
+
+
+def serialize_optimizers(
+    optimizers: Mapping[str, torch.optim.Optimizer], critic: Mapping[str, Any] | None = None
+) -> bytes:
+    """The hospital's optimizer states (and its critic schedule's, if one runs) as bytes."""
     buf = io.BytesIO()
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, buf)
+    saved: dict[str, Any] = {name: opt.state_dict() for name, opt in optimizers.items()}
+    if critic:
+        saved[CRITIC_KEY] = dict(critic)
+    torch.save(saved, buf)
     return buf.getvalue()
 
 
 def restore_optimizers(
     optimizers: Mapping[str, torch.optim.Optimizer], blob: bytes, skip: Collection[str] = ()
-) -> None:
+) -> dict[str, Any]:
     """Loads :func:`serialize_optimizers`' state into ``optimizers``, except those in ``skip``
-    (which start fresh)."""
+    (which start fresh); returns the critic schedule's state (empty if none was kept)."""
     saved = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     for name, opt in optimizers.items():
         if name in saved and name not in skip:
             opt.load_state_dict(saved[name])
+    return dict(saved.get(CRITIC_KEY, {}))
 
 
 def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -154,9 +166,14 @@ def local_round(
     for net in nets.values():
         net.to(device)
     optimizers = make_optimizers(nets, cfg.train)
+    schedule = objective.critic_schedule()
     if optimizer_state:
         received = {key.split(".", 1)[0] for key in global_state}
-        restore_optimizers(optimizers, optimizer_state, skip=received if reset_optimizers else ())
+        kept_critic = restore_optimizers(
+            optimizers, optimizer_state, skip=received if reset_optimizers else ()
+        )
+        if schedule is not None:
+            schedule.restore(kept_critic)
     seed = round_seed(cfg.run.seed, round_, hospital)
     ctx = StepContext.seeded(seed, device)
     proximal = ProximalTerm(proximal_mu, nets) if proximal_mu > 0 else None
@@ -166,24 +183,24 @@ def local_round(
             objective, nets, optimizers,
             shuffled_batches(dataset, cfg.train.batch_size, ctx, seed=seed,
                              unpaired=objective.unpaired),
-            steps=steps, ctx=ctx, proximal=proximal,
+            steps=steps, ctx=ctx, proximal=proximal, schedule=schedule,
         )  # fmt: skip
         return RoundResult(
             state=pack_state(nets),
-            optimizer_state=serialize_optimizers(optimizers),
+            optimizer_state=serialize_optimizers(optimizers, stats.critic),
             stats=stats,
             num_examples=len(dataset),
             optimizer_steps=optimizer_steps(optimizers["discriminator"]),
         )
 
     # DP-SGD: only the real-batch source and the private phases' networks change.
-    private_steps = steps * objective.private_steps_per_iteration  # charged this round
+    private_steps = objective.private_steps(steps)  # charged this round
     acc = (
         HospitalAccountant.from_json(accountant)
         if accountant
         else HospitalAccountant(cfg.privacy.accountant)
     )
-    plan = plan_privacy(
+    plan = acc.plan(
         cfg.privacy,
         num_examples=len(dataset),
         batch_size=cfg.train.batch_size,
@@ -194,7 +211,11 @@ def local_round(
                         batch_size=cfg.train.batch_size, seed=seed, device=device)  # fmt: skip
     ctx.paired_forward = private.paired_forward
     stats = train(objective, private.nets, private.optimizers, private.real_batches,
-                  steps=steps, ctx=ctx, proximal=proximal, private=private.backends)  # fmt: skip
+                  steps=steps, ctx=ctx, proximal=proximal, private=private.backends,
+                  schedule=schedule)  # fmt: skip
+    # The discriminator's loss on real images is not covered by the accounting: it stays
+    # here. Its accuracy on generated images (the schedule's) is post-processing: it travels.
+    stats = replace(stats, d_loss=float("nan"))
     before = acc.steps
     acc.history = private.history()
     if acc.steps != before + private_steps:
@@ -205,7 +226,7 @@ def local_round(
     private.close()  # removes per-sample hooks
     return RoundResult(
         state=state,
-        optimizer_state=serialize_optimizers(private.plain_optimizers),
+        optimizer_state=serialize_optimizers(private.plain_optimizers, stats.critic),
         stats=stats,
         num_examples=len(dataset),
         optimizer_steps=optimizer_steps(private.plain_optimizers["discriminator"]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim import Adam, Optimizer
 
 from fedgan.training.objectives.base import Batch, Nets, Objective, Phase, StepContext
+from fedgan.training.schedule import CriticSchedule, iterations
 
 if TYPE_CHECKING:
     from torch.utils.data import TensorDataset
@@ -98,6 +99,8 @@ class LocalStats:
         d_loss: Mean discriminator loss.
         g_loss: Mean generator loss.
         seconds: Wall time of the loop.
+        d_steps: Discriminator steps taken.
+        critic: The critic schedule's state at the end (n_D, accuracy average), if one ran.
     """
 
     steps: int
@@ -105,6 +108,8 @@ class LocalStats:
     d_loss: float
     g_loss: float
     seconds: float
+    d_steps: int = 0
+    critic: dict[str, Any] = field(default_factory=dict)
 
 
 class ProximalTerm:
@@ -193,6 +198,21 @@ def phase_step(
     return loss
 
 
+def _plan(
+    objective: Objective, steps: int, schedule: CriticSchedule | None
+) -> Iterator[list[tuple[Phase, int]]]:
+    """Each iteration's phases and how many times each runs: every phase its ``repeats``
+    for ``steps`` iterations, or under a critic schedule blocks of n_D discriminator steps,
+    each followed by one generator step, until the round's discriminator steps are taken."""
+    if schedule is None:
+        for _ in range(steps):
+            yield [(p, p.repeats) for p in objective.phases]
+        return
+    d_phase, g_phase = objective.phases
+    for block in iterations(objective.private_steps(steps), schedule):
+        yield [(d_phase, block), (g_phase, 1)]
+
+
 def train(
     objective: Objective,
     nets: Nets,
@@ -203,6 +223,7 @@ def train(
     ctx: StepContext,
     proximal: ProximalTerm | None = None,
     private: Mapping[str, Any] | None = None,
+    schedule: CriticSchedule | None = None,
 ) -> LocalStats:
     """Runs ``steps`` iterations of ``objective``.
 
@@ -211,14 +232,17 @@ def train(
         nets: Its networks, on ``ctx.device`` (private wrappers where DP-SGD applies).
         optimizers: One per network (state kept by the caller across calls).
         real_batches: Where real images come from (shuffled, or Poisson-sampled under DP).
-        steps: Iterations.
+        steps: Iterations (with ``schedule``: what fixes the round's discriminator steps,
+            :meth:`Objective.private_steps`).
         ctx: Device, seeded generators, and the default backward.
         proximal: FedProx's term, if any.
         private: Under DP-SGD, the backward of each private phase by phase name; every
             data-reading phase step then takes its own batch.
+        schedule: A critic schedule (its state carries over from earlier rounds): before
+            each generator step it sees the discriminator's accuracy on generated images.
 
     Returns:
-        Loss means, examples seen and wall time.
+        Loss means, examples seen, steps and wall time.
     """
     start = time.perf_counter()
     for net in nets.values():
@@ -231,10 +255,18 @@ def train(
     totals = {p.name: torch.zeros((), device=ctx.device) for p in objective.phases}
     counts = dict.fromkeys(totals, 0)
     examples = 0
-    for _ in range(steps):
+    iterations_run = 0
+    for iteration in _plan(objective, steps, schedule):
+        iterations_run += 1
         batch: Batch | None = None
-        for phase in objective.phases:
-            for _ in range(phase.repeats):
+        for phase, repeats in iteration:
+            if schedule is not None and not phase.reads_data:
+                for net in nets.values():
+                    net.eval()
+                schedule.observe(objective.critic_accuracy(nets, ctx))
+                for net in nets.values():
+                    net.train()
+            for _ in range(repeats):
                 if phase.reads_data and (batch is None or not share):
                     real, labels, other = next(real_batches)
                     batch = objective.make_batch(real, labels, other, ctx)
@@ -250,9 +282,11 @@ def train(
                 counts[phase.name] += 1
     means = {k: float(v) / max(counts[k], 1) for k, v in totals.items()}
     return LocalStats(
-        steps=steps,
+        steps=iterations_run,
         examples=examples,
         d_loss=means.get("D", float("nan")),
         g_loss=means.get("G", float("nan")),
         seconds=time.perf_counter() - start,
+        d_steps=counts.get("D", 0),
+        critic=schedule.state() if schedule is not None else {},
     )

@@ -19,6 +19,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from fedgan.config import Config
+    from fedgan.training.schedule import CriticSchedule
 
 Nets = Mapping[str, Any]  # name -> network (or its functional stand-in under per-sample DP)
 LossFn = Callable[[Nets, "Batch"], torch.Tensor]
@@ -161,6 +162,22 @@ class Objective:
     def private_steps_per_iteration(self) -> int:
         """Data-reading phase steps per iteration: what DP-SGD charges for."""
         return sum(p.repeats for p in self.phases if p.reads_data)
+
+    def private_steps(self, steps: int) -> int:
+        """Data-reading phase steps a round of ``steps`` iterations takes (what DP-SGD is
+        calibrated and charged for)."""
+        return steps * self.private_steps_per_iteration
+
+    def critic_schedule(self) -> CriticSchedule | None:
+        """The schedule of discriminator steps per generator step, for an objective whose
+        phases are one data-reading discriminator phase then one generator phase; None: each
+        iteration runs every phase ``repeats`` times."""
+        return None
+
+    def critic_accuracy(self, nets: Nets, ctx: StepContext) -> float:
+        """The discriminator's accuracy on a fresh batch of generated images (what
+        :meth:`critic_schedule` watches; it reads no real image)."""
+        raise NotImplementedError
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)

@@ -16,6 +16,7 @@ from fedgan.catalog import TASKS
 from fedgan.data.transforms import augmenter
 from fedgan.models import FAMILIES, GanFamily, ImageShape
 from fedgan.training.objectives.base import Batch, Nets, Objective, Phase, StepContext
+from fedgan.training.schedule import CriticSchedule
 
 if TYPE_CHECKING:
     from fedgan.config import Config
@@ -62,6 +63,26 @@ def critic_steps(family: GanFamily, n_critic: int) -> int:
     return n_critic or family.n_critic
 
 
+def schedule_mode(cfg: Config, family: GanFamily) -> str:
+    """``train.critic_schedule`` resolved: ``auto`` is adaptive under DP-SGD (for a family
+    whose discriminator has a decision boundary), fixed otherwise.
+
+    Raises:
+        ValueError: If ``adaptive`` is asked of a family without a decision boundary.
+    """
+    mode = cfg.train.critic_schedule
+    if mode == "auto":
+        private = cfg.privacy.mode == "dp-sgd"
+        return "adaptive" if private and family.decision_boundary is not None else "fixed"
+    if mode == "adaptive" and family.decision_boundary is None:
+        raise ValueError(
+            f"config key 'train.critic_schedule': the adaptive schedule watches the "
+            f"discriminator's accuracy, and {family.name!r}'s critic has no real/fake boundary; "
+            "set train.critic_schedule=fixed (with train.n_critic) or choose another family"
+        )
+    return mode
+
+
 class SynthesisObjective(Objective):
     """A GAN family's losses: ``n_critic`` discriminator steps on real and generated images,
     then one generator step through the discriminator."""
@@ -75,6 +96,38 @@ class SynthesisObjective(Objective):
                   repeats=critic_steps(self.family, cfg.train.n_critic)),
             Phase("G", ("generator",), reads_data=False),
         )  # fmt: skip
+        self.schedule_mode = schedule_mode(cfg, self.family)
+
+    def private_steps(self, steps: int) -> int:
+        t = self.cfg.train
+        if self.schedule_mode == "adaptive" and t.d_steps_per_round:
+            # per local_steps iterations (the pooled baseline runs several hospitals' worth)
+            return t.d_steps_per_round * steps // t.local_steps
+        return super().private_steps(steps)
+
+    def critic_schedule(self) -> CriticSchedule | None:
+        """The adaptive schedule, or under DP-SGD the fixed one (whose accuracy on generated
+        images is what a private round reports instead of the discriminator's loss on real
+        images); None for a non-private fixed schedule."""
+        reports = self.cfg.privacy.mode == "dp-sgd" and self.family.decision_boundary is not None
+        if self.schedule_mode == "fixed" and not reports:
+            return None
+        t = self.cfg.train
+        return CriticSchedule(
+            n_d=self.phase("D").repeats,
+            adaptive=self.schedule_mode == "adaptive",
+            threshold=t.critic_threshold,
+            beta=t.critic_beta,
+            grace=t.critic_grace,
+        )
+
+    def critic_accuracy(self, nets: Nets, ctx: StepContext) -> float:
+        batch = self.free_batch("G", None, ctx)
+        y = batch.get("labels")
+        with torch.no_grad():
+            scores = forward(nets["discriminator"], forward(nets["generator"], batch["z"], y), y)
+        boundary = self.family.decision_boundary
+        return float((scores.flatten() <= (0.0 if boundary is None else boundary)).float().mean())
 
     def check_private(self) -> None:
         if self.family.dp_incompatibility:
