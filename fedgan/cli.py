@@ -116,6 +116,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Membership-inference attacks against a run's released networks; writes audit.json."""
+    from fedgan.rundir import atomic_write_text, dumps
+    from fedgan.runs.apply import check_trained
+    from fedgan.runs.audit import audit_run, audit_table
+
+    if args.max_images < 20 or args.num_generated < 20:
+        raise ValueError("--max-images and --num-generated must be at least 20")
+    rd, cfg, ckpt = _load_run(args.run, args.overrides, args.checkpoint)
+    check_trained(ckpt)
+    result = audit_run(cfg, ckpt["state"], rd.read_metrics(), max_images=args.max_images,
+                       num_generated=args.num_generated)  # fmt: skip
+    result["round"] = int(ckpt["round"])
+    atomic_write_text(rd.path / "audit.json", dumps(result, indent=2) + "\n")
+    print(audit_table(result))
+    print(f"fedgan: audit of round {result['round']} written to {rd.path / 'audit.json'}")
+    return 0
+
+
 def cmd_data_describe(args: argparse.Namespace) -> int:
     """Per hospital: images, class histogram and intensity statistics; pictures of the split."""
     from pathlib import Path
@@ -268,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="comma-separated metrics (default: the run's eval.metrics)")
     _overrides_arg(p, "override a key of the run's config, e.g. eval.inception_weights=PATH")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("audit", help="membership-inference attacks on a run's networks")
+    p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--max-images", type=int, default=1000,
+                   help="members (and non-members) attacked, at most (default 1000)")  # fmt: skip
+    p.add_argument("--num-generated", type=int, default=2000,
+                   help="images drawn from the generator for the black-box attacks")  # fmt: skip
+    _overrides_arg(p, "override a key of the run's config, e.g. data.path=PATH")
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("sample", help="write synthetic images from a run's generator")
     p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
     p.add_argument("--n", type=int, required=True, help="number of images")
