@@ -60,6 +60,8 @@ class Study:
         overrides: ``key=value`` settings for every arm.
         arms: The arms, run in order.
         description: What the study asks (goes into the report).
+        audit: Run ``fedgan audit`` (membership inference) on every synthesis arm once it has
+            trained; the report shows each arm's attacks beside its epsilon.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Study:
     arms: tuple[Arm, ...]
     description: str = ""
     expected: dict[str, str] = field(default_factory=dict)
+    audit: bool = False
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.arms]
@@ -125,7 +128,7 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = ()) -> Study:
     if not p.is_file():
         raise FileNotFoundError(f"study plan {str(p)!r} not found (see simulations/)")
     raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    known = {"name", "description", "config", "set", "arms", "expected_runtime"}
+    known = {"name", "description", "config", "set", "arms", "expected_runtime", "audit"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{p}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
@@ -145,7 +148,14 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = ()) -> Study:
         arms=tuple(arms),
         description=str(raw.get("description", "")).strip(),
         expected={str(k): str(v) for k, v in (raw.get("expected_runtime") or {}).items()},
+        audit=_flag(raw.get("audit", False), f"{p}: audit"),
     )
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def _scalar(value: Any) -> str:
@@ -176,6 +186,27 @@ def _run_arm(cfg: Config, mode: str, log: Callable[[str], None]) -> dict[str, An
     return simulate(cfg)
 
 
+def _audit_arm(cfg: Config, log: Callable[[str], None]) -> None:
+    """Membership-inference attacks on an arm's last checkpoint, into its ``audit.json``
+    (kept when an earlier study run already audited that checkpoint)."""
+    from fedgan.runs.audit import audit_run
+
+    rd = RunDir(cfg.run_dir)
+    path = rd.path / "audit.json"
+    ckpt = rd.load_checkpoint()
+    if path.exists() and json.loads(path.read_text(encoding="utf-8")).get("round") == int(
+        ckpt["round"]
+    ):
+        return
+    result = audit_run(cfg, ckpt["state"], rd.read_metrics())
+    result["round"] = int(ckpt["round"])
+    atomic_write_text(path, dumps(result, indent=2) + "\n")
+    aucs = ", ".join(
+        f"{name} {row['auc']:.3f}" for name, row in result["attacks"].items() if "auc" in row
+    )
+    log(f"[compare] {cfg.run.name}: audit AUC {aucs}")
+
+
 def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs every arm (reusing finished ones) and writes ``comparison.json``, ``report.md``,
     ``report.html``, ``curves.png`` and ``samples.png`` in ``out``.
@@ -203,6 +234,8 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
     for i, arm in enumerate(track(study.arms, f"study {study.name}: arms"), 1):
         log(f"[compare] arm {i}/{len(study.arms)}: {arm.name} ({arm.mode})")
         _run_arm(configs[arm.name], arm.mode, log)
+        if study.audit and configs[arm.name].task.name == "synthesis":
+            _audit_arm(configs[arm.name], log)
     from fedgan.report.compare import ArmRun, collect, write_report
 
     comparison = collect(

@@ -118,7 +118,7 @@ def dp_adaptive(toy_config: Config) -> Config:
         federation={"num_rounds": 3},
         # always "losing": the schedule climbs after every generator step
         train={"local_steps": 3, "d_steps_per_round": 7, "critic_threshold": 1.0,
-               "critic_grace": 1},
+               "critic_grace": 1, "n_critic": 1},
     )  # fmt: skip
 
 
@@ -135,6 +135,8 @@ def _rounds(cfg: Config, rounds: int) -> list:
 
 def test_dp_sgd_defaults_to_the_adaptive_schedule(dp_adaptive: Config) -> None:
     assert make_objective(dp_adaptive).schedule_mode == "adaptive"
+    default = make_objective(with_changes(dp_adaptive, train={"n_critic": 0}))
+    assert default.phase("D").repeats == 5  # the private recipe starts at n_D = 5
     plain = with_changes(dp_adaptive, privacy={"mode": "none", "target_epsilon": 0.0})
     objective = make_objective(plain)
     assert objective.schedule_mode == "fixed" and objective.critic_schedule() is None

@@ -53,14 +53,16 @@ def test_reported_epsilon_matches_an_independent_accountant(
     eps = [r.privacy["epsilon"] for r in results]
     assert eps == sorted(eps) and eps[0] > 0  # never decreases
     last = results[-1].privacy
-    assert last["dp_steps"] == 3 * dp_config.train.local_steps
+    # the private default: 5 discriminator steps per iteration
+    steps = 3 * dp_config.train.local_steps * 5
+    assert last["dp_steps"] == steps
     # PRV (the default) against Google's PLD accountant: an independent implementation of
     # the same (tight) analysis; PRV reports its upper bound, within its eps_error of 0.01.
-    pld = independent_epsilon(last["noise_multiplier"], last["sample_rate"], 3 * 2,
+    pld = independent_epsilon(last["noise_multiplier"], last["sample_rate"], steps,
                               last["delta"])  # fmt: skip
     assert pld - 0.02 <= last["epsilon"] <= pld + 0.02
     rdp = RDPAccountant()
-    rdp.history = [(last["noise_multiplier"], last["sample_rate"], 3 * 2)]
+    rdp.history = [(last["noise_multiplier"], last["sample_rate"], steps)]
     assert last["epsilon"] <= rdp.get_epsilon(last["delta"])  # RDP's bound is looser
     # calibrated to the whole planned training: it ends at (not past) the budget
     assert last["epsilon"] <= 5.0 and last["epsilon"] > 4.5

@@ -156,6 +156,7 @@ def test_dp_federation_skips_exhausted_hospitals_and_stops_when_all_are(tmp_path
         "privacy.mode=dp-sgd",
         "privacy.target_epsilon=3",
         "privacy.noise_multiplier=0.9",
+        "train.n_critic=1",  # one D step per local step: the budgets below count on it
     ]
     cfg = load_config(None, [*TOY, *dp])
     # What each hospital's own accountant allows: the rounds it can afford.
@@ -195,6 +196,7 @@ def test_dp_accountants_survive_a_resumed_run(tmp_path: Path) -> None:
         "privacy.mode=dp-sgd",
         "privacy.target_epsilon=50",
         "privacy.noise_multiplier=1.0",
+        "train.n_critic=1",
     ]
     first = simulate(tmp_path, *dp, "federation.num_rounds=2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -112,14 +112,14 @@ def epsilon_lower_bound(
         return 0.0
     alpha = 1 - confidence
     m_sorted, n_sorted = np.sort(m_fit), np.sort(n_fit)
-    best_t, best = None, -1.0
+    best_t, best = float(m_fit.min()), -1.0
     for t in np.unique(np.concatenate([m_fit, n_fit])):
         tp = len(m_sorted) - int(np.searchsorted(m_sorted, t, side="left"))
         fp = len(n_sorted) - int(np.searchsorted(n_sorted, t, side="left"))
         b = _bound(tp, len(m_fit), fp, len(n_fit), delta, alpha)
         if b > best:
-            best_t, best = t, b
-    tp, fp = _rates(m_test, n_test, float(best_t))
+            best_t, best = float(t), b
+    tp, fp = _rates(m_test, n_test, best_t)
     return _bound(tp, len(m_test), fp, len(n_test), delta, alpha)
 
 

@@ -84,6 +84,12 @@ def _curves(records: list[dict], batch_size: int = 0) -> dict[str, dict[str, lis
     return curves
 
 
+def _audit(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``audit.json`` (``fedgan audit``), if it has one."""
+    path = run_dir / "audit.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def collect(
     arm_runs: Sequence[ArmRun],
     out: Path,
@@ -122,6 +128,7 @@ def collect(
             "final": _final_metrics(records),
             "not_computed": dict(summary.get("metrics_skipped") or {}),
             "curves": _curves(records, cfg.train.batch_size),
+            "audit": _audit(rd.path),
         }
         arms[arm.name]["recent"] = {
             key: sum(c["value"][-RECENT:]) / len(c["value"][-RECENT:])
@@ -239,6 +246,7 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         "",
         *(f"{n}\n" for n in notes),
         *_epsilon_table(arms),
+        *_audit_table(arms),
         "## Curves",
         "",
         "Against training examples seen (the arms' equal budget):",
@@ -280,6 +288,36 @@ def _epsilon_table(arms: dict[str, Any]) -> list[str]:
              "|" + "---|" * (len(private) + 1)]  # fmt: skip
     for h in hospitals:
         lines.append(f"| {h} | " + " | ".join(_fmt(eps.get(h)) for eps in private.values()) + " |")
+    return [*lines, ""]
+
+
+def _audit_table(arms: dict[str, Any]) -> list[str]:
+    """Markdown lines: each audited arm's membership-inference attacks beside its epsilon."""
+    audited = {n: a["audit"] for n, a in arms.items() if a.get("audit")}
+    if not audited:
+        return []
+    lines = [
+        "## Membership inference (`fedgan audit`)",
+        "",
+        "Members: the hospitals' training images; non-members: held-out images with the same "
+        "class mix. AUC 0.5 is a coin; the ε bound is a 95 % lower bound implied by the best "
+        "attack's error rates, to read beside the accountant's ε.",
+        "",
+        "| arm | accounted ε | LOGAN AUC | GAN-Leaks AUC | DOMIAS AUC | TPR@1% (best) "
+        "| empirical ε ≥ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, audit in audited.items():
+        attacks = {k: v for k, v in audit["attacks"].items() if "auc" in v}
+        auc = {k: _fmt(attacks[k]["auc"]) if k in attacks else "–"
+               for k in ("logan", "gan_leaks", "domias")}  # fmt: skip
+        tpr = max((v["tpr_at_1pct"] for v in attacks.values()), default=float("nan"))
+        bound = max((v["epsilon_lower_bound"] for v in attacks.values()), default=float("nan"))
+        eps = audit.get("accounted_epsilon")
+        lines.append(
+            f"| {name} | {'∞ (no DP)' if eps is None else _fmt(eps)} | {auc['logan']} | "
+            f"{auc['gan_leaks']} | {auc['domias']} | {_fmt(tpr)} | {_fmt(bound)} |"
+        )
     return [*lines, ""]
 
 

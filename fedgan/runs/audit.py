@@ -9,7 +9,7 @@ attacks measure, so a reader sees both the guarantee and what an attacker learns
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from fedgan.models import FAMILIES, ImageShape, build_networks, load_state
 DEFAULT_DELTA = 1e-5
 
 
-def accounted(records: list[Mapping[str, Any]]) -> tuple[float, float]:
+def accounted(records: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
     """The largest epsilon any hospital spent in a run's records, and its delta
     (``(nan, nan)`` without DP-SGD)."""
     eps, delta = math.nan, math.nan
@@ -95,7 +95,7 @@ def audit_sets(
 def audit_run(
     cfg: Config,
     state: Mapping[str, torch.Tensor],
-    records: list[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]],
     *,
     max_images: int = 1000,
     num_generated: int = 2000,
