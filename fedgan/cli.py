@@ -74,6 +74,23 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Centralized, non-private training on public data, for ``model.init_from`` warm starts."""
+    named = any(o.startswith("run.name=") for o in args.overrides)
+    args.overrides = [*(() if named else ("run.name=pretrain",)), *args.overrides,
+                      "privacy.mode=none", "privacy.target_epsilon=0"]  # fmt: skip
+    cfg = _resolve(args)
+    if cfg.task.name != "synthesis":
+        raise ValueError(f"fedgan pretrain warm-starts synthesis GANs; task is {cfg.task.name!r}")
+    code = cmd_centralized(args)
+    if code == 0 and not args.dry_run:
+        print(
+            "fedgan: warm-start a run from these networks with "
+            f"--set model.init_from={cfg.run_dir.resolve()} (same model settings and image size)"
+        )
+    return code
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluates a run's checkpoint with the named metrics and appends the result to its
     ``metrics.jsonl``."""
@@ -231,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (
         ("simulate", cmd_simulate, "federated training of N simulated hospitals (Flower)"),
         ("centralized", cmd_centralized, "the same model and loop on the pooled data"),
+        (
+            "pretrain",
+            cmd_pretrain,
+            "train on public data (no DP) for a warm start: model.init_from=<its run>",
+        ),
         ("config", cmd_config, "print the resolved config"),
     ):
         p = sub.add_parser(name, help=help_)

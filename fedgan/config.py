@@ -156,12 +156,17 @@ class ModelSection:
         base_channels: Width of the narrowest layer; deeper layers double it (the number of
             layers follows from the image size: the preset by resolution).
         num_classes: Classes of a conditional family (``cgan``); every label must be below it.
+        init_from: A warm start: a run directory (its latest checkpoint) or a checkpoint file
+            whose networks this run starts from instead of random weights, typically
+            ``fedgan pretrain`` on public data. It costs no privacy: the hospitals'
+            accountants cover only what they train here. Empty: random initial weights.
     """
 
     family: str = "dcgan"
     latent_dim: int = 64
     base_channels: int = 32
     num_classes: int = 2
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _check_positive("model.latent_dim", self.latent_dim)

@@ -129,6 +129,7 @@ def collect(
             "not_computed": dict(summary.get("metrics_skipped") or {}),
             "curves": _curves(records, cfg.train.batch_size),
             "audit": _audit(rd.path),
+            "warm_start": summary.get("warm_start"),
         }
         arms[arm.name]["recent"] = {
             key: sum(c["value"][-RECENT:]) / len(c["value"][-RECENT:])
@@ -270,6 +271,12 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         *(
             f"- **{n}** ({a['mode']}{', ' + ', '.join(a['overrides']) if a['overrides'] else ''}):"
             f" [{a['run_dir']}]({a['run_dir']}), config [{a['config']}]({a['config']})"
+            + (
+                f"; warm-started from networks trained on {a['warm_start']['data']} (no privacy "
+                "cost: ε covers this run's data only)"
+                if a.get("warm_start")
+                else ""
+            )
             for n, a in arms.items()
         ),
         "",

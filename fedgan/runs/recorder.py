@@ -20,6 +20,8 @@ from fedgan.rundir import RunDir, UnreadableCheckpoint
 from fedgan.runs.background import BackgroundEvaluator, EvaluatorDied
 from fedgan.runs.evaluators import Evaluator, make_evaluator
 from fedgan.runs.records import RoundRecord
+from fedgan.runs.warm import describe as describe_warm_start
+from fedgan.runs.warm import warm_start
 from fedgan.training import make_objective, networks_for
 
 #: Evaluations that may be owed before a round waits for the oldest (they cost no memory:
@@ -63,6 +65,7 @@ class RunRecorder:
         self.last_tick = time.perf_counter()
         self.start_round = 0
         self.resumed_meta: dict[str, Any] = {}
+        self.warm_start: dict[str, Any] = {}
         self._tb: Any = None
         self.skipped: dict[str, str] = {}  # what the evaluation process skipped
         self.pending: deque[_Pending] = deque()
@@ -104,15 +107,25 @@ class RunRecorder:
             rd.truncate_metrics_after(self.start_round)  # rounds after it are trained again
             self._complete_lines(self.start_round)
             self.log(f"resuming {rd.path} from round {self.start_round}")
+            if self.cfg.model.init_from:  # the run goes on even if the source is gone
+                try:
+                    self.warm_start = describe_warm_start(self.cfg)
+                except FileNotFoundError:
+                    self.warm_start = {"checkpoint": self.cfg.model.init_from,
+                                       "data": "unknown (no longer on disk)"}  # fmt: skip
             return ckpt["state"]
         if rd.has_run():
             raise FileExistsError(
                 f"run directory {str(rd.path)!r} already holds a run; set run.resume=true to "
                 "continue it, or choose another run.name"
             )
-        rd.write_config(dump_yaml(self.cfg))
         nets = networks_for(self.cfg, self.objective)
         state = pack_state(nets)
+        if self.cfg.model.init_from:  # checked before anything is written
+            state, self.warm_start = warm_start(self.cfg, state)
+            self.log(f"warm start from {self.warm_start['checkpoint']} "
+                     f"({self.warm_start['data']})")  # fmt: skip
+        rd.write_config(dump_yaml(self.cfg))
         self.evaluator.sample_grid(0, state)
         rd.save_checkpoint(0, state, {"mode": self.mode})
         return state
@@ -296,6 +309,7 @@ class RunRecorder:
             ),
             "run_dir": str(self.run_dir.path),
             "metrics_skipped": {**self.skipped, **self.evaluator.skipped},
+            **({"warm_start": self.warm_start} if self.warm_start else {}),
             **(extra or {}),
         }
         self.run_dir.write_summary(summary)
