@@ -437,6 +437,10 @@ class PrivacySection:
             clipping, ``fedgan.privacy.ghost``: the fastest, Conv2d/Linear plus every layer Opacus
             has a per-sample gradient for), ``ew`` (PyTorch's ExpandedWeights through Opacus) or
             ``hooks`` (Opacus hooks). All give the same update.
+        max_physical_batch: With ``ghost``, the most real/fake pairs one forward and backward
+            of the discriminator holds: a larger Poisson batch runs in parts whose clipped
+            gradients add up before the one noisy step (the same update, bounded memory, as
+            Opacus's BatchMemoryManager). 0: the whole batch at once.
     """
 
     mode: str = "none"
@@ -448,6 +452,7 @@ class PrivacySection:
     secure_mode: bool = False
     central_clipping: str = "server"
     grad_sample_mode: str = "ghost"
+    max_physical_batch: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("privacy.mode", self.mode, list(PRIVACY_MODES))
@@ -463,6 +468,14 @@ class PrivacySection:
             )
         _check_range("privacy.delta", self.delta, 0.0, 0.1)
         _check_positive("privacy.max_grad_norm", self.max_grad_norm)
+        if self.max_physical_batch < 0:
+            _fail("privacy.max_physical_batch", f"must be >= 0, got {self.max_physical_batch}")
+        if self.max_physical_batch and self.grad_sample_mode != "ghost":
+            _fail(
+                "privacy.max_physical_batch",
+                "physical batches add up paired ghost clipping's sums; set "
+                "privacy.grad_sample_mode=ghost or privacy.max_physical_batch=0",
+            )
 
     @property
     def enabled(self) -> bool:

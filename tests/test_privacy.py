@@ -275,3 +275,26 @@ def test_a_sites_own_budget_caps_the_run_and_requires_dp(toy_config: Config) -> 
     assert site_config(dp, {}) == dp
     with pytest.raises(SitePolicyError, match="privacy.mode=dp-sgd"):
         site_config(toy_config, {"max-epsilon": 3.0})
+
+
+def test_physical_batches_give_the_same_private_step(toy_config: Config) -> None:
+    """A Poisson batch run in parts of 3 pairs makes the same update as in one part: each
+    pair is clipped on its own and the parts' clipped sums add up before the noisy step."""
+    base = with_changes(
+        toy_config,
+        # the same seeds draw the same Poisson batches and the same noise in both runs
+        privacy={"mode": "dp-sgd", "target_epsilon": 50.0, "noise_multiplier": 1.0},
+        train={"batch_size": 16, "local_steps": 2, "n_critic": 1},
+        data={"num_images": 240},
+    )
+    ds = hospital_dataset(base.data, 0, 0, 3)
+    state = pack_state(build_networks(base.model, config_shape(base), seed=0))
+    whole = local_round(base, ds, state, None, round_=1, hospital=0)
+    parts = local_round(with_changes(base, privacy={"max_physical_batch": 3}), ds, state, None,
+                        round_=1, hospital=0)  # fmt: skip
+    assert any(not torch.equal(whole.state[k], state[k]) for k in state)  # it trained
+    for key in state:
+        torch.testing.assert_close(parts.state[key], whole.state[key], atol=1e-5, rtol=1e-4)
+    assert parts.privacy["dp_steps"] == whole.privacy["dp_steps"] == 2
+    with pytest.raises(ValueError, match="privacy.max_physical_batch"):
+        load_config(None, ["privacy.grad_sample_mode=ew", "privacy.max_physical_batch=8"])

@@ -31,11 +31,22 @@ from fedgan.training.loop import RealBatches
 from fedgan.training.objectives.base import Batch, LossFn, Nets, Objective, StepContext
 
 
-def _clipped(module: Any) -> Callable[[LossFn, Nets, Batch], torch.Tensor]:
+def _clipped(module: Any, max_rows: int = 0) -> Callable[[LossFn, Nets, Batch], torch.Tensor]:
+    """The backward of paired ghost clipping; with ``max_rows``, a logical batch larger than
+    that runs as physical batches of ``max_rows`` pairs whose clipped sums add up in ``.grad``
+    (each pair is clipped on its own, so the step is the same; only memory is bounded)."""
+
     def backward(loss_fn: LossFn, nets: Nets, batch: Batch) -> torch.Tensor:
-        loss = loss_fn(nets, batch)
-        module.clipped_backward(loss)
-        return loss.detach()
+        if not max_rows or len(batch) <= max_rows:
+            loss = loss_fn(nets, batch)
+            module.clipped_backward(loss)
+            return loss.detach()
+        total = torch.zeros(())
+        for part in batch.split(max_rows):
+            loss = loss_fn(nets, part)
+            module.clipped_backward(loss)
+            total = total + loss.detach().cpu() * len(part)
+        return total / len(batch)
 
     return backward
 
@@ -135,7 +146,7 @@ def privatize(
             nets={**nets, "discriminator": private.module},
             optimizers={**optimizers, "discriminator": private.optimizer},
             real_batches=((x, y, None) for x, y in private.batches),
-            backends={name: _clipped(private.module)} if paired else {},
+            backends={name: _clipped(private.module, cfg.max_physical_batch)} if paired else {},
             paired_forward=paired,
             history=private.history,
             close=private.close,

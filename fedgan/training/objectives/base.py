@@ -48,6 +48,13 @@ class Batch:
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values()))) if self.tensors else 0
 
+    def split(self, size: int) -> list[Batch]:
+        """The rows in consecutive batches of at most ``size`` (no cache: each is new)."""
+        return [
+            Batch({k: v[start : start + size] for k, v in self.tensors.items()})
+            for start in range(0, len(self), size)
+        ]
+
 
 @dataclass(frozen=True)
 class Phase:

@@ -165,12 +165,15 @@ class SynthesisObjective(Objective):
     ) -> torch.Tensor:
         family, gp_weight = self.family, self.cfg.train.gp_weight
         if phase == "D":
+            # The whole batch's fakes at once: a generator with BatchNorm draws them from the
+            # batch's statistics, so a private step split into physical batches sees the same.
+            with torch.no_grad():
+                fakes = forward(nets["generator"], batch["z"], batch.get("labels"))
+            batch = Batch({**batch.tensors, "fake": fakes})
 
             def d_loss(nets: Nets, b: Batch) -> torch.Tensor:
-                g, d = nets["generator"], nets["discriminator"]
-                real, y = b["real"], b.get("labels")
-                with torch.no_grad():
-                    fake = forward(g, b["z"], y)
+                d = nets["discriminator"]
+                real, y, fake = b["real"], b.get("labels"), b["fake"]
                 if ctx.paired_forward:  # rows i and n + i form pair i (paired ghost clipping)
                     n = len(real)
                     both = forward(d, torch.cat([real, fake]),
