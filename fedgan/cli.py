@@ -144,7 +144,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     rd, cfg, ckpt = _load_run(args.run, args.overrides, args.checkpoint)
     check_trained(ckpt)
     result = audit_run(cfg, ckpt["state"], rd.read_metrics(), max_images=args.max_images,
-                       num_generated=args.num_generated)  # fmt: skip
+                       num_generated=args.num_generated, nonmembers=args.nonmembers)  # fmt: skip
     result["round"] = int(ckpt["round"])
     atomic_write_text(rd.path / "audit.json", dumps(result, indent=2) + "\n")
     print(audit_table(result))
@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="members (and non-members) attacked, at most (default 1000)")  # fmt: skip
     p.add_argument("--num-generated", type=int, default=2000,
                    help="images drawn from the generator for the black-box attacks")  # fmt: skip
+    p.add_argument("--nonmembers", choices=["auto", "eval", "val"], default="auto",
+                   help="held-out images: a MedMNIST validation split (val, auto's choice for "
+                        "MedMNIST) or the run's evaluation split (eval)")  # fmt: skip
     _overrides_arg(p, "override a key of the run's config, e.g. data.path=PATH")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("sample", help="write synthetic images from a run's generator")

@@ -144,9 +144,30 @@ def test_fedgan_audit_writes_its_report_and_refuses_bad_input(
     assert main(["audit", "--run", str(run), "--max-images", "5"]) == 2
     assert "at least 20" in capsys.readouterr().err
     assert not (run / "audit.json").exists()
+    assert main(["audit", "--run", str(run), "--nonmembers", "val"]) == 2  # the phantom has none
+    assert "--nonmembers eval" in capsys.readouterr().err
+    assert not (run / "audit.json").exists()
     assert main(["audit", "--run", str(run), "--num-generated", "200"]) == 0
     report = json.loads((run / "audit.json").read_text())
     assert set(report["attacks"]) == {"logan", "gan_leaks", "domias"}
     assert report["members"] == report["nonmembers"] >= 20
+    assert report["nonmember_source"] == "evaluation split"
     assert report["accounted_epsilon"] is None  # a run without DP-SGD: nothing accounted
     assert "logan" in capsys.readouterr().out
+
+
+def test_medmnist_non_members_come_from_the_training_pool_not_the_test_collection(
+    pneumonia_npz,
+) -> None:
+    """PneumoniaMNIST's test split is another collection (another class mix): the audit
+    draws non-members from the validation split, cut from the training pool."""
+    from fedgan.config import load_config
+    from fedgan.runs.audit import audit_sets, heldout
+
+    cfg = load_config(None, ["data.source=medmnist", f"data.path={pneumonia_npz}",
+                             "federation.num_hospitals=5"])  # fmt: skip
+    held, name = heldout(cfg, "auto")
+    assert name == "medmnist validation split" and len(held) == 524
+    members, m_y, nonmembers, n_y, reference = audit_sets(cfg, max_images=200, seed=0)
+    assert len(members) == len(nonmembers) and len(reference) == 262
+    assert torch.equal(m_y.sort().values, n_y.sort().values)  # the same class mix

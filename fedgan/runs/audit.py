@@ -13,9 +13,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from fedgan.config import Config
-from fedgan.data import eval_dataset, pooled_dataset
+from fedgan.data import eval_dataset, pooled_dataset, to_signed
+from fedgan.data.sources import medmnist_file, npz_pool
 from fedgan.device import resolve_device
 from fedgan.evaluation.central import sample
 from fedgan.evaluation.membership import (
@@ -42,8 +44,37 @@ def accounted(records: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
     return eps, delta
 
 
+#: Where non-members come from (``fedgan audit --nonmembers``).
+NONMEMBER_SOURCES = ("auto", "eval", "val")
+
+
+def heldout(cfg: Config, source: str) -> tuple[TensorDataset, str]:
+    """The held-out images non-members and reference images are drawn from, and their name.
+
+    ``val``: a MedMNIST subset's validation split, cut from the same pool as its training
+    split (its test split is a different collection: PneumoniaMNIST's has another class mix
+    and other patients, so an attack would detect the collection, not the membership).
+    ``eval``: the run's evaluation split. ``auto``: ``val`` for MedMNIST, else ``eval``.
+
+    Raises:
+        ValueError: For ``val`` on a source without one.
+    """
+    if source == "auto":
+        source = "val" if cfg.data.source == "medmnist" else "eval"
+    if source == "val":
+        if cfg.data.source != "medmnist":
+            raise ValueError(
+                f"--nonmembers val needs a MedMNIST run (its validation split); data.source is "
+                f"{cfg.data.source!r}: use --nonmembers eval"
+            )
+        pool = npz_pool(medmnist_file(cfg.data), "val", cfg.data)
+        return TensorDataset(to_signed(pool.images), pool.labels), "medmnist validation split"
+    n = cfg.federation.num_hospitals
+    return eval_dataset(cfg.data, cfg.run.seed, n), "evaluation split"
+
+
 def audit_sets(
-    cfg: Config, *, max_images: int, seed: int
+    cfg: Config, *, max_images: int, seed: int, nonmembers: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(members, member_labels, nonmembers, nonmember_labels, reference)``: equal numbers
     of members and non-members (at most ``max_images`` each) with the same class mix, and a
@@ -54,7 +85,7 @@ def audit_sets(
     """
     n = cfg.federation.num_hospitals
     train = pooled_dataset(cfg.data, cfg.run.seed, n)
-    held = eval_dataset(cfg.data, cfg.run.seed, n)
+    held, _ = heldout(cfg, nonmembers)
     g = torch.Generator().manual_seed(seed)
     held_order = torch.randperm(len(held), generator=g)
     half = len(held) // 2
@@ -99,6 +130,7 @@ def audit_run(
     *,
     max_images: int = 1000,
     num_generated: int = 2000,
+    nonmembers: str = "auto",
 ) -> dict[str, Any]:
     """Runs every attack against ``state`` (the run's released networks).
 
@@ -115,8 +147,9 @@ def audit_run(
             f"task is {cfg.task.name!r}"
         )
     seed = cfg.run.seed + 77_777
-    members, member_labels, nonmembers, nonmember_labels, reference = audit_sets(
-        cfg, max_images=max_images, seed=seed
+    source = heldout(cfg, nonmembers)[1]
+    members, member_labels, nonmember_images, nonmember_labels, reference = audit_sets(
+        cfg, max_images=max_images, seed=seed, nonmembers=nonmembers
     )
     eps, delta = accounted(records)
     bound_delta = delta if delta == delta else DEFAULT_DELTA
@@ -141,15 +174,16 @@ def audit_run(
         d = nets["discriminator"]
         m_y = member_labels.long() if conditional else None
         n_y = nonmember_labels.long() if conditional else None
-        run("logan", logan_scores(d, members, m_y), logan_scores(d, nonmembers, n_y))
+        run("logan", logan_scores(d, members, m_y), logan_scores(d, nonmember_images, n_y))
     run("gan_leaks", gan_leaks_scores(members, generated, reference),
-        gan_leaks_scores(nonmembers, generated, reference))  # fmt: skip
+        gan_leaks_scores(nonmember_images, generated, reference))  # fmt: skip
     run("domias", domias_scores(members, generated, reference),
-        domias_scores(nonmembers, generated, reference))  # fmt: skip
+        domias_scores(nonmember_images, generated, reference))  # fmt: skip
     return {
         "attacks": attacks,
         "members": len(members),
-        "nonmembers": len(nonmembers),
+        "nonmembers": len(nonmember_images),
+        "nonmember_source": source,
         "reference": len(reference),
         "generated": num_generated,
         "accounted_epsilon": eps,
