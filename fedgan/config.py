@@ -194,7 +194,7 @@ class TrainSection:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         num_threads: Torch CPU threads per training process; 0 keeps torch's default.
         n_critic: Discriminator steps per generator step; 0 takes the family's (5 for wgan-gp),
-            and at least 5 under ``privacy.mode: dp-sgd``. The adaptive schedule starts there.
+            and at least 3 under ``privacy.mode: dp-sgd``. The adaptive schedule starts there.
         gp_weight: Gradient-penalty weight of ``wgan-gp``.
         critic_schedule: How many discriminator steps each generator step waits for:
             ``fixed`` (``n_critic``), ``adaptive`` (Bie, Kamath & Zhang 2023: raise n_D through

@@ -136,7 +136,7 @@ def _rounds(cfg: Config, rounds: int) -> list:
 def test_dp_sgd_defaults_to_the_adaptive_schedule(dp_adaptive: Config) -> None:
     assert make_objective(dp_adaptive).schedule_mode == "adaptive"
     default = make_objective(with_changes(dp_adaptive, train={"n_critic": 0}))
-    assert default.phase("D").repeats == 5  # the private recipe starts at n_D = 5
+    assert default.phase("D").repeats == 3  # the private recipe starts at n_D = 3
     plain = with_changes(dp_adaptive, privacy={"mode": "none", "target_epsilon": 0.0})
     objective = make_objective(plain)
     assert objective.schedule_mode == "fixed" and objective.critic_schedule() is None

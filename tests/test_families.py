@@ -144,8 +144,8 @@ def test_conditional_family_trains_under_dp_sgd(tmp_path) -> None:
     ds = hospital_dataset(cfg.data, 0, 0, 3)
     state = pack_state(build_networks(cfg.model, config_shape(cfg), seed=0))
     res = local_round(cfg, ds, state, None, round_=1, hospital=0)
-    # 2 iterations of the private default's 5 discriminator steps
-    assert 0 < res.privacy["epsilon"] <= 8 and res.privacy["dp_steps"] == 2 * 5
+    # 2 iterations of the private default's 3 discriminator steps
+    assert 0 < res.privacy["epsilon"] <= 8 and res.privacy["dp_steps"] == 2 * 3
 
 
 def test_labels_outside_num_classes_are_a_clear_error() -> None:

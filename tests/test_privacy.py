@@ -53,8 +53,8 @@ def test_reported_epsilon_matches_an_independent_accountant(
     eps = [r.privacy["epsilon"] for r in results]
     assert eps == sorted(eps) and eps[0] > 0  # never decreases
     last = results[-1].privacy
-    # the private default: 5 discriminator steps per iteration
-    steps = 3 * dp_config.train.local_steps * 5
+    # the private default: 3 discriminator steps per iteration
+    steps = 3 * dp_config.train.local_steps * 3
     assert last["dp_steps"] == steps
     # PRV (the default) against Google's PLD accountant: an independent implementation of
     # the same (tight) analysis; PRV reports its upper bound, within its eps_error of 0.01.

@@ -73,7 +73,7 @@ def test_a_warm_started_private_federation_accounts_its_own_data_only(
     rd = RunDir(tmp_path / "private")
     (record,) = rd.read_metrics()
     # each hospital's accountant starts at zero: one round of the private default (2 local
-    # steps x 5 discriminator steps), nothing for the public pretraining
-    assert [h["dp_steps"] for h in record["hospitals"].values()] == [10, 10]
+    # steps x 3 discriminator steps), nothing for the public pretraining
+    assert [h["dp_steps"] for h in record["hospitals"].values()] == [6, 6]
     assert all(0 < h["epsilon"] <= 8 for h in record["hospitals"].values())
     assert json.loads(rd.summary_path.read_text())["warm_start"]["data"].startswith("phantom")

@@ -60,8 +60,9 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 #: Discriminator steps per generator step a private GAN starts from when ``train.n_critic``
 #: is left at 0: only D's steps cost privacy, and a stronger D per generator step is what
-#: made DP-SGD GANs usable (Bie et al. 2023; fedgan's own check: FD 45 -> 3.5 at epsilon 10).
-PRIVATE_N_CRITIC = 5
+#: made DP-SGD GANs usable (Bie et al. 2023). 3 rather than 5: at epsilon 10 it measured as
+#: good (simulations/README.md, study 11) at 2.4x a non-private round's time, 5 at 4.5x.
+PRIVATE_N_CRITIC = 3
 
 
 def critic_steps(family: GanFamily, n_critic: int, private: bool = False) -> int:
