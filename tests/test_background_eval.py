@@ -145,3 +145,55 @@ def test_a_resume_writes_the_lines_a_crash_left_owed(toy_config: Config, tmp_pat
     for r, s in zip(records, states, strict=True):
         assert _values(r["eval"]) == _values(in_line.evaluate(r["round"], s, final=False))
     del state
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has ended (a zombie nobody reaped counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_evaluation_process_ends_when_its_server_is_killed(tmp_path: Path):
+    """A server killed mid-evaluation (kill -9) must not leave its evaluation process running
+    on: the process watches its parent, not only the job pipe it reads between jobs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    busy = (  # the server's pid comes as an argument, as it comes with the job settings
+        "import sys, time\n"
+        "from fedgan.runs.background import exit_with_parent\n"
+        "exit_with_parent(int(sys.argv[1]), interval=0.1)\n"
+        "print('watching', flush=True)\n"
+        "time.sleep(120)\n"  # an evaluation that would outlive the server
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "import os\n"
+            f"c = subprocess.Popen([sys.executable, '-c', {busy!r}, str(os.getpid())],"
+            " stdout=subprocess.PIPE, text=True)\n"
+            "print(c.pid, flush=True)\n"
+            "print(c.stdout.readline().strip(), flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    child = int(server.stdout.readline())
+    assert server.stdout.readline().strip() == "watching"
+    time.sleep(0.5)
+    assert not _gone(child)  # it runs while its server does
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    deadline = time.monotonic() + 15
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child), "the evaluation process outlived its killed server"

@@ -99,15 +99,36 @@ def _serve(cfg: Config, samples_dir: str, threads: int, jobs: Any, send: Any) ->
             send(Result(round_, None, time.perf_counter() - t0, dict(evaluator.skipped), last))
 
 
+def exit_with_parent(parent: int, interval: float = 0.5) -> threading.Thread:
+    """Ends this process (exit code 0) as soon as ``parent`` is no longer its parent.
+
+    A server that is killed (``kill -9``, the OOM killer) closes the job pipe, but the
+    process reads it only between evaluations, and a final evaluation can take minutes: it
+    would go on using the CPU, and writing into the run's folder, for a run that is over.
+    The kernel re-parents an orphan, so a changed ``os.getppid()`` is the signal (portable,
+    unlike Linux's parent-death signal).
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, daemon=True, name="fedgan-eval-parent")
+    thread.start()
+    return thread
+
+
 def main() -> None:
     """The evaluation process (``BackgroundEvaluator`` starts it). Jobs arrive pickled on
     stdin (first the settings), results leave pickled on the original stdout; anything a
-    library prints goes to stderr, so it cannot corrupt them."""
+    library prints goes to stderr, so it cannot corrupt them. It ends with its parent."""
     results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     jobs = sys.stdin.buffer
-    cfg, samples_dir, threads = pickle.load(jobs)
+    cfg, samples_dir, threads, parent = pickle.load(jobs)
+    exit_with_parent(parent)
 
     def receive() -> Any:
         try:
@@ -154,7 +175,7 @@ class BackgroundEvaluator:
         self.broken = ""
         self.outbox: queue.Queue[Any] = queue.Queue()
         self.inbox: queue.Queue[Result] = queue.Queue()
-        self.outbox.put((cfg, str(samples_dir), threads or torch.get_num_threads()))
+        self.outbox.put((cfg, str(samples_dir), threads or torch.get_num_threads(), os.getpid()))
         # Writing a state blocks until the process reads it: a thread writes, so rounds don't.
         self._writer = threading.Thread(target=self._write, daemon=True, name="fedgan-eval-out")
         self._reader = threading.Thread(target=self._read, daemon=True, name="fedgan-eval-in")
