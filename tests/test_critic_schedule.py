@@ -186,6 +186,31 @@ def test_the_sigma_a_hospital_calibrated_is_remembered(
     assert plan.noise_multiplier == first.privacy["noise_multiplier"]
 
 
+def test_a_private_round_computes_its_epsilon_once(
+    dp_adaptive: Config, monkeypatch: pytest.MonkeyPatch, independent_epsilon
+) -> None:
+    """The budget check before a round and the report after it ask for the same history's
+    epsilon: under PRV each costs seconds, so the second is the first, remembered."""
+    (first,) = _rounds(dp_adaptive, 1)  # sigma calibrated, kept in the history
+    from opacus.accountants import PRVAccountant
+
+    assert dp_adaptive.privacy.accountant == "prv"
+    calls, real = [], PRVAccountant.get_epsilon
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(list(self.history))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", counted)
+    ds = hospital_dataset(dp_adaptive.data, 0, 0, 3)  # _rounds' hospital
+    second = local_round(dp_adaptive, ds, first.state, first.optimizer_state, round_=2,
+                         hospital=0, accountant=first.accountant)  # fmt: skip
+    assert len(calls) == 1, calls
+    p = second.privacy
+    pld = independent_epsilon(p["noise_multiplier"], p["sample_rate"], p["dp_steps"], p["delta"])
+    assert abs(p["epsilon"] - pld) <= 0.02  # the remembered value is the right one
+
+
 def test_prv_needs_less_noise_than_rdp_for_the_same_budget() -> None:
     sigmas = {}
     for mechanism in ("prv", "rdp"):

@@ -144,6 +144,10 @@ class HospitalAccountant:
         self.mechanism = mechanism
         self.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
         self.calibrated = dict(calibrated or {})
+        # Epsilon is a function of the history and delta alone, and under PRV it costs a
+        # second or two: a round asks for the same value twice (the budget check before, the
+        # report after), so it is remembered.
+        self._known: dict[tuple[tuple[tuple[float, float, int], ...], float], float] = {}
 
     def plan(
         self, cfg: PrivacySection, *, num_examples: int, batch_size: int, planned_steps: int
@@ -169,11 +173,14 @@ class HospitalAccountant:
     def _epsilon(self, history: list[tuple[float, float, int]], delta: float) -> float:
         if not history:
             return 0.0
-        from opacus.accountants import create_accountant
+        key = (tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+        if key not in self._known:
+            from opacus.accountants import create_accountant
 
-        acc = create_accountant(self.mechanism)
-        acc.history = list(history)
-        return float(acc.get_epsilon(delta=delta))
+            acc = create_accountant(self.mechanism)
+            acc.history = list(history)
+            self._known[key] = float(acc.get_epsilon(delta=delta))
+        return self._known[key]
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far (0 before the first step)."""
