@@ -144,9 +144,9 @@ class HospitalAccountant:
         self.mechanism = mechanism
         self.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
         self.calibrated = dict(calibrated or {})
-        # Epsilon is a function of the history and delta alone, and under PRV it costs a
-        # second or two: a round asks for the same value twice (the budget check before, the
-        # report after), so it is remembered.
+        # Epsilon is a function of the history and delta alone, and under PRV it costs tenths
+        # of a second (seconds on a loaded machine): a round asks for the same value twice
+        # (the budget check before, the report after), so it is remembered.
         self._known: dict[tuple[tuple[tuple[float, float, int], ...], float], float] = {}
 
     def plan(
