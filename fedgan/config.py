@@ -96,6 +96,10 @@ class DataSection:
         site_folders: Files lie under ``path/<site>/[<class>/]``; ``site-shift`` gives site h to
             hospital h.
         skip_bad_files: Skip unreadable or unusable files (counted in the log) instead of stopping.
+        classes: Folder sources: the class sub-folder names in label order, comma-separated
+            (``normal,pneumonia``: ``normal/`` is label 0). Empty: the names a folder holds,
+            sorted. Set it for a deployment: each site numbers only the folders it has, so a
+            site without ``abnormal/`` would call ``normal/`` 0 where another calls it 1.
     """
 
     source: str = "phantom"
@@ -118,6 +122,11 @@ class DataSection:
     min_foreground: float = 0.05
     site_folders: bool = False
     skip_bad_files: bool = False
+    classes: str = ""
+
+    def class_names(self) -> list[str]:
+        """``classes`` as a list (empty: the folders' own names, sorted)."""
+        return [n.strip() for n in self.classes.split(",") if n.strip()]
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size & (self.image_size - 1):
@@ -131,6 +140,13 @@ class DataSection:
             _fail(
                 "data.train_label",
                 f"must be a class label >= 0, or -1 for all, got {self.train_label}",
+            )
+        names = self.class_names()
+        if len(set(names)) != len(names) or any(n in (".", "..") or "/" in n for n in names):
+            _fail(
+                "data.classes",
+                f"must name each class folder once, comma-separated (e.g. normal,pneumonia), "
+                f"got {self.classes!r}",
             )
         _check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.5)
         _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)

@@ -149,3 +149,46 @@ def test_phantom_lesion_masks_match_the_drawn_nodules() -> None:
     rim = torch.nn.functional.max_pool2d(masks, 3, stride=1, padding=1)  # one pixel around
     assert (changed & (rim == 0)).sum() == 0  # only the soft edge lies outside the mask
     assert (masks.bool() & ~changed).sum() <= 0.1 * masks.sum()
+
+
+def _site(root, classes: dict[str, int]):  # type: ignore[no-untyped-def]
+    """A site's folder: ``classes`` maps a class folder to how many PNGs it holds, each
+    image's grey level telling its class (normal 40, lesion 200)."""
+    from PIL import Image
+
+    level = {"normal": 40, "lesion": 200, "other": 120}
+    for cls, n in classes.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((20, 20), level[cls], dtype=np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
+    return root
+
+
+def test_data_classes_numbers_every_site_alike(tmp_path) -> None:
+    """Sorted folder names number each site's classes by what that site happens to hold: a
+    site with only normal/ calls it 0, one with lesion/ too calls it 1. data.classes fixes the
+    order for all of them, so data.train_label and a cgan's labels mean one class everywhere."""
+    both = _site(tmp_path / "a", {"lesion": 2, "normal": 3})
+    only = _site(tmp_path / "b", {"normal": 3})
+
+    def healthy_label(site, *extra: str) -> set[int]:  # type: ignore[no-untyped-def]
+        cfg = load_config(None, ["data.image_size=16", *extra]).data
+        images, labels = local_dataset(site, cfg).tensors
+        return set(labels[images.mean((1, 2, 3)) < 0].tolist())  # the dark (normal) images
+
+    assert healthy_label(both) != healthy_label(only)  # the bug data.classes exists for
+    fixed = "data.classes=normal,lesion"
+    assert healthy_label(both, fixed) == healthy_label(only, fixed) == {0}
+    cfg = load_config(None, ["data.image_size=16", fixed, "data.train_label=0"]).data
+    assert len(local_dataset(only, cfg)) == len(local_dataset(both, cfg)) == 3
+
+
+def test_data_classes_refuses_a_folder_it_does_not_name(tmp_path) -> None:
+    site = _site(tmp_path, {"normal": 2, "other": 2})
+    cfg = load_config(None, ["data.image_size=16", "data.classes=normal,lesion"]).data
+    with pytest.raises(ValueError, match="other.*data.classes"):
+        local_dataset(site, cfg)
+    with pytest.raises(ValueError, match="data.classes"):
+        load_config(None, ["data.classes=normal,normal"])

@@ -237,7 +237,15 @@ def file_pool(root: Path, fmt: str, cfg: DataSection) -> ImagePool:
         parts = [read_folder(site, fmt, cfg) for site in sites]
     else:
         parts = [read_folder(root, fmt, cfg)]
-    classes = sorted({c for part in parts for c in part.classes})
+    found = sorted({c for part in parts for c in part.classes})
+    classes = cfg.class_names() or found
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise ValueError(
+            f"data folder {str(root)!r} has class folder(s) {', '.join(unknown)} that "
+            f"data.classes ({cfg.classes}) does not name; add them to data.classes or move "
+            "them out of the folder"
+        )
     index = {name: i for i, name in enumerate(classes)}
     images, labels, site_ids, files = [], [], [], []
     skipped = [x for part in parts for x in part.skipped]
