@@ -60,14 +60,12 @@ def resolve(cfg: Config) -> Config:
                 "task anomaly learns healthy anatomy only: set it to the healthy class "
                 "(0 for the phantom and PneumoniaMNIST)",
             )
-        if cfg.model.family not in ("dcgan", "wgan-gp"):
+        if cfg.model.family not in ANOMALY_FAMILIES:
             _fail(
                 "model.family",
                 f"task anomaly scores with the discriminator's features, which "
                 f"{cfg.model.family!r} does not expose; use dcgan or wgan-gp",
             )
-        if cfg.privacy.mode == "dp-sgd":
-            _fail("privacy.mode", "task anomaly is not trained with DP-SGD yet; set it to none")
     if cfg.task.name == "super-resolution" and cfg.data.image_size // cfg.task.scale < 8:
         _fail(
             "task.scale",
@@ -99,12 +97,17 @@ def _check_lpips(cfg: Config) -> None:
             )
 
 
+#: The families whose discriminator exposes the features f-AnoGAN's score reads.
+ANOMALY_FAMILIES = ("dcgan", "wgan-gp")
+
+
 def _check_privacy(cfg: Config) -> None:
     if cfg.privacy.mode == "dp-sgd":
-        if cfg.task.name == "synthesis":
+        if cfg.task.name in ("synthesis", "anomaly"):  # the family's GAN, privately
             family = FAMILIES.get(cfg.model.family)  # imports the family's module (torch)
             if family.dp_incompatibility:
-                private = [n for n in FAMILIES.names() if not FAMILIES.get(n).dp_incompatibility]
+                private = [n for n in FAMILIES.names() if not FAMILIES.get(n).dp_incompatibility
+                           and (cfg.task.name != "anomaly" or n in ANOMALY_FAMILIES)]  # fmt: skip
                 _fail(
                     "model.family",
                     f"{cfg.model.family!r} cannot be trained with DP-SGD: "

@@ -78,8 +78,12 @@ def test_anomaly_settings_are_checked() -> None:
         resolve(load_config(None, ["task.name=anomaly"]))
     with pytest.raises(ValueError, match="model.family.*dcgan or wgan-gp"):
         resolve(load_config(None, [*TOY, "model.family=sngan"]))
-    with pytest.raises(ValueError, match="privacy.mode"):
-        resolve(load_config(None, [*TOY, "privacy.mode=dp-sgd", "privacy.target_epsilon=3"]))
+    with pytest.raises(ValueError, match="train.critic_schedule"):
+        resolve(load_config(None, [*TOY, "privacy.mode=dp-sgd", "privacy.target_epsilon=3",
+                                   "train.critic_schedule=adaptive"]))  # fmt: skip
+    with pytest.raises(ValueError, match="model.family.*cannot be trained with DP-SGD"):
+        resolve(load_config(None, [*TOY, "privacy.mode=dp-sgd", "privacy.target_epsilon=3",
+                                   "model.family=wgan-gp"]))  # fmt: skip
     with pytest.raises(ValueError, match="data.train_label"):
         load_config(None, ["data.train_label=-2"])
 
@@ -102,6 +106,35 @@ def test_encoder_step_trains_the_encoder_only() -> None:
     after = pack_state(nets)
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"encoder"}  # generator weights and BatchNorm statistics untouched
+
+
+def test_private_rounds_charge_the_discriminator_and_encoder_steps(independent_epsilon) -> None:
+    """Under DP-SGD both data-reading phases are private and charged: n_critic D steps and one
+    E step per iteration; Google's PLD accountant agrees with the reported epsilon, the
+    budget is never passed, and the loss on real images stays at the hospital."""
+    from fedgan.training.hospital import local_round
+
+    cfg = resolve(load_config(None, [*TOY, "privacy.mode=dp-sgd", "privacy.target_epsilon=5",
+                                     "train.local_steps=3", "federation.num_rounds=2",
+                                     "federation.num_hospitals=2"]))  # fmt: skip
+    objective = make_objective(cfg)
+    assert objective.critic_schedule() is None
+    n_d = objective.phase("D").repeats
+    assert n_d >= 3 and objective.private_steps(3) == 3 * (n_d + 1)
+    ds = hospital_dataset(cfg.data, 0, 0, 2)
+    state = pack_state(networks_for(cfg, objective))
+    acc, opt = None, None
+    for r in (1, 2):
+        res = local_round(cfg, ds, state, opt, round_=r, hospital=0, accountant=acc)
+        changed = {k.split(".")[0] for k in res.state if not torch.equal(res.state[k], state[k])}
+        assert {"discriminator", "encoder", "generator"} <= changed
+        acc, opt, state = res.accountant, res.optimizer_state, res.state
+        assert np.isnan(res.stats.d_loss)  # the loss on real images is not released
+    p = res.privacy
+    assert p["dp_steps"] == 2 * 3 * (n_d + 1)
+    pld = independent_epsilon(p["noise_multiplier"], p["sample_rate"], p["dp_steps"], p["delta"])
+    assert pld - 0.02 <= p["epsilon"] <= pld + 0.02
+    assert 4.0 < p["epsilon"] <= 5.0  # calibrated for both phases' steps, and not passed
 
 
 def _twins(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
