@@ -36,15 +36,32 @@ node="data-path='$DATA_PATH'"
 [[ -n "${HOSPITAL_ID:-}" ]] && node="$node hospital-id=$HOSPITAL_ID"
 node="$node state-dir='${STATE_DIR:-$home/state}' cache-dir='${CACHE_DIR:-$home/cache}'"
 
+# WARM_CLIENTAPP=1 (the default): the SuperNode runs in process isolation and fedgan's launcher
+# (fedgan.federated.site_exec) starts each round's ClientApp from a process that imported its
+# libraries between rounds; 0: Flower starts a fresh ClientApp process per round itself.
+case "${WARM_CLIENTAPP:-1}" in 1) isolation=process ;; 0) isolation=subprocess ;;
+    *) fail "WARM_CLIENTAPP '$WARM_CLIENTAPP' must be 1 or 0";; esac
+port=${CLIENTAPP_PORT:-9094}
 cmd=("flower-supernode"
     --superlink "$SUPERLINK"
     --root-certificates "$CA_CERT"
     --auth-supernode-private-key "$PRIVATE_KEY"
     --node-config "$node"
-    --isolation subprocess
-    --host 127.0.0.1 --port "${CLIENTAPP_PORT:-9094}"
+    --isolation "$isolation"
+    --host 127.0.0.1 --port "$port"
     --max-retries "${MAX_RETRIES:-10}")
-export FLWR_DISABLE_UPDATE_CHECK=1
+if [[ "$isolation" == process ]]; then
+    # The SuperNode and the launcher in one process group (stop-supernode.sh stops the group);
+    # the launcher exits with the SuperNode, and the group with either.
+    cmd=(bash -c '"$@" & node=$!
+        "$PY" -m fedgan.federated.site_exec --runtime-api-address "127.0.0.1:$PORT" --insecure \
+            --parent-pid "$node" & exe=$!
+        wait -n "$node" "$exe"; kill "$node" "$exe" 2>/dev/null; wait' site "${cmd[@]}")
+    export PY="$py" PORT="$port"
+fi
+# Flower's usage telemetry posts to flower.ai from every process, and each round's ClientApp
+# waits up to 4 s for it at exit where the site has no Internet: off unless the site sets it.
+export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0}
 if [[ -n "${CPU_THREADS:-}" ]]; then export OMP_NUM_THREADS=$CPU_THREADS MKL_NUM_THREADS=$CPU_THREADS; fi
 mkdir -p "$home"
 if [[ "${FOREGROUND:-0}" == 1 ]]; then

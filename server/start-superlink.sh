@@ -48,6 +48,8 @@ cmd=("flower-superlink"
     --disable-runtime-dependency-installation
     --log-file "$home/superlink.log")
 export FLWR_HOME=$home/flwr FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=1
+# Flower's usage telemetry (posts to flower.ai) is off unless the coordinator sets it.
+export FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0}
 if [[ "${FOREGROUND:-0}" == 1 ]]; then
     exec "${cmd[@]}"
 fi

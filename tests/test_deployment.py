@@ -211,8 +211,12 @@ def test_tls_superlink_two_registered_hospitals(
     assert len(first) == 2 and set(first) == set(second)
     for name, report in second.items():
         assert report["num_examples"] == first[name]["num_examples"] > 0
-        # Each site's accountant persisted across rounds (a fresh ClientApp process per round).
+        # Each site's accountant persisted across rounds (a new ClientApp process per round).
         assert report["epsilon"] > first[name]["epsilon"] > 0
+    # The kit's launcher ran the rounds in ClientApp processes it had started ahead of them.
+    for name in ("a", "b"):
+        log = (sites[name] / "supernode.log").read_text()
+        assert "warm ClientApp process" in log, log[-3000:]
 
     _ok(_kit("clients/stop-supernode.sh", str(sites["a"] / "site.env")))
     _ok(_kit("server/stop-superlink.sh", str(coord)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -118,12 +119,20 @@ def site_data(cfg: Config, context: Context) -> tuple[TensorDataset, int]:
     )
 
 
+#: Set by the site's warm-process launcher (``fedgan.federated.site_exec``) when it hands a
+#: process its task: start-up is then counted from there, not from the idle process's start.
+TASK_RECEIVED_ENV = "FEDGAN_TASK_RECEIVED_AT"
+
+
 def _process_age() -> float:
-    """Seconds since this process started (a deployed round's ClientApp is a fresh one)."""
+    """Seconds since this process started (a deployed round's ClientApp is a fresh one), or,
+    in a process the site's launcher kept warm, since it was handed its task."""
+    received = os.environ.get(TASK_RECEIVED_ENV)
     try:
-        return max(0.0, time.time() - psutil.Process().create_time())
-    except psutil.Error:
+        start = float(received) if received else psutil.Process().create_time()
+    except (ValueError, psutil.Error):
         return 0.0
+    return max(0.0, time.time() - start)
 
 
 class SitePolicyError(ValueError):

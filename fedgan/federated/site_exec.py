@@ -1,0 +1,247 @@
+"""A hospital site's ClientApp launcher that keeps one ClientApp process warm.
+
+Flower runs every deployed round in a fresh ClientApp process (``flwr-clientapp``, one per
+message), which pays the interpreter, Flower, torch and fedgan imports (about 3 s here) before
+it trains. Run the SuperNode with ``--isolation process`` and this module beside it instead of
+Flower's own ``flower-superexec``: it asks the SuperNode for pending ClientApp tasks, as
+``flower-superexec`` does, but hands each task's token to a process started *between* rounds,
+which has already imported the ClientApp's libraries. The round itself is Flower's own
+``run_clientapp``: the same FAB installation, app loading, heartbeat and reply.
+
+    python -m fedgan.federated.site_exec --runtime-api-address 127.0.0.1:9094 --insecure \
+        --parent-pid SUPERNODE_PID
+
+What stays as Flower does it:
+- one process per task (a warm process serves one token and exits), so no state survives in
+  memory from one round to the next, as with ``flwr-clientapp``;
+- the app's own code comes from the FAB Flower installs: the warm process imports fedgan only
+  to load its third-party dependencies, then forgets fedgan's modules, so ``load_app`` imports
+  the FAB's copy as a fresh process would;
+- a task that is not a ClientApp, or one that arrives when no warm process is alive, is
+  launched the way ``flower-superexec`` launches it (``flwr-clientapp --token ...``).
+
+``clients/start-supernode.sh`` starts it with the SuperNode (``WARM_CLIENTAPP=1``, the default)
+in the SuperNode's process group, so ``stop-supernode.sh`` stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import IO
+
+from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # type: ignore[attr-defined]
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
+from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+from flwr.supercore.superexec.plugin import AutoExecPlugin
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+#: What a warm process imports ahead of its task: the ClientApp and a hospital's round.
+WARM_IMPORTS = (
+    "flwr.supernode.runtime.run_clientapp",
+    "fedgan.federated.client_app",
+    "fedgan.training.hospital",
+    "fedgan.privacy",
+    "opacus",  # imported by a private round when it starts, with scipy
+)
+
+
+class WarmClientApps:
+    """A SuperExec executor (Flower's ``Executor`` protocol) with one ClientApp process kept
+    started between tasks; everything else is left to Flower's subprocess executor."""
+
+    def __init__(self, command: list[str] | None = None) -> None:
+        #: How a warm process starts (it reads one task's JSON line on stdin).
+        self.command = command or [sys.executable, "-m", "fedgan.federated.site_exec", "--worker"]
+        self._cold = SubprocessExecutor()
+        self._spare: subprocess.Popen[bytes] | None = None
+        self._busy: list[subprocess.Popen[bytes]] = []
+        self.warm_launches = 0
+        self.cold_launches = 0
+
+    # Flower's Executor protocol ------------------------------------------------------------
+    def get_eligible_capacity(
+        self,
+        supported_task_types: set[TaskType],
+        *,
+        insecure: bool = False,
+        root_certificates_path: str | None = None,
+    ) -> tuple[set[TaskType], set[str]]:
+        del insecure, root_certificates_path
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, *args: object, **kwargs: object) -> None:
+        """Nothing to wait for: a task without a warm process starts cold."""
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._launch_cold(spec, f"a {spec.task_type} task")
+        spare, self._spare = self._spare, None
+        if spare is None or spare.poll() is not None:
+            return self._launch_cold(spec, "no warm process was ready")
+        job = {
+            "runtime_api_address": spec.runtime_api_address,
+            "token": spec.token,
+            "insecure": spec.insecure,
+            "root_certificates_path": spec.root_certificates_path,
+            "parent_pid": spec.parent_pid,
+            "runtime_dependency_install": spec.runtime_dependency_install,
+        }
+        try:
+            stdin: IO[bytes] = spare.stdin  # type: ignore[assignment]
+            stdin.write((json.dumps(job) + "\n").encode())
+            stdin.close()
+        except OSError:  # it died between the check and the write
+            return self._launch_cold(spec, "the warm process had exited")
+        self._busy.append(spare)
+        self.warm_launches += 1
+        _say(f"task {spec.task_id}: warm ClientApp process {spare.pid}")
+        return LaunchResult.accepted()
+
+    def _launch_cold(self, spec: ExecutionSpec, why: str) -> LaunchResult:
+        self.cold_launches += 1
+        _say(f"task {spec.task_id}: fresh ClientApp process ({why})")
+        return self._cold.launch(spec)
+
+    def reconcile(self) -> None:
+        """Reap finished tasks; keep one warm process waiting. The next one starts as soon as
+        a task is handed over, so it imports while the round trains (on a machine whose
+        training leaves no core idle that costs the round a little: measured in
+        ``benchmarks/deployment.py``) and is ready however soon the next round comes."""
+        self._busy = [p for p in self._busy if p.poll() is None]
+        if self._spare is not None and self._spare.poll() is not None:
+            self._spare = None  # died while waiting (its error is in the site's log)
+        if self._spare is None:
+            self._spare = subprocess.Popen(self.command, stdin=subprocess.PIPE)
+
+    def close(self) -> None:
+        if self._spare is not None:
+            self._spare.terminate()
+            self._spare.wait(timeout=10)
+            self._spare = None
+
+
+def _say(line: str) -> None:
+    print(f"site-exec: {line}", file=sys.stderr, flush=True)
+
+
+def serve(
+    runtime_api_address: str,
+    insecure: bool,
+    root_certificates_path: str | None = None,
+    parent_pid: int | None = None,
+    poll_seconds: float = 0.2,
+    runtime_dependency_install: bool = RUNTIME_DEPENDENCY_INSTALL,
+    max_seconds: float | None = None,
+) -> WarmClientApps:
+    """Pull the SuperNode's pending ClientApp tasks and launch each (the loop of Flower's
+    ``flower-superexec``, polling every ``poll_seconds``, against its 1 s default)."""
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)  # SIGINT (KeyboardInterrupt) when it exits
+    executor = WarmClientApps()
+    plugin = AutoExecPlugin(
+        runtime_api_address=runtime_api_address,
+        insecure=insecure,
+        root_certificates_path=root_certificates_path,
+        runtime_dependency_install=runtime_dependency_install,
+        executor=executor,
+    )
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=insecure,
+        root_certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            executor.reconcile()
+            reply = client.AcquireTask(
+                AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+            )
+            if reply.HasField("task") and reply.token:
+                result = plugin.launch_task(token=reply.token, task=reply.task)
+                if result.status.value != "accepted":
+                    _say(f"task {reply.task.task_id} not launched: {result.message}")
+            time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+        executor.close()
+    return executor
+
+
+def warm_up() -> str:
+    """Import what a ClientApp's round needs, then forget fedgan's own modules (their
+    libraries stay loaded), so that the task loads the app from the FAB Flower installs, as a
+    fresh flwr-clientapp process would. Returns the name of the start-up clock's variable."""
+    import importlib
+
+    for name in WARM_IMPORTS:
+        importlib.import_module(name)
+    received_env: str = sys.modules["fedgan.federated.client_app"].TASK_RECEIVED_ENV
+    for name in [m for m in sys.modules if m == "fedgan" or m.startswith("fedgan.")]:
+        del sys.modules[name]
+    return received_env
+
+
+def _worker() -> None:
+    """A warm process: import, wait for one task's token on stdin, run it with Flower's
+    ``run_clientapp``, exit."""
+    received_env = warm_up()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return  # the launcher closed: no task for this process
+    job = json.loads(line)
+    os.environ[received_env] = repr(time.time())
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    run_clientapp(
+        runtime_api_address=job["runtime_api_address"],
+        token=job["token"],
+        insecure=job["insecure"],
+        certificates=validate_and_resolve_root_certificates(
+            job["root_certificates_path"], job["insecure"]
+        ),
+        parent_pid=job["parent_pid"],
+        runtime_dependency_install=job["runtime_dependency_install"],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", default="127.0.0.1:9094")
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--poll-seconds", type=float, default=0.2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker()
+        return
+    if args.insecure == (args.root_certificates is not None):
+        parser.error("give exactly one of --insecure and --root-certificates")
+    serve(
+        args.runtime_api_address,
+        args.insecure,
+        args.root_certificates,
+        args.parent_pid,
+        args.poll_seconds,
+    )
+
+
+if __name__ == "__main__":
+    main()

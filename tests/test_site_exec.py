@@ -1,0 +1,112 @@
+"""The site's warm ClientApp launcher (fedgan.federated.site_exec), piece by piece; the whole
+path (SuperNode in process isolation, the launcher, Flower's run_clientapp) runs in
+tests/test_deployment.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
+
+from fedgan.federated.site_exec import WarmClientApps
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _spec(task_type: TaskType, token: str = "ab" * 16) -> ExecutionSpec:
+    return ExecutionSpec(
+        task_type=task_type, runtime_api_address="127.0.0.1:1", token=token, insecure=True,
+        root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
+        suppress_output=False, task_id=7,
+    )  # fmt: skip
+
+
+class _Cold:
+    def __init__(self) -> None:
+        self.specs: list[ExecutionSpec] = []
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        self.specs.append(spec)
+        return LaunchResult.accepted()
+
+
+def test_a_clientapp_task_goes_to_the_warm_process_and_the_next_one_starts_after_it(
+    tmp_path: Path,
+) -> None:
+    got = tmp_path / "job.json"
+    # A stand-in warm process that writes what it was handed.
+    command = [sys.executable, "-c", f"import sys; open({str(got)!r}, 'w').write(sys.stdin.read())"]
+    ex = WarmClientApps(command)
+    ex._cold = _Cold()  # type: ignore[assignment]
+    ex.reconcile()
+    first = ex._spare
+    assert first is not None
+    assert ex.launch(_spec(TaskType.CLIENT_APP, token="cd" * 16)).status.value == "accepted"
+    assert first.wait(timeout=30) == 0
+    job = json.loads(got.read_text())
+    assert job["token"] == "cd" * 16 and job["runtime_api_address"] == "127.0.0.1:1"
+    assert (ex.warm_launches, ex.cold_launches) == (1, 0)
+    # The next warm process starts as soon as the task is handed over.
+    assert ex._spare is None
+    ex.reconcile()
+    second = ex._spare
+    assert second is not None and second is not first and second.poll() is None
+    # A task that is not a ClientApp starts cold and leaves the spare waiting.
+    assert ex.launch(_spec(TaskType.SERVER_APP)).status.value == "accepted"
+    assert ex._spare is second and second.poll() is None
+    # A ClientApp task that finds its spare dead starts cold too.
+    second.kill()
+    second.wait(timeout=30)
+    assert ex.launch(_spec(TaskType.CLIENT_APP)).status.value == "accepted"
+    assert (ex.warm_launches, ex.cold_launches) == (1, 2)
+    assert [s.task_type for s in ex._cold.specs] == [TaskType.SERVER_APP, TaskType.CLIENT_APP]  # type: ignore[attr-defined]
+    # close() stops a waiting spare.
+    ex.reconcile()
+    third = ex._spare
+    assert third is not None
+    ex.close()
+    assert third.poll() is not None
+
+
+def test_a_warm_process_loads_the_app_from_the_fab_not_the_site_install(tmp_path: Path) -> None:
+    """After warming up, torch is loaded and fedgan is not: Flower's load_app then imports the
+    FAB's copy of fedgan, as in a fresh ClientApp process."""
+    fab = tmp_path / "fab"
+    shutil.copytree(REPO / "fedgan", fab / "fedgan", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"""
+import sys, time
+from fedgan.federated.site_exec import warm_up
+env = warm_up()
+assert "torch" in sys.modules and "opacus" in sys.modules, "not warmed"
+assert not [m for m in sys.modules if m.startswith("fedgan")], "fedgan kept"
+from flwr.supercore.object_ref import load_app
+t = time.perf_counter()
+app = load_app("fedgan.federated.client_app:app", ValueError, {str(fab)!r})
+print(env, time.perf_counter() - t, sys.modules["fedgan.federated.client_app"].__file__,
+      sys.modules["fedgan.training.hospital"].__file__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    env, seconds, app_file, hospital_file = out.stdout.split()
+    assert env == "FEDGAN_TASK_RECEIVED_AT"
+    assert Path(app_file).is_relative_to(fab) and Path(hospital_file).is_relative_to(fab)
+    assert float(seconds) < 2.0  # the app's own modules only: its libraries were loaded
+
+
+def test_a_warm_process_without_a_task_exits_cleanly() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedgan.federated.site_exec", "--worker"],
+        stdin=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.close()
+    t0 = time.monotonic()
+    assert proc.wait(timeout=120) == 0
+    assert time.monotonic() - t0 < 120
