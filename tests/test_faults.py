@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from fedgan.federated.central_dp import client_clipping_mod
 from fedgan.federated.client_app import train as fedgan_train
+from fedgan.federated.records import pack, unpack
 
 app = ClientApp(mods=[client_clipping_mod])
 
@@ -40,7 +41,7 @@ def train(msg, context):
     reply = fedgan_train(msg, context)
     hospital = int(context.node_config["partition-id"])
     round_ = int(msg.content.config_records["config"]["server-round"])
-    arrays = reply.content.array_records["arrays"]
+    arrays = unpack(reply.content.array_records["arrays"])  # as the server reads it
     values = {k: np.array(a.numpy(), copy=True) for k, a in arrays.items()}
     torch.save({k: torch.from_numpy(v) for k, v in values.items()},
                os.path.join(os.environ["FAULT_DUMP"], f"r{round_}_h{hospital}.pt"))
@@ -55,7 +56,7 @@ def train(msg, context):
         del values[first]
     elif fault == "x1e6":
         values = {k: v * 1e6 if v.dtype.kind == "f" else v for k, v in values.items()}
-    reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in values.items()})
+    reply.content["arrays"] = pack(ArrayRecord({k: Array(v) for k, v in values.items()}))
     return reply
 """
 

@@ -6,12 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedgan.config import load_config
 from fedgan.experiment import resolve
-from fedgan.federated.records import ROUNDING, from_arrays, nbytes, to_arrays
+from fedgan.federated.records import (
+    PACKED_KEY,
+    ROUNDING,
+    from_arrays,
+    nbytes,
+    pack,
+    to_arrays,
+    unpack,
+)
 from fedgan.federated.strategies import build_strategy
 from fedgan.models import build_networks, pack_state
 from fedgan.runs.records import HospitalReport
@@ -137,3 +145,64 @@ def test_central_dp_refuses_half_precision_messages() -> None:
 def test_an_unknown_message_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="federation.message_dtype"):
         load_config(None, ["federation.message_dtype=int8"])
+
+
+# --- packed messages: every array of a message as one ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", *HALF])
+def test_packing_is_exact_and_one_array(dtype: str) -> None:
+    """Every key, dtype (float32/16, bfloat16's int16 bits, int64 counters), shape (0-d
+    included) and byte comes back; the packed record is one array and costs only its header."""
+    arrays = to_arrays(_state(1), dtype)
+    packed = pack(arrays)
+    assert list(packed) == [PACKED_KEY]
+    back = unpack(packed)
+    assert list(back) == list(arrays)
+    for key, array in arrays.items():
+        a, b = array.numpy(), back[key].numpy()
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), key
+    assert nbytes(packed) <= nbytes(arrays)  # one header instead of one per array
+    assert torch.equal(
+        from_arrays(back, dtype)["generator.net.0.weight"],
+        from_arrays(arrays, dtype)["generator.net.0.weight"],
+    )
+    assert unpack(arrays) is arrays  # a record that is not packed passes as it is
+
+
+def test_a_malformed_packed_buffer_is_refused() -> None:
+    good = pack(ArrayRecord({"a": Array(np.arange(6, dtype=np.float32).reshape(2, 3))}))
+    raw = good[PACKED_KEY].numpy()
+    for bad in (raw[:-4], np.concatenate([raw, np.zeros(3, np.uint8)]), raw[:5]):
+        with pytest.raises(ValueError, match="malformed packed message"):
+            unpack(ArrayRecord({PACKED_KEY: Array(np.array(bad, dtype=np.uint8))}))
+
+
+def test_the_server_sends_packed_and_reads_both_layouts_and_names_a_malformed_reply() -> None:
+    cfg = resolve(load_config(None, ["federation.num_hospitals=3"]))
+    assert cfg.federation.pack_messages
+    strategy = build_strategy(cfg.federation)
+    start = _state(0)
+
+    class _Grid:
+        def get_node_ids(self):
+            return [11, 12, 13]
+
+        def create_message(self, content, message_type, dst_node_id, group_id):
+            return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
+
+    messages = list(strategy.configure_train(1, to_arrays(start), ConfigRecord({}), _Grid()))
+    assert messages and all(set(m.content["arrays"]) == {PACKED_KEY} for m in messages)
+    assert set(unpack(messages[0].content["arrays"])) == set(start)
+    states = [_state(seed) for seed in (1, 2, 3)]
+    replies = [_reply(s, 10, i, "float32") for i, s in enumerate(states)]
+    replies[0].content["arrays"] = pack(replies[0].content["arrays"])  # packed
+    raw = pack(replies[2].content["arrays"])[PACKED_KEY].numpy()
+    replies[2].content["arrays"] = ArrayRecord({PACKED_KEY: Array(np.array(raw[:-8]))})
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    merged = from_arrays(arrays)
+    key = "generator.net.0.weight"
+    torch.testing.assert_close(merged[key], (states[0][key] + states[1][key]) / 2)
+    ((_, reason),) = strategy.round_log.failures
+    assert "malformed packed message" in reason

@@ -17,7 +17,7 @@ from fedgan.config import Config, from_run_config, with_changes
 from fedgan.data import hospital_dataset, local_dataset, local_pool, to_signed
 from fedgan.experiment import resolve
 from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
-from fedgan.federated.records import from_arrays, to_arrays
+from fedgan.federated.records import PACKED_KEY, from_arrays, pack, to_arrays, unpack
 from fedgan.federated.sharing import sharing_plan
 from fedgan.federated.site_cache import cached_pool
 from fedgan.privacy import BudgetExhausted
@@ -178,7 +178,8 @@ def train(msg: Message, context: Context) -> Message:
     data_seconds = time.perf_counter() - t0
 
     # 2. Take the global networks; keep this hospital's optimizer state from earlier rounds.
-    global_state = from_arrays(msg.content.array_records["arrays"], cfg.federation.message_dtype)
+    received = msg.content.array_records["arrays"]
+    global_state = from_arrays(unpack(received), cfg.federation.message_dtype)
     #    Its privacy accountant persists here too; a resumed run's server sends the history it
     #    checkpointed, and the longer of the two is used, so nothing spent is ever forgotten.
     #    A process that has not trained this run yet (a resumed study) reads the state the
@@ -252,6 +253,8 @@ def train(msg: Message, context: Context) -> Message:
         returned = plan.returned(round_)
         state = {k: v for k, v in state.items() if k in returned}
     arrays = to_arrays(state, cfg.federation.message_dtype)
+    if PACKED_KEY in received:  # answer in the layout the server sent
+        arrays = pack(arrays)
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     if result.accountant:
         content["privacy"] = ConfigRecord({"accountant": result.accountant})

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedgan.catalog import STRATEGIES
-from fedgan.federated.records import from_arrays, in_full_precision, nbytes, to_arrays
+from fedgan.federated.records import from_arrays, in_full_precision, nbytes, pack, to_arrays, unpack
 from fedgan.federated.server_opt import ServerOptimizer
 from fedgan.federated.sharing import SharingPlan
 from fedgan.models import ModelKeys
@@ -77,7 +77,8 @@ def _register(
     def factory(
         common: dict[str, Any], cfg: FederationSection, log: RoundLog, plan: SharingPlan | None
     ) -> Strategy:
-        wrapped = _recording(base, log, cfg.max_update_ratio, cfg.message_dtype, plan)
+        wrapped = _recording(base, log, cfg.max_update_ratio, cfg.message_dtype, plan,
+                             cfg.pack_messages)  # fmt: skip
         return wrapped(**common, **{k: get(cfg) for k, get in params.items()})
 
     STRATEGIES.add(name, factory)
@@ -93,7 +94,8 @@ def _register_server_opt(
     ) -> Strategy:
         optimizer = ServerOptimizer(kind=kind, stepped=_stepped(cfg, plan),
                                     **{k: get(cfg) for k, get in params.items()})  # fmt: skip
-        wrapped = _recording(ServerOptFedAvg, log, cfg.max_update_ratio, cfg.message_dtype, plan)
+        wrapped = _recording(ServerOptFedAvg, log, cfg.max_update_ratio, cfg.message_dtype,
+                             plan, cfg.pack_messages)  # fmt: skip
         return wrapped(**common, server_optimizer=optimizer)
 
     STRATEGIES.add(name, factory)
@@ -233,6 +235,7 @@ def _recording(
     max_update_ratio: float = 10.0,
     message_dtype: str = "float32",
     plan: SharingPlan | None = None,
+    packed: bool = False,
 ) -> Callable[..., Strategy]:
     """A subclass of ``base`` that screens each round's replies (:func:`screen_replies`)
     before ``base`` aggregates them, and keeps the per-hospital reports in ``round_log``.
@@ -243,7 +246,10 @@ def _recording(
 
     With a ``plan`` that keeps weights at the hospitals, only the round's shared keys travel
     (:class:`SharingPlan`); ``base`` averages what comes back and the global model keeps its
-    other keys as they were."""
+    other keys as they were.
+
+    With ``packed``, the arrays travel as one (:func:`~fedgan.federated.records.pack`); replies
+    are unpacked before anything reads them (a malformed one is recorded as a failure)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -263,12 +269,14 @@ def _recording(
                 reference = _subset(arrays, plan.returned(round_))
                 arrays = _subset(arrays, plan.sent(round_))
             messages = list(super().configure_train(server_round, arrays, config, grid))
+            travelling = arrays
             if message_dtype != "float32":
                 travelling = to_arrays(from_arrays(arrays), message_dtype)
+            if packed:
+                travelling = pack(travelling)
+            if travelling is not arrays:
                 for msg in messages:
                     msg.content["arrays"] = travelling
-            else:
-                travelling = arrays
             self.round_log.reset(sent=len(messages),
                                  bytes_down=nbytes(travelling) * len(messages))  # fmt: skip
             self.global_arrays = reference
@@ -301,8 +309,15 @@ def _recording(
                     continue
                 received[id(msg)] = sum(nbytes(a) for a in msg.content.array_records.values())
                 arrays = msg.content.array_records.get("arrays")
-                if arrays is not None and message_dtype != "float32":
-                    msg.content["arrays"] = in_full_precision(arrays, message_dtype)
+                if arrays is not None:
+                    try:
+                        arrays = unpack(arrays)
+                    except ValueError as bad:
+                        self.round_log.failures.append((node, f"{REJECTED}: {bad}"))
+                        continue
+                    if message_dtype != "float32":
+                        arrays = in_full_precision(arrays, message_dtype)
+                    msg.content["arrays"] = arrays
                 answered.append(msg)
             replies, rejected = screen_replies(answered, self.global_arrays, max_update_ratio)
             for msg, reason in rejected:
