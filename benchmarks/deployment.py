@@ -7,7 +7,10 @@ clients/: TLS SuperLink with node authentication, one SuperNode per hospital, `f
 Run at two round lengths (20 local steps: about 2 s of training here; 300: about 30 s). Where
 the time goes is read from metrics.jsonl: each hospital's own training time against the
 round's wall time (the rest, ``deployment_fixed_s``, is the SuperNode's polling, the ClientApp
-process start-up, transfer and aggregation); the ClientApp's import time and a site's data
+process start-up, transfer and aggregation). The deployment runs twice: as shipped (the kit's
+warm ClientApp launcher, packed messages) and as before them (``WARM_CLIENTAPP=0``: Flower's own
+launcher, a new process per round; ``federation.pack_messages=false``: one array per tensor),
+``warm_over_cold_round_ratio`` comparing them; the ClientApp's import time and a site's data
 read (decoded, then from the site cache) are measured on their own. Prints one JSON line per
 round length, then one with ``deployment_round_ratio_<steps>_steps`` (deployment / simulation
 round time, steady state: round 1 is dropped) for each.
@@ -56,7 +59,7 @@ def steady(records: list[dict]) -> dict[str, float]:
     }
 
 
-def deploy(cfg, root: Path, data: list[Path]) -> list[dict]:
+def deploy(cfg, root: Path, data: list[Path], warm: bool = True) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
     coord = root / "coordinator"
     kit("server/make-certs.sh", str(coord / "certs"))
@@ -73,6 +76,7 @@ def deploy(cfg, root: Path, data: list[Path]) -> list[dict]:
                 f"SUPERLINK=127.0.0.1:{port}\nCA_CERT={coord / 'certs' / 'ca.crt'}\n"
                 f"PRIVATE_KEY={site / 'keys' / 'site'}\nDATA_PATH={folder}\nDATA_FORMAT=folder\n"
                 f"DEVICE=cpu\nHOSPITAL_ID={i}\nCPU_THREADS=1\nCLIENTAPP_PORT={free_port()}\n"
+                f"WARM_CLIENTAPP={int(warm)}\n"
             )
             kit("clients/start-supernode.sh", str(env))
             envs.append(env)
@@ -167,6 +171,11 @@ def compare(args: argparse.Namespace, steps: int, root: Path) -> dict[str, float
     folders = export_folders(sim_cfg, root / f"data{steps}")
     dep = steady(deploy(dep_cfg, root / f"deploy{steps}", folders))
     dep_wall = time.perf_counter() - t0
+    # The same deployment as before the warm launcher and packed messages: Flower's own
+    # launcher (a new ClientApp process per round) and one array per tensor.
+    cold_cfg = load_config(None, [f"run.output_dir={root}", f"run.name=cold{steps}", *base,
+                                  "federation.pack_messages=false"])  # fmt: skip
+    cold = steady(deploy(cold_cfg, root / f"cold{steps}", folders, warm=False))
     return {
         "local_steps": steps,
         "simulation_round_s": round(sim["round_s"], 3),
@@ -182,6 +191,12 @@ def compare(args: argparse.Namespace, steps: int, root: Path) -> dict[str, float
         "deployment_startup_s": round(dep["startup_s"], 3),
         "deployment_data_s": round(dep["data_s"], 3),
         "deployment_round_ratio": round(dep["round_s"] / sim["round_s"], 3),
+        # Flower's own launcher (WARM_CLIENTAPP=0) and unpacked messages, as before
+        "cold_deployment_round_s": round(cold["round_s"], 3),
+        "cold_deployment_fixed_s": round(cold["round_s"] - cold["train_s"], 3),
+        "cold_deployment_startup_s": round(cold["startup_s"], 3),
+        "cold_deployment_round_ratio": round(cold["round_s"] / sim["round_s"], 3),
+        "warm_over_cold_round_ratio": round(dep["round_s"] / cold["round_s"], 3),
     }
 
 

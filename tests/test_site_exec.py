@@ -52,7 +52,7 @@ def test_a_clientapp_task_goes_to_the_warm_process_and_the_next_one_starts_after
     job = json.loads(got.read_text())
     assert job["token"] == "cd" * 16 and job["runtime_api_address"] == "127.0.0.1:1"
     assert (ex.warm_launches, ex.cold_launches) == (1, 0)
-    # The next warm process starts as soon as the task is handed over.
+    # No spare while the task runs; once it has finished, reconcile starts the next one.
     assert ex._spare is None
     ex.reconcile()
     second = ex._spare
