@@ -284,7 +284,7 @@ def test_half_precision_messages_in_a_real_federation(tmp_path: Path) -> None:
     """Weights travel in float16 (half the bytes, as recorded); the global model stays float32;
     each hospital's optimizer state stays on its disk and continues round after round."""
     from fedgan.config import load_config
-    from fedgan.federated.records import nbytes, to_arrays
+    from fedgan.federated.records import nbytes, pack, to_arrays
     from fedgan.models import pack_state
     from fedgan.training import networks_for
 
@@ -294,11 +294,12 @@ def test_half_precision_messages_in_a_real_federation(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "e2e")
     cfg = load_config(rd.path / "config.yaml")
     state = pack_state(networks_for(cfg))
-    half, full = nbytes(to_arrays(state, "float16")), nbytes(to_arrays(state))
+    # the messages travel packed (one array per message, the default)
+    half, full = nbytes(pack(to_arrays(state, "float16"))), nbytes(pack(to_arrays(state)))
     assert half < 0.55 * full
     records = rd.read_metrics()
     for r in records:
-        # two hospitals a round; the arrays' .npy headers may differ by a few bytes
+        # two hospitals a round; the .npy header may differ by a few bytes
         assert abs(r["bytes_down"] - 2 * half) <= 64 and abs(r["bytes_up"] - 2 * half) <= 64
     assert {h["optimizer_steps"] for h in records[-1]["hospitals"].values()} == {2 * 2}
     assert all(v.dtype != torch.float16 for v in rd.load_checkpoint()["state"].values())
@@ -313,7 +314,7 @@ def test_local_discriminators_and_fedbn_in_a_real_federation(tmp_path: Path) -> 
     carry only the rest, the global model keeps its initial D and norm layers, and each
     hospital trains its own across rounds (kept on its disk)."""
     from fedgan.config import load_config
-    from fedgan.federated.records import nbytes, to_arrays
+    from fedgan.federated.records import nbytes, pack, to_arrays
     from fedgan.federated.sharing import sharing_plan
     from fedgan.models import pack_state
     from fedgan.training import networks_for
@@ -329,7 +330,7 @@ def test_local_discriminators_and_fedbn_in_a_real_federation(tmp_path: Path) -> 
     initial = pack_state(networks_for(cfg))
     local = plan.never_shared
     assert local == plan.keys.networks["discriminator"]  # its norm layers included
-    sent = nbytes(to_arrays({k: v for k, v in initial.items() if k not in local}))
+    sent = nbytes(pack(to_arrays({k: v for k, v in initial.items() if k not in local})))
     for r in rd.read_metrics():
         assert abs(r["bytes_down"] - 2 * sent) <= 64 and abs(r["bytes_up"] - 2 * sent) <= 64
     final = rd.load_checkpoint()["state"]
