@@ -8,8 +8,9 @@ Run at two round lengths (20 local steps: about 2 s of training here; 300: about
 the time goes is read from metrics.jsonl: each hospital's own training time against the
 round's wall time (the rest, ``deployment_fixed_s``, is the SuperNode's polling, the ClientApp
 process start-up, transfer and aggregation). The deployment runs twice: as shipped (the kit's
-warm ClientApp launcher, packed messages) and as before them (``WARM_CLIENTAPP=0``: Flower's own
-launcher, a new process per round; ``federation.pack_messages=false``: one array per tensor),
+warm ClientApp launcher, the SuperNode's 0.5 s idle poll, packed messages) and as before them
+(``WARM_CLIENTAPP=0``: Flower's own launcher, a new process per round; ``SUPERNODE_POLL_S=3``:
+Flower's own idle wait; ``federation.pack_messages=false``: one array per tensor),
 ``warm_over_cold_round_ratio`` comparing them; the ClientApp's import time and a site's data
 read (decoded, then from the site cache) are measured on their own. Prints one JSON line per
 round length, then one with ``deployment_round_ratio_<steps>_steps`` (deployment / simulation
@@ -76,7 +77,7 @@ def deploy(cfg, root: Path, data: list[Path], warm: bool = True) -> list[dict]:
                 f"SUPERLINK=127.0.0.1:{port}\nCA_CERT={coord / 'certs' / 'ca.crt'}\n"
                 f"PRIVATE_KEY={site / 'keys' / 'site'}\nDATA_PATH={folder}\nDATA_FORMAT=folder\n"
                 f"DEVICE=cpu\nHOSPITAL_ID={i}\nCPU_THREADS=1\nCLIENTAPP_PORT={free_port()}\n"
-                f"WARM_CLIENTAPP={int(warm)}\n"
+                f"WARM_CLIENTAPP={int(warm)}\nSUPERNODE_POLL_S={0.5 if warm else 3}\n"
             )
             kit("clients/start-supernode.sh", str(env))
             envs.append(env)
@@ -171,8 +172,8 @@ def compare(args: argparse.Namespace, steps: int, root: Path) -> dict[str, float
     folders = export_folders(sim_cfg, root / f"data{steps}")
     dep = steady(deploy(dep_cfg, root / f"deploy{steps}", folders))
     dep_wall = time.perf_counter() - t0
-    # The same deployment as before the warm launcher and packed messages: Flower's own
-    # launcher (a new ClientApp process per round) and one array per tensor.
+    # The same deployment as before the warm launcher, the prompt poll and packed messages:
+    # Flower's own launcher (a new ClientApp process per round) and waits, one array per tensor.
     cold_cfg = load_config(None, [f"run.output_dir={root}", f"run.name=cold{steps}", *base,
                                   "federation.pack_messages=false"])  # fmt: skip
     cold = steady(deploy(cold_cfg, root / f"cold{steps}", folders, warm=False))
@@ -186,12 +187,12 @@ def compare(args: argparse.Namespace, steps: int, root: Path) -> dict[str, float
         "deployment_wall_s": round(dep_wall, 1),
         "deployment_fixed_s": round(dep["round_s"] - dep["train_s"], 3),
         # of which: the ClientApp process's start (interpreter, imports, app install, message
-        # transfer) and the site's data read; the rest is the SuperNode's 3 s poll (1.5 s on
-        # average), its 0.5 s wait for the reply, the reply's transfer and the server's part
+        # transfer) and the site's data read; the rest is the SuperNode's idle wait for the
+        # next round, its wait for the reply, the reply's transfer and the server's part
         "deployment_startup_s": round(dep["startup_s"], 3),
         "deployment_data_s": round(dep["data_s"], 3),
         "deployment_round_ratio": round(dep["round_s"] / sim["round_s"], 3),
-        # Flower's own launcher (WARM_CLIENTAPP=0) and unpacked messages, as before
+        # Flower's own launcher (WARM_CLIENTAPP=0), its 3 s idle wait and unpacked messages
         "cold_deployment_round_s": round(cold["round_s"], 3),
         "cold_deployment_fixed_s": round(cold["round_s"] - cold["train_s"], 3),
         "cold_deployment_startup_s": round(cold["startup_s"], 3),

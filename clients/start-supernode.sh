@@ -42,7 +42,12 @@ node="$node state-dir='${STATE_DIR:-$home/state}' cache-dir='${CACHE_DIR:-$home/
 case "${WARM_CLIENTAPP:-1}" in 1) isolation=process ;; 0) isolation=subprocess ;;
     *) fail "WARM_CLIENTAPP '$WARM_CLIENTAPP' must be 1 or 0";; esac
 port=${CLIENTAPP_PORT:-9094}
-cmd=("flower-supernode"
+# SUPERNODE_POLL_S: the longest idle wait of the SuperNode's loop (fedgan.federated.site_node);
+# Flower's own is a fixed 3 s, which every round waits after the site's reply. 3 keeps it.
+poll=${SUPERNODE_POLL_S:-0.5}
+awk -v p="$poll" 'BEGIN { exit !(p ~ /^[0-9]*\.?[0-9]+$/ && p > 0 && p <= 3) }' \
+    || fail "SUPERNODE_POLL_S '$poll' must be a number of seconds in (0, 3]"
+cmd=("$py" -m fedgan.federated.site_node --poll "$poll"
     --superlink "$SUPERLINK"
     --root-certificates "$CA_CERT"
     --auth-supernode-private-key "$PRIVATE_KEY"

@@ -217,6 +217,7 @@ def test_tls_superlink_two_registered_hospitals(
     for name in ("a", "b"):
         log = (sites[name] / "supernode.log").read_text()
         assert "warm ClientApp process" in log, log[-3000:]
+        assert "SuperNode idle waits capped at 0.5 s" in log, log[:3000]
 
     _ok(_kit("clients/stop-supernode.sh", str(sites["a"] / "site.env")))
     _ok(_kit("server/stop-superlink.sh", str(coord)))

@@ -143,7 +143,6 @@ def serve(
     parent_pid: int | None = None,
     poll_seconds: float = 0.2,
     runtime_dependency_install: bool = RUNTIME_DEPENDENCY_INSTALL,
-    max_seconds: float | None = None,
 ) -> WarmClientApps:
     """Pull the SuperNode's pending ClientApp tasks and launch each (the loop of Flower's
     ``flower-superexec``, polling every ``poll_seconds``, against its 1 s default)."""
@@ -164,9 +163,8 @@ def serve(
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     try:
-        while deadline is None or time.monotonic() < deadline:
+        while True:
             executor.reconcile()
             reply = client.AcquireTask(
                 AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])

@@ -1,0 +1,94 @@
+"""The site's SuperNode entry point (fedgan.federated.site_node): Flower's SuperNode loop with
+its idle waits capped; the whole kit runs it in tests/test_deployment.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from flwr.supernode import start_client_internal as loop
+
+from fedgan.federated.site_node import CappedTime, _split_poll, cap_idle_waits
+
+
+def test_flowers_supernode_loop_sleeps_through_the_capped_time(monkeypatch) -> None:
+    monkeypatch.setattr(loop, "time", time)  # restored after the test
+    assert cap_idle_waits(loop, 0.05)
+    assert isinstance(loop.time, CappedTime)
+    start = time.perf_counter()
+    loop.time.sleep(3)  # the loop's idle wait, as its code calls it
+    assert time.perf_counter() - start < 1.0
+    start = time.perf_counter()
+    loop.time.sleep(0.01)  # a shorter wait is left as asked
+    assert time.perf_counter() - start >= 0.009
+    assert loop.time.time() == pytest.approx(time.time(), abs=1.0)  # the rest is time's
+    assert cap_idle_waits(loop, 0.2) and loop.time.cap == 0.2  # applying twice updates it
+
+
+def test_the_installed_loop_has_the_waits_it_caps() -> None:
+    """The cap is written against this loop: a pull that finds nothing sleeps 3 s."""
+    import inspect
+
+    source = inspect.getsource(loop)
+    assert "time.sleep(3)" in source
+
+
+def test_a_loop_without_the_time_module_is_left_unchanged() -> None:
+    other = types.ModuleType("other")
+    other.time = object()  # type: ignore[attr-defined]
+    before = other.time  # type: ignore[attr-defined]
+    assert not cap_idle_waits(other, 0.5)
+    assert other.time is before  # type: ignore[attr-defined]
+    assert not cap_idle_waits(types.ModuleType("bare"), 0.5)
+
+
+def test_poll_is_taken_out_of_flowers_arguments() -> None:
+    assert _split_poll(["--superlink", "h:1", "--poll", "0.25", "--insecure"]) == (
+        0.25,
+        ["--superlink", "h:1", "--insecure"],
+    )
+    assert _split_poll(["--poll=1"]) == (1.0, [])
+    assert _split_poll(["--insecure"])[0] == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "4", "fast", ""])
+def test_a_bad_poll_is_one_line_and_exit_2(value: str) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "fedgan.federated.site_node", "--poll", value, "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "--poll" in res.stderr
+
+
+@pytest.mark.parametrize("value", ["9", "0", "soon"])
+def test_the_kit_refuses_a_bad_poll_before_starting(tmp_path, value: str) -> None:
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("ca.crt", "site"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "data").mkdir()
+    env = tmp_path / "site.env"
+    env.write_text(
+        f"SUPERLINK=127.0.0.1:1\nCA_CERT={tmp_path / 'ca.crt'}\nPRIVATE_KEY={tmp_path / 'site'}\n"
+        f"DATA_PATH={tmp_path / 'data'}\nSUPERNODE_POLL_S={value}\n"
+    )
+    res = subprocess.run(
+        [str(repo / "clients" / "start-supernode.sh"), str(env)],
+        env={**os.environ, "PYTHON_BIN": str(Path(sys.executable).parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.stderr.strip() == (
+        f"start-supernode: SUPERNODE_POLL_S '{value}' must be a number of seconds in (0, 3]"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt", "data", "site", "site.env"]
