@@ -74,6 +74,65 @@ def test_a_clientapp_task_goes_to_the_warm_process_and_the_next_one_starts_after
     assert third.poll() is not None
 
 
+def test_the_next_warm_process_starts_once_the_task_has_replied_not_exited(tmp_path: Path) -> None:
+    """A warm task that has pushed its reply closes its descriptor: the next warm process then
+    starts while the old one is still exiting, so the next round's task finds it."""
+    gate = tmp_path / "exit-now"
+    # A stand-in: reads its task, "replies" (closes the descriptor), then lingers until told.
+    code = (
+        "import os, sys, time; from pathlib import Path; sys.stdin.read(); "
+        "os.close(int(os.environ['FEDGAN_REPLIED_FD'])); "
+        f"[time.sleep(0.05) for _ in iter(lambda: Path({str(gate)!r}).exists(), True)]"
+    )
+    ex = WarmClientApps([sys.executable, "-c", code])
+    ex._cold = _Cold()  # type: ignore[assignment]
+    ex.reconcile()
+    first = ex._spare
+    assert first is not None
+    assert ex.launch(_spec(TaskType.CLIENT_APP)).status.value == "accepted"
+    deadline = time.monotonic() + 30
+    while ex._spare is None and time.monotonic() < deadline:
+        ex.reconcile()
+        time.sleep(0.05)
+    second = ex._spare
+    assert second is not None and second is not first
+    assert first.poll() is None  # the replied task is still running: only its reply was in
+    # The next task goes to the new warm process, not to a fresh one.
+    assert ex.launch(_spec(TaskType.CLIENT_APP)).status.value == "accepted"
+    assert (ex.warm_launches, ex.cold_launches) == (2, 0)
+    gate.touch()
+    assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
+    ex.reconcile()
+    ex.close()
+
+
+def test_a_task_still_training_holds_the_next_warm_process_back(tmp_path: Path) -> None:
+    gate = tmp_path / "reply-now"
+    code = (
+        "import os, sys, time; from pathlib import Path; sys.stdin.read(); "
+        f"[time.sleep(0.05) for _ in iter(lambda: Path({str(gate)!r}).exists(), True)]; "
+        "os.close(int(os.environ['FEDGAN_REPLIED_FD'])); time.sleep(30)"
+    )
+    ex = WarmClientApps([sys.executable, "-c", code])
+    ex._cold = _Cold()  # type: ignore[assignment]
+    ex.reconcile()
+    first = ex._spare
+    assert first is not None and ex.launch(_spec(TaskType.CLIENT_APP)).status.value == "accepted"
+    for _ in range(10):
+        ex.reconcile()
+        time.sleep(0.05)
+    assert ex._spare is None  # no imports beside a round that trains
+    gate.touch()
+    deadline = time.monotonic() + 30
+    while ex._spare is None and time.monotonic() < deadline:
+        ex.reconcile()
+        time.sleep(0.05)
+    assert ex._spare is not None and first.poll() is None
+    first.kill()
+    first.wait(timeout=30)
+    ex.close()
+
+
 def test_a_warm_process_loads_the_app_from_the_fab_not_the_site_install(tmp_path: Path) -> None:
     """After warming up, torch is loaded and fedgan is not: Flower's load_app then imports the
     FAB's copy of fedgan, as in a fresh ClientApp process."""
@@ -110,3 +169,31 @@ def test_a_warm_process_without_a_task_exits_cleanly() -> None:
     t0 = time.monotonic()
     assert proc.wait(timeout=120) == 0
     assert time.monotonic() - t0 < 120
+
+
+def test_a_warm_process_closes_its_descriptor_once_flower_has_pushed_the_reply(
+    monkeypatch,
+) -> None:
+    import os
+    import types
+
+    from fedgan.federated.site_exec import REPLIED_FD_ENV, _tell_when_replied
+
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    monkeypatch.setenv(REPLIED_FD_ENV, str(write))
+    pushed: list[str] = []
+    runtime = types.ModuleType("runtime")
+    runtime.push_message = lambda client, msg, ctx: pushed.append(msg)  # type: ignore[attr-defined]
+    _tell_when_replied(runtime)
+    assert REPLIED_FD_ENV not in os.environ  # not handed on to what the task starts
+    try:
+        os.read(read, 1)
+        raise AssertionError("the descriptor closed before the reply")
+    except BlockingIOError:
+        pass
+    runtime.push_message(None, "reply", None)  # type: ignore[attr-defined]
+    assert pushed == ["reply"]
+    assert os.read(read, 1) == b""  # EOF: the launcher sees the reply is in
+    runtime.push_message(None, "again", None)  # type: ignore[attr-defined]  # no second close
+    os.close(read)

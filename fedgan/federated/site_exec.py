@@ -27,11 +27,13 @@ in the SuperNode's process group, so ``stop-supernode.sh`` stops both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from types import ModuleType
 from typing import IO
 
 from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL
@@ -45,6 +47,9 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+#: The variable naming the file descriptor a warm process closes once its reply is pushed.
+REPLIED_FD_ENV = "FEDGAN_REPLIED_FD"
 
 #: What a warm process imports ahead of its task: the ClientApp and a hospital's round.
 WARM_IMPORTS = (
@@ -65,7 +70,9 @@ class WarmClientApps:
         self.command = command or [sys.executable, "-m", "fedgan.federated.site_exec", "--worker"]
         self._cold = SubprocessExecutor()
         self._spare: subprocess.Popen[bytes] | None = None
-        self._busy: list[subprocess.Popen[bytes]] = []
+        self._spare_fd: int | None = None  # closed by the spare (EOF here) once it has replied
+        #: Running tasks, each with its "replied" descriptor (None: a cold one, which cannot say).
+        self._busy: list[tuple[subprocess.Popen[bytes], int | None]] = []
         self.warm_launches = 0
         self.cold_launches = 0
 
@@ -87,8 +94,15 @@ class WarmClientApps:
         if spec.task_type != TaskType.CLIENT_APP:
             return self._launch_cold(spec, f"a {spec.task_type} task")
         spare, self._spare = self._spare, None
+        fd, self._spare_fd = self._spare_fd, None
         if spare is None or spare.poll() is not None:
-            return self._launch_cold(spec, "no warm process was ready")
+            _close(fd)
+            why = (
+                "the previous round's process was still running"
+                if spare is None
+                else ("the warm process had exited")
+            )
+            return self._launch_cold(spec, why)
         job = {
             "runtime_api_address": spec.runtime_api_address,
             "token": spec.token,
@@ -102,8 +116,9 @@ class WarmClientApps:
             stdin.write((json.dumps(job) + "\n").encode())
             stdin.close()
         except OSError:  # it died between the check and the write
+            _close(fd)
             return self._launch_cold(spec, "the warm process had exited")
-        self._busy.append(spare)
+        self._busy.append((spare, fd))
         self.warm_launches += 1
         _say(f"task {spec.task_id}: warm ClientApp process {spare.pid}")
         return LaunchResult.accepted()
@@ -114,22 +129,65 @@ class WarmClientApps:
         return self._cold.launch(spec)
 
     def reconcile(self) -> None:
-        """Reap finished tasks; start the next warm process once no task is running, so its
-        imports use the time between rounds (the reply's transfer, the server's aggregation,
-        the SuperNode's poll) rather than the cores a round trains on. Started beside the
-        running round instead, it made a 30 s round 5 s slower on two cores
-        (``benchmarks/deployment.py``)."""
-        self._busy = [p for p in self._busy if p.poll() is None]
+        """Reap finished tasks; start the next warm process once no task is still training,
+        so its imports use the time between rounds (the reply's transfer, the server's
+        aggregation) rather than the cores a round trains on. Started beside the running
+        round instead, it made a 30 s round 5 s slower on two cores
+        (``benchmarks/deployment.py``). A warm task counts as done once it has pushed its
+        reply (it closes its descriptor): its process may take another second to exit, and by
+        then, with the SuperNode polling every 0.5 s, the next round's task can be here."""
+        still: list[tuple[subprocess.Popen[bytes], int | None]] = []
+        for proc, fd in self._busy:
+            if proc.poll() is None:
+                still.append((proc, fd))
+            else:
+                _close(fd)
+        self._busy = still
         if self._spare is not None and self._spare.poll() is not None:
             self._spare = None  # died while waiting (its error is in the site's log)
-        if self._spare is None and not self._busy:
-            self._spare = subprocess.Popen(self.command, stdin=subprocess.PIPE)
+            _close(self._spare_fd)
+            self._spare_fd = None
+        training = [proc for proc, fd in self._busy if not _replied(fd)]
+        if self._spare is None and not training:
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            try:
+                self._spare = subprocess.Popen(
+                    self.command,
+                    stdin=subprocess.PIPE,
+                    pass_fds=(write,),
+                    env={**os.environ, REPLIED_FD_ENV: str(write)},
+                )
+            finally:
+                os.close(write)
+            self._spare_fd = read
 
     def close(self) -> None:
         if self._spare is not None:
             self._spare.terminate()
             self._spare.wait(timeout=10)
             self._spare = None
+        _close(self._spare_fd)
+        self._spare_fd = None
+        for _, fd in self._busy:
+            _close(fd)
+        self._busy = []
+
+
+def _replied(fd: int | None) -> bool:
+    """Whether the warm task behind ``fd`` has closed it (pushed its reply, or exited)."""
+    if fd is None:
+        return False
+    try:
+        return os.read(fd, 1) == b""
+    except BlockingIOError:
+        return False
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _say(line: str) -> None:
@@ -205,9 +263,10 @@ def _worker() -> None:
         return  # the launcher closed: no task for this process
     job = json.loads(line)
     os.environ[received_env] = repr(time.time())
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
 
-    run_clientapp(
+    _tell_when_replied(runtime)
+    runtime.run_clientapp(
         runtime_api_address=job["runtime_api_address"],
         token=job["token"],
         insecure=job["insecure"],
@@ -217,6 +276,31 @@ def _worker() -> None:
         parent_pid=job["parent_pid"],
         runtime_dependency_install=job["runtime_dependency_install"],
     )
+
+
+def _tell_when_replied(runtime: ModuleType) -> None:
+    """Close the launcher's "replied" descriptor once Flower's ``run_clientapp`` has pushed
+    the reply (it calls its module's ``push_message`` once), so the next warm process can
+    start while this one exits. Where the descriptor is absent, or the module has no
+    ``push_message``, the launcher learns it when the process exits, as before."""
+    fd = os.environ.pop(REPLIED_FD_ENV, None)
+    if fd is None or not fd.isdigit():
+        return
+    os.set_inheritable(int(fd), False)
+    push = getattr(runtime, "push_message", None)
+    if push is None:
+        return
+
+    open_fd = [int(fd)]
+
+    def push_then_tell(*args: object, **kwargs: object) -> object:
+        try:
+            return push(*args, **kwargs)
+        finally:
+            while open_fd:  # once: a second close could hit a descriptor reused since
+                _close(open_fd.pop())
+
+    runtime.push_message = push_then_tell  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> None:
