@@ -97,12 +97,9 @@ class WarmClientApps:
         fd, self._spare_fd = self._spare_fd, None
         if spare is None or spare.poll() is not None:
             _close(fd)
-            why = (
-                "the previous round's process was still running"
-                if spare is None
-                else ("the warm process had exited")
-            )
-            return self._launch_cold(spec, why)
+            if spare is None:
+                return self._launch_cold(spec, "the previous round's process was still running")
+            return self._launch_cold(spec, "the warm process had exited")
         job = {
             "runtime_api_address": spec.runtime_api_address,
             "token": spec.token,
