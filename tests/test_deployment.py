@@ -213,10 +213,12 @@ def test_tls_superlink_two_registered_hospitals(
         assert report["num_examples"] == first[name]["num_examples"] > 0
         # Each site's accountant persisted across rounds (a new ClientApp process per round).
         assert report["epsilon"] > first[name]["epsilon"] > 0
-    # The kit's launcher ran the rounds in ClientApp processes it had started ahead of them.
+    # The kit's launcher ran every round in a ClientApp process forked from its fork server,
+    # which had imported the libraries once: none started cold.
     for name in ("a", "b"):
         log = (sites[name] / "supernode.log").read_text()
-        assert "warm ClientApp process" in log, log[-3000:]
+        assert "ready" in log and log.count("ClientApp process") >= 2, log[-3000:]
+        assert "forked" in log and "fresh ClientApp process" not in log, log[-3000:]
         assert "SuperNode idle waits capped at 0.5 s" in log, log[:3000]
 
     _ok(_kit("clients/stop-supernode.sh", str(sites["a"] / "site.env")))
@@ -266,7 +268,14 @@ def test_a_site_killed_mid_study_costs_one_reply_not_the_study(
         assert run.poll() is None, (tmp_path / "flwr-run.log").read_text()[-4000:]
         assert time.monotonic() - started < 300, "round 1 never completed"
         time.sleep(0.5)
-    time.sleep(8)  # round 2 is under way: every site has its message and is training
+    # Round 2 is under way at site c once its launcher has forked the round's ClientApp (the
+    # second fork): killed then, it has not replied (loading the app alone takes longer than
+    # this loop's 0.05 s).
+    c_log = sites["c"] / "supernode.log"
+    while c_log.read_text().count("forked") < 2:
+        assert run.poll() is None, (tmp_path / "flwr-run.log").read_text()[-4000:]
+        assert time.monotonic() - started < 400, "round 2 never reached site c"
+        time.sleep(0.05)
     victim = int((sites["c"] / "supernode.pid").read_text())
     _kill_group(victim)  # the SuperNode and its ClientApp, mid-round
     assert run.wait(timeout=4 * deadline_s + 240) == 0, (tmp_path / "flwr-run.log").read_text()[
