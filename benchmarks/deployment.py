@@ -8,7 +8,7 @@ Run at two round lengths (20 local steps: about 2 s of training here; 300: about
 the time goes is read from metrics.jsonl: each hospital's own training time against the
 round's wall time (the rest, ``deployment_fixed_s``, is the SuperNode's polling, the ClientApp
 process start-up, transfer and aggregation). The deployment runs twice: as shipped (the kit's
-warm ClientApp launcher, the SuperNode's 0.5 s idle poll, packed messages) and as before them
+ClientApp fork server, the SuperNode's 0.5 s idle poll, packed messages) and as before them
 (``WARM_CLIENTAPP=0``: Flower's own launcher, a new process per round; ``SUPERNODE_POLL_S=3``:
 Flower's own idle wait; ``federation.pack_messages=false``: one array per tensor),
 ``warm_over_cold_round_ratio`` comparing them; the ClientApp's import time and a site's data

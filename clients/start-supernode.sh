@@ -37,8 +37,8 @@ node="data-path='$DATA_PATH'"
 node="$node state-dir='${STATE_DIR:-$home/state}' cache-dir='${CACHE_DIR:-$home/cache}'"
 
 # WARM_CLIENTAPP=1 (the default): the SuperNode runs in process isolation and fedgan's launcher
-# (fedgan.federated.site_exec) starts each round's ClientApp from a process that imported its
-# libraries between rounds; 0: Flower starts a fresh ClientApp process per round itself.
+# (fedgan.federated.site_exec) forks each round's ClientApp from a process that imported its
+# libraries once; 0: Flower starts a fresh ClientApp process per round itself.
 case "${WARM_CLIENTAPP:-1}" in 1) isolation=process ;; 0) isolation=subprocess ;;
     *) fail "WARM_CLIENTAPP '$WARM_CLIENTAPP' must be 1 or 0";; esac
 port=${CLIENTAPP_PORT:-9094}
