@@ -202,23 +202,10 @@ class WarmClientApps:
             if self._server_starts >= self.MAX_FORK_SERVER_STARTS:
                 self._fall_back(f"it exited {self._server_starts} times")
         if self.fork and self._server is None:
-            read, write = os.pipe()
-            os.set_blocking(read, False)
-            try:
-                self._server = subprocess.Popen(
-                    self.fork_server_command,
-                    stdin=subprocess.PIPE,
-                    pass_fds=(write,),
-                    # Any CUDA check during the imports must not stop a child from using CUDA.
-                    env={
-                        **os.environ,
-                        ZYGOTE_FD_ENV: str(write),
-                        "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
-                    },
-                )
-            finally:
-                os.close(write)
-            self._server_fd = read
+            # Any CUDA check during the imports must not stop a child from using CUDA.
+            self._server, self._server_fd = _start_with_pipe(
+                self.fork_server_command, ZYGOTE_FD_ENV, PYTORCH_NVML_BASED_CUDA_CHECK="1"
+            )
             self._server_starts += 1
 
     def _read_fork_server(self) -> None:
@@ -291,18 +278,7 @@ class WarmClientApps:
             self._spare_fd = None
         training = [proc for proc, fd in self._busy if not _replied(fd)]
         if self._spare is None and not training:
-            read, write = os.pipe()
-            os.set_blocking(read, False)
-            try:
-                self._spare = subprocess.Popen(
-                    self.command,
-                    stdin=subprocess.PIPE,
-                    pass_fds=(write,),
-                    env={**os.environ, REPLIED_FD_ENV: str(write)},
-                )
-            finally:
-                os.close(write)
-            self._spare_fd = read
+            self._spare, self._spare_fd = _start_with_pipe(self.command, REPLIED_FD_ENV)
 
     def close(self) -> None:
         """Stop the waiting processes; running tasks finish on their own."""
@@ -319,6 +295,28 @@ class WarmClientApps:
         self._server = None
         _close(self._server_fd)
         self._server_fd = None
+
+
+def _start_with_pipe(
+    command: list[str], fd_env: str, **env: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``command`` with a pipe to its stdin and the write end of a second pipe, named in
+    its environment as ``fd_env``; returns the process and the (non-blocking) read end."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    try:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            pass_fds=(write,),
+            env={**os.environ, fd_env: str(write), **env},
+        )
+    except BaseException:
+        os.close(read)
+        raise
+    finally:
+        os.close(write)
+    return proc, read
 
 
 def _job_line(spec: ExecutionSpec) -> bytes:
