@@ -225,14 +225,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
     rd, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
     check_trained(ckpt)
     check_out_folder(Path(args.out), args.force)
-    # the pixel threshold the run's evaluation chose on validation images, for its checkpoint
-    chosen = [
-        r["eval"]["anomaly_threshold"]
-        for r in rd.read_metrics()
-        if "anomaly_threshold" in r.get("eval", {}) and r["round"] <= ckpt["round"]
-    ]
+    # the pixel threshold and image score the run's evaluation chose on validation images,
+    # for its checkpoint
+    evals = [r.get("eval", {}) for r in rd.read_metrics() if r["round"] <= ckpt["round"]]
+    threshold = [e["anomaly_threshold"] for e in evals if "anomaly_threshold" in e]
+    rule = [int(e["anomaly_score_rule"]) for e in evals if "anomaly_score_rule" in e]
     rows = detect_files(cfg, ckpt["state"], Path(args.input), Path(args.out),
-                        threshold=chosen[-1] if chosen else None)  # fmt: skip
+                        threshold=threshold[-1] if threshold else None,
+                        rule=rule[-1] if rule else 0)  # fmt: skip
     print(f"fedgan: scored {len(rows)} image(s); overlays and scores.csv in {args.out}")
     return 0
 

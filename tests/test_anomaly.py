@@ -57,6 +57,57 @@ def test_best_threshold_recovers_a_planted_region() -> None:
     assert fn.dice(maps > t, masks) == 1.0
 
 
+def test_top_score_is_the_mean_of_the_largest_pixels() -> None:
+    from fedgan.evaluation.anomaly import top_score
+
+    maps = torch.rand(6, 1, 20, 20, generator=torch.Generator().manual_seed(3))
+    flat = np.sort(maps.flatten(1).numpy(), axis=1)[:, ::-1]
+    assert torch.allclose(top_score(maps), torch.from_numpy(flat[:, :4].mean(1).copy()))
+    assert torch.allclose(top_score(maps[:, :, :5, :5]), maps.flatten(1).new_tensor(
+        [m[:, :5, :5].max() for m in maps]))  # fmt: skip
+
+
+def _halves(kind: str, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``((own scores, smoothed maps), labels)`` of 40 images, half abnormal. ``focal``: the
+    own score is noise and an abnormal map has a bright 2x2 spot; ``diffuse``: the own score
+    tells the classes apart and the maps are noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(40) % 2
+    maps = 0.3 * torch.rand(40, 1, 16, 16, generator=g)
+    if kind == "focal":
+        own = torch.rand(40, generator=g)
+        maps[labels == 1, :, 5:7, 5:7] += 1.0
+    else:
+        own = labels + 0.5 * torch.rand(40, generator=g)
+    return (own, maps), labels
+
+
+def test_the_image_score_is_chosen_on_the_validation_half() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from fedgan.evaluation.anomaly import detection_scores
+
+    for kind, rule in (("focal", 1.0), ("diffuse", 0.0)):
+        val, val_labels = _halves(kind, 0)
+        test, test_labels = _halves(kind, 1)
+        out = detection_scores(val, test, test_labels, None, None, val_labels)
+        assert out["anomaly_score_rule"] == rule, kind
+        top = torch.tensor([np.sort(m.flatten().numpy())[-2:].mean() for m in test[1]])
+        chosen = top if rule else test[0]
+        assert out["anomaly_auc"] == pytest.approx(roc_auc_score(test_labels, chosen))
+        assert out["anomaly_auc_own"] == pytest.approx(roc_auc_score(test_labels, test[0]))
+        assert out["anomaly_auc"] > 0.95
+        # the test half's labels never choose: the same rule with them scrambled
+        scrambled = test_labels[torch.randperm(40, generator=torch.Generator().manual_seed(2))]
+        again = detection_scores(val, test, scrambled, None, None, val_labels)
+        assert again["anomaly_score_rule"] == rule
+    focal, labels = _halves("focal", 0)
+    one_class = detection_scores(focal, focal, labels, None, None, torch.zeros(40).long())
+    assert one_class["anomaly_score_rule"] == 0.0  # nothing to choose on: the own score
+    assert one_class["anomaly_auc"] == one_class["anomaly_auc_own"]
+    assert detection_scores(focal, focal, labels, None, None)["anomaly_score_rule"] == 0.0
+
+
 def test_training_sees_the_healthy_label_only_and_evaluation_sees_all() -> None:
     cfg = load_config(None, TOY).data
     for h in range(2):
@@ -202,8 +253,12 @@ def test_the_evaluator_scores_fedgan_and_both_baselines(trained) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ev = records[-1]["eval"]
     for method in ("", "mean_", "pca_"):
-        for key in ("anomaly_auc", "anomaly_ap", "anomaly_auc_map", "anomaly_dice", "anomaly_iou"):
+        for key in ("anomaly_auc", "anomaly_ap", "anomaly_auc_own", "anomaly_auc_map",
+                    "anomaly_dice", "anomaly_iou"):  # fmt: skip
             assert 0.0 <= ev[f"{method}{key}"] <= 1.0, f"{method}{key}"
+        assert ev[f"{method}anomaly_score_rule"] in (0.0, 1.0)
+        if ev[f"{method}anomaly_score_rule"] == 0.0:
+            assert ev[f"{method}anomaly_auc"] == ev[f"{method}anomaly_auc_own"]
     assert ev["anomaly_auc_gain"] == pytest.approx(
         ev["anomaly_auc"] - max(ev["mean_anomaly_auc"], ev["pca_anomaly_auc"])
     )
@@ -278,6 +333,11 @@ def test_detect_on_png_dicom_and_nifti(trained, tmp_path: Path, capsys) -> None:
     rows = list(csv.DictReader((tmp_path / "png" / "scores.csv").open()))
     assert [r["file"] for r in rows] == ["p0.png", "p1.png"]
     assert all(float(r["score"]) > 0 for r in rows)
+    from fedgan.evaluation.anomaly import SCORE_RULES
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rule = int([r["eval"] for r in records if "eval" in r][-1]["anomaly_score_rule"])
+    assert {r["rule"] for r in rows} == {SCORE_RULES[rule]}  # the rule the evaluation chose
     overlay = np.asarray(Image.open(tmp_path / "png" / "p0.png"))
     assert overlay.shape == (16, 16, 3)
     ct = get_testdata_file("CT_small.dcm")

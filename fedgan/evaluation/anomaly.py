@@ -75,17 +75,63 @@ def pca_detector(healthy: torch.Tensor, components: int = 32, seed: int = 0) -> 
     return detect
 
 
+TOP_FRACTION = 0.01
+"""The ``top`` image score: the mean of the largest 1 % of a smoothed map's pixels (at least
+one), the residual where it is worst, which a lesion of a few pixels moves and a whole-image
+mean does not."""
+
+SCORE_RULES = ("own", "top")
+"""The image-score rules, in the order ``anomaly_score_rule`` numbers them: the method's own
+score (f-AnoGAN's residual plus feature residual; a baseline's mean squared residual), and
+``top``."""
+
+
+def top_score(maps: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Tensor:
+    """``[N]``: the mean of each map's largest ``fraction`` of values (at least one)."""
+    flat = maps.flatten(1)
+    k = max(1, int(flat.shape[1] * fraction))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def choose_score_rule(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor) -> int:
+    """The index in :data:`SCORE_RULES` of the image score with the higher ROC AUC on these
+    (validation) images; ``own`` on a tie or where the labels hold one class. Small lesions
+    favour ``top``, diffuse disease the method's own whole-image score."""
+    from sklearn.metrics import roc_auc_score
+
+    y = labels.numpy()
+    if len(np.unique(y)) < 2:
+        return 0
+    own = roc_auc_score(y, scores.double().numpy())
+    top = roc_auc_score(y, top_score(maps).double().numpy())
+    return 1 if top > own else 0
+
+
+def rule_scores(rule: int, scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """The image scores of rule ``rule`` (an index in :data:`SCORE_RULES`) from a method's own
+    scores and its smoothed maps."""
+    return top_score(maps) if SCORE_RULES[rule] == "top" else scores
+
+
 def detection_scores(
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     test_labels: torch.Tensor,
     val_masks: torch.Tensor | None,
     test_masks: torch.Tensor | None,
+    val_labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Image-level AUC and AP on the test half, of the method's own score and
-    (``anomaly_auc_map``) of the same rule for every method, the largest value of the smoothed
-    map (a small lesion barely moves a whole-image mean); with masks, the pixel threshold that
-    maximizes Dice on the validation half and the test half's Dice and IoU at it.
+    """Image-level ROC AUC and AP on the test half, and pixel-level Dice and IoU where masks
+    exist, every choice made on the validation half, never on the test half:
+
+    - ``anomaly_auc``, ``anomaly_ap``: of the image score whose AUC is higher on the
+      validation half, the method's own or ``top`` (:func:`choose_score_rule`;
+      ``anomaly_score_rule`` says which: 0 own, 1 top); the own score without
+      ``val_labels``.
+    - ``anomaly_auc_own``: the own score's AUC, whichever was chosen.
+    - ``anomaly_auc_map``: the largest value of the smoothed map, the same rule for every method.
+    - ``anomaly_dice``, ``anomaly_iou``: at the pixel threshold that maximizes Dice on the
+      validation half.
 
     Args:
         val: ``(scores, smoothed maps)`` of the validation half.
@@ -93,16 +139,20 @@ def detection_scores(
         test_labels: 1 = abnormal.
         val_masks: Lesion masks of the validation half (None where unknown).
         test_masks: Lesion masks of the test half.
+        val_labels: The validation half's labels (1 = abnormal), which choose the image score.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     y = test_labels.numpy()
     if len(np.unique(y)) < 2:
         raise MetricUnavailable("the test half holds a single class: AUC is undefined")
-    scores = test[0].double().numpy()
+    rule = 0 if val_labels is None else choose_score_rule(val[0], val[1], val_labels)
+    scores = rule_scores(rule, test[0], test[1]).double().numpy()
     out = {
         "anomaly_auc": float(roc_auc_score(y, scores)),
         "anomaly_ap": float(average_precision_score(y, scores)),
+        "anomaly_score_rule": float(rule),
+        "anomaly_auc_own": float(roc_auc_score(y, test[0].double().numpy())),
         "anomaly_auc_map": float(roc_auc_score(y, test[1].flatten(1).amax(1).double().numpy())),
     }
     if val_masks is not None and test_masks is not None and val_masks.any():
@@ -119,9 +169,9 @@ def _unavailable(*args: object) -> dict[str, float]:
 
 METRICS.add("anomaly", Metric(
     "anomaly", 0, _unavailable, higher_is_better=True,
-    keys=("anomaly_auc", "anomaly_ap", "anomaly_auc_map", "anomaly_dice", "anomaly_iou",
-          "anomaly_threshold"),
-    references=("anomaly_threshold",),
+    keys=("anomaly_auc", "anomaly_ap", "anomaly_auc_own", "anomaly_auc_map", "anomaly_dice",
+          "anomaly_iou", "anomaly_threshold", "anomaly_score_rule"),
+    references=("anomaly_threshold", "anomaly_score_rule"),
 ))  # fmt: skip
 
 
@@ -192,7 +242,7 @@ class AnomalyEvaluator:
         val = (val[0], smooth_map(val[1]))
         test = (test[0], smooth_map(test[1]))
         scores = detection_scores(val, test, d["test_labels"],  # type: ignore[arg-type]
-                                  d["val_masks"], d["test_masks"])  # fmt: skip
+                                  d["val_masks"], d["test_masks"], d["val_labels"])  # fmt: skip
         return scores, test[1]
 
     def baselines(self) -> dict[str, dict[str, float]]:

@@ -198,11 +198,14 @@ def detect_files(
     out: Path,
     *,
     threshold: float | None = None,
+    rule: int = 0,
 ) -> list[tuple[str, float]]:
     """Scores every image (or slice) in ``source`` with an ``anomaly`` run and writes
     ``out/<name>.png``: the image in grey with its anomaly map over it in red (full red at
     ``threshold``, the pixel threshold the run's evaluation chose on validation images; the
-    image's own 99th map percentile without one), and ``out/scores.csv``.
+    image's own 99th map percentile without one), and ``out/scores.csv`` (file, score, and the
+    score's rule: ``rule``, the image score the evaluation chose on validation images, an
+    index in :data:`fedgan.evaluation.anomaly.SCORE_RULES`).
 
     Returns:
         ``(output name, anomaly score)`` per image, in order.
@@ -212,7 +215,7 @@ def detect_files(
         FileNotFoundError: If ``source`` does not exist.
     """
     from fedgan.data.transforms import fit_slice
-    from fedgan.evaluation.anomaly import AnomalyEvaluator, smooth_map
+    from fedgan.evaluation.anomaly import SCORE_RULES, AnomalyEvaluator, rule_scores, smooth_map
 
     objective = make_objective(cfg)
     if not objective.detects:
@@ -229,6 +232,7 @@ def detect_files(
         images = torch.stack([fit_slice(s, cfg.data, str(path), size=size) for s in slices]) * 2 - 1
         scores, maps, _ = objective.anomaly_maps(nets, images)  # type: ignore[attr-defined]
         maps = smooth_map(maps)
+        scores = rule_scores(rule, scores, maps)
         out.mkdir(parents=True, exist_ok=True)
         stem = path.name.split(".")[0]
         for k, (image, score, amap) in enumerate(zip(images, scores, maps, strict=True)):
@@ -239,7 +243,8 @@ def detect_files(
             overlay = torch.cat([grey * (1 - heat) + heat, grey * (1 - heat), grey * (1 - heat)])
             atomic_save_image(overlay, out / name)
             rows.append((name, float(score)))
-    lines = ["file,score"] + [f"{name},{score:.6g}" for name, score in rows]
+    named = SCORE_RULES[rule]
+    lines = ["file,score,rule"] + [f"{name},{score:.6g},{named}" for name, score in rows]
     atomic_write_bytes(out / "scores.csv", ("\n".join(lines) + "\n").encode())
     return rows
 
