@@ -207,14 +207,15 @@ _FAKE_TASK_SERVER = """
 import json, os, sys
 from pathlib import Path
 from fedgan.federated import site_exec
+from fedgan.federated.client_app import TASK_RECEIVED_ENV
 
-def fake(job, received_env, tell):
+def fake(job, tell):
     if job["token"] == "bad":
         raise RuntimeError("a failing round")
     tell()
     Path(sys.argv[1], job["token"] + ".json").write_text(json.dumps({
         "job": job, "pid": os.getpid(), "parent": os.getppid(),
-        "clock": os.environ.get(received_env), "stdin": sys.stdin.read(),
+        "clock": os.environ.get(TASK_RECEIVED_ENV), "stdin": sys.stdin.read(),
     }))
     sys.exit(0)
 

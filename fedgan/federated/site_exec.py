@@ -430,7 +430,7 @@ def _start_clock(job: dict[str, object], received_env: str) -> None:
     os.environ[received_env] = repr(job.get("handed_at") or time.time())
 
 
-def _run_task(job: dict[str, object], received_env: str, tell: Callable[[], None]) -> None:
+def _run_task(job: dict[str, object], tell: Callable[[], None]) -> None:
     """Run one task with Flower's ``run_clientapp``, ``tell`` called once the reply is pushed."""
     from flwr.supernode.runtime import run_clientapp as runtime
 
@@ -457,7 +457,7 @@ def _worker() -> None:
         return  # the launcher closed: no task for this process
     job = json.loads(line)
     _start_clock(job, received_env)
-    _run_task(job, received_env, _replied_closer())
+    _run_task(job, _replied_closer())
 
 
 def _replied_closer() -> Callable[[], None]:
@@ -603,7 +603,7 @@ def _forked_task(job: dict[str, object], received_env: str, out: int) -> NoRetur
                 _report(out, f"replied {me}")
 
         _start_clock(job, received_env)
-        _run_task(job, received_env, tell)
+        _run_task(job, tell)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
