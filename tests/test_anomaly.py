@@ -67,35 +67,39 @@ def test_top_score_is_the_mean_of_the_largest_pixels() -> None:
         [m[:, :5, :5].max() for m in maps]))  # fmt: skip
 
 
-def _halves(kind: str, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``((own scores, smoothed maps), labels)`` of 40 images, half abnormal. ``focal``: the
-    own score is noise and an abnormal map has a bright 2x2 spot; ``diffuse``: the own score
-    tells the classes apart and the maps are noise."""
+def _halves(kind: str, seed: int) -> tuple[tuple[dict[str, torch.Tensor], torch.Tensor],
+                                           torch.Tensor]:  # fmt: skip
+    """``(({"own": ..., "critic": ...}, smoothed maps), labels)`` of 40 images, half
+    abnormal; the one named by ``kind`` tells the classes apart, the others are noise:
+    ``focal``, an abnormal map has a bright 2x2 spot; ``diffuse``, the own score;
+    ``critic``, the critic's score."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(40) % 2
     maps = 0.3 * torch.rand(40, 1, 16, 16, generator=g)
+    scores = {"own": torch.rand(40, generator=g), "critic": torch.rand(40, generator=g)}
     if kind == "focal":
-        own = torch.rand(40, generator=g)
         maps[labels == 1, :, 5:7, 5:7] += 1.0
     else:
-        own = labels + 0.5 * torch.rand(40, generator=g)
-    return (own, maps), labels
+        scores["own" if kind == "diffuse" else "critic"] += labels
+    return (scores, maps), labels
 
 
 def test_the_image_score_is_chosen_on_the_validation_half() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from fedgan.evaluation.anomaly import detection_scores
+    from fedgan.evaluation.anomaly import SCORE_RULES, detection_scores
 
-    for kind, rule in (("focal", 1.0), ("diffuse", 0.0)):
+    for kind, rule in (("diffuse", 0.0), ("focal", 1.0), ("critic", 2.0)):
         val, val_labels = _halves(kind, 0)
         test, test_labels = _halves(kind, 1)
         out = detection_scores(val, test, test_labels, None, None, val_labels)
-        assert out["anomaly_score_rule"] == rule, kind
+        assert SCORE_RULES[int(out["anomaly_score_rule"])] == {
+            "diffuse": "own", "focal": "top", "critic": "critic"}[kind]  # fmt: skip
         top = torch.tensor([np.sort(m.flatten().numpy())[-2:].mean() for m in test[1]])
-        chosen = top if rule else test[0]
+        chosen = [test[0]["own"], top, test[0]["critic"]][int(rule)]
         assert out["anomaly_auc"] == pytest.approx(roc_auc_score(test_labels, chosen))
-        assert out["anomaly_auc_own"] == pytest.approx(roc_auc_score(test_labels, test[0]))
+        own = test[0]["own"]
+        assert out["anomaly_auc_own"] == pytest.approx(roc_auc_score(test_labels, own))
         assert out["anomaly_auc"] > 0.95
         # the test half's labels never choose: the same rule with them scrambled
         scrambled = test_labels[torch.randperm(40, generator=torch.Generator().manual_seed(2))]
@@ -106,6 +110,21 @@ def test_the_image_score_is_chosen_on_the_validation_half() -> None:
     assert one_class["anomaly_score_rule"] == 0.0  # nothing to choose on: the own score
     assert one_class["anomaly_auc"] == one_class["anomaly_auc_own"]
     assert detection_scores(focal, focal, labels, None, None)["anomaly_score_rule"] == 0.0
+    # a baseline offers its own score alone (a tensor): the critic is never chosen for it
+    critic, labels = _halves("critic", 0)
+    own_only = (critic[0]["own"], critic[1])
+    assert detection_scores(own_only, own_only, labels, None, None, labels)[
+        "anomaly_score_rule"] in (0.0, 1.0)  # fmt: skip
+
+
+def test_the_critic_score_is_minus_the_discriminator() -> None:
+    cfg = load_config(None, TOY)
+    objective = make_objective(cfg)
+    nets = networks_for(cfg, objective)
+    x = torch.rand(5, 1, 16, 16) * 2 - 1
+    expected = -nets["discriminator"].eval()(x).flatten()
+    got = objective.critic_scores(nets, x, batch=2)  # type: ignore[attr-defined]
+    assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_training_sees_the_healthy_label_only_and_evaluation_sees_all() -> None:

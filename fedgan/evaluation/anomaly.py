@@ -27,7 +27,8 @@ from fedgan.models import load_state
 if TYPE_CHECKING:
     from fedgan.config import Config
 
-Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # -> (scores, maps)
+Detector = Callable[[torch.Tensor], tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]]
+"""images -> (own scores, or scores by rule name (:data:`Scores`), maps)."""
 
 
 class AnomalyTask(Protocol):
@@ -38,6 +39,8 @@ class AnomalyTask(Protocol):
     def anomaly_maps(
         self, nets: dict[str, nn.Module], images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def critic_scores(self, nets: dict[str, nn.Module], images: torch.Tensor) -> torch.Tensor: ...
 
 
 def smooth_map(maps: torch.Tensor) -> torch.Tensor:
@@ -80,10 +83,15 @@ TOP_FRACTION = 0.01
 one), the residual where it is worst, which a lesion of a few pixels moves and a whole-image
 mean does not."""
 
-SCORE_RULES = ("own", "top")
+SCORE_RULES = ("own", "top", "critic")
 """The image-score rules, in the order ``anomaly_score_rule`` numbers them: the method's own
-score (f-AnoGAN's residual plus feature residual; a baseline's mean squared residual), and
-``top``."""
+score (f-AnoGAN's residual plus feature residual; a baseline's mean squared residual),
+``top``, and ``critic``: how unreal the released discriminator finds the image, ``-D(x)``
+(the discrimination score of AnoGAN and of Zenati et al. 2018's BiGAN detector; fedgan only,
+a baseline has no discriminator)."""
+
+Scores = dict[str, torch.Tensor]
+"""A method's image scores by rule name: ``own`` always, ``critic`` where it has one."""
 
 
 def top_score(maps: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Tensor:
@@ -93,29 +101,41 @@ def top_score(maps: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Tenso
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def choose_score_rule(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor) -> int:
-    """The index in :data:`SCORE_RULES` of the image score with the higher ROC AUC on these
-    (validation) images; ``own`` on a tie or where the labels hold one class. Small lesions
-    favour ``top``, diffuse disease the method's own whole-image score."""
+def candidates(scores: Scores | torch.Tensor, maps: torch.Tensor) -> Scores:
+    """Every image score a method offers, by rule name: its own (``scores`` alone, or with
+    ``critic``) and ``top`` of its smoothed ``maps``."""
+    out = {"own": scores} if isinstance(scores, torch.Tensor) else dict(scores)
+    out["top"] = top_score(maps)
+    return out
+
+
+def choose_score_rule(scores: Scores, labels: torch.Tensor) -> int:
+    """The index in :data:`SCORE_RULES` of the candidate score (see :func:`candidates`) with
+    the highest ROC AUC on these (validation) images; the earlier rule on a tie, ``own``
+    where the labels hold one class. Small lesions favour ``top``, diffuse disease a
+    whole-image score."""
     from sklearn.metrics import roc_auc_score
 
     y = labels.numpy()
     if len(np.unique(y)) < 2:
         return 0
-    own = roc_auc_score(y, scores.double().numpy())
-    top = roc_auc_score(y, top_score(maps).double().numpy())
-    return 1 if top > own else 0
+    aucs = [(roc_auc_score(y, scores[name].double().numpy()), -i)
+            for i, name in enumerate(SCORE_RULES) if name in scores]  # fmt: skip
+    return -max(aucs)[1]
 
 
-def rule_scores(rule: int, scores: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """The image scores of rule ``rule`` (an index in :data:`SCORE_RULES`) from a method's own
-    scores and its smoothed maps."""
-    return top_score(maps) if SCORE_RULES[rule] == "top" else scores
+def rule_scores(rule: int, scores: Scores) -> torch.Tensor:
+    """The image scores of rule ``rule`` (an index in :data:`SCORE_RULES`) among a method's
+    :func:`candidates`."""
+    name = SCORE_RULES[rule]
+    if name not in scores:
+        raise MetricUnavailable(f"image score {name!r} needs a method that has it")
+    return scores[name]
 
 
 def detection_scores(
-    val: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[Scores | torch.Tensor, torch.Tensor],
+    test: tuple[Scores | torch.Tensor, torch.Tensor],
     test_labels: torch.Tensor,
     val_masks: torch.Tensor | None,
     test_masks: torch.Tensor | None,
@@ -124,17 +144,18 @@ def detection_scores(
     """Image-level ROC AUC and AP on the test half, and pixel-level Dice and IoU where masks
     exist, every choice made on the validation half, never on the test half:
 
-    - ``anomaly_auc``, ``anomaly_ap``: of the image score whose AUC is higher on the
-      validation half, the method's own or ``top`` (:func:`choose_score_rule`;
-      ``anomaly_score_rule`` says which: 0 own, 1 top); the own score without
-      ``val_labels``.
+    - ``anomaly_auc``, ``anomaly_ap``: of the image score whose AUC is highest on the
+      validation half among the method's own, ``top`` and (fedgan) ``critic``
+      (:func:`choose_score_rule`; ``anomaly_score_rule`` says which, an index in
+      :data:`SCORE_RULES`); the own score without ``val_labels``.
     - ``anomaly_auc_own``: the own score's AUC, whichever was chosen.
     - ``anomaly_auc_map``: the largest value of the smoothed map, the same rule for every method.
     - ``anomaly_dice``, ``anomaly_iou``: at the pixel threshold that maximizes Dice on the
       validation half.
 
     Args:
-        val: ``(scores, smoothed maps)`` of the validation half.
+        val: ``(scores, smoothed maps)`` of the validation half: the method's own scores, or
+            its :data:`Scores`.
         test: The same of the test half.
         test_labels: 1 = abnormal.
         val_masks: Lesion masks of the validation half (None where unknown).
@@ -146,13 +167,14 @@ def detection_scores(
     y = test_labels.numpy()
     if len(np.unique(y)) < 2:
         raise MetricUnavailable("the test half holds a single class: AUC is undefined")
-    rule = 0 if val_labels is None else choose_score_rule(val[0], val[1], val_labels)
-    scores = rule_scores(rule, test[0], test[1]).double().numpy()
+    offered = candidates(test[0], test[1])
+    rule = 0 if val_labels is None else choose_score_rule(candidates(*val), val_labels)
+    scores = rule_scores(rule, offered).double().numpy()
     out = {
         "anomaly_auc": float(roc_auc_score(y, scores)),
         "anomaly_ap": float(average_precision_score(y, scores)),
         "anomaly_score_rule": float(rule),
-        "anomaly_auc_own": float(roc_auc_score(y, test[0].double().numpy())),
+        "anomaly_auc_own": float(roc_auc_score(y, offered["own"].double().numpy())),
         "anomaly_auc_map": float(roc_auc_score(y, test[1].flatten(1).amax(1).double().numpy())),
     }
     if val_masks is not None and test_masks is not None and val_masks.any():
@@ -270,9 +292,9 @@ class AnomalyEvaluator:
     def detector(self, state: dict[str, torch.Tensor]) -> Detector:
         nets = self.networks(state)
 
-        def detect(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def detect(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             scores, maps, _ = self.task.anomaly_maps(nets, x)
-            return scores, maps
+            return {"own": scores, "critic": self.task.critic_scores(nets, x)}, maps
 
         return detect
 

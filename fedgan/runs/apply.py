@@ -215,7 +215,13 @@ def detect_files(
         FileNotFoundError: If ``source`` does not exist.
     """
     from fedgan.data.transforms import fit_slice
-    from fedgan.evaluation.anomaly import SCORE_RULES, AnomalyEvaluator, rule_scores, smooth_map
+    from fedgan.evaluation.anomaly import (
+        SCORE_RULES,
+        AnomalyEvaluator,
+        candidates,
+        rule_scores,
+        smooth_map,
+    )
 
     objective = make_objective(cfg)
     if not objective.detects:
@@ -232,7 +238,10 @@ def detect_files(
         images = torch.stack([fit_slice(s, cfg.data, str(path), size=size) for s in slices]) * 2 - 1
         scores, maps, _ = objective.anomaly_maps(nets, images)  # type: ignore[attr-defined]
         maps = smooth_map(maps)
-        scores = rule_scores(rule, scores, maps)
+        offered = {"own": scores}
+        if SCORE_RULES[rule] == "critic":
+            offered["critic"] = objective.critic_scores(nets, images)  # type: ignore[attr-defined]
+        scores = rule_scores(rule, candidates(offered, maps))
         out.mkdir(parents=True, exist_ok=True)
         stem = path.name.split(".")[0]
         for k, (image, score, amap) in enumerate(zip(images, scores, maps, strict=True)):

@@ -115,5 +115,14 @@ class AnomalyObjective(SynthesisObjective):
                 recs.append(rec.cpu())
         return torch.cat(scores), torch.cat(maps), torch.cat(recs)
 
+    @torch.no_grad()
+    def critic_scores(self, nets: Nets, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+        """``[N]``: ``-D(x)``, how unreal the discriminator finds each image (higher = more
+        abnormal), on the networks' device."""
+        d = nets["discriminator"]
+        device = next(d.parameters()).device
+        with evaluating(d):
+            return torch.cat([-d(x.to(device)).flatten().cpu() for x in images.split(batch)])
+
 
 TASKS.add("anomaly", AnomalyObjective)
