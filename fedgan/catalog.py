@@ -94,6 +94,16 @@ _DECLARED: dict[Registry[Any], dict[str, tuple[str, ...]]] = {
     FORMATS: {"fedgan.data.readers": ("folder", "dicom", "nifti")},
 }
 
+#: The validation keys of each metric that has them (its ``Metric.validation``): measured on
+#: held-out images its test figures never see, so ``eval.select`` may choose a round by them.
+VALIDATION_KEYS: dict[str, tuple[str, ...]] = {"anomaly": ("anomaly_val_auc",)}
+
+
+def validation_keys(metrics: list[str]) -> dict[str, str]:
+    """The validation keys of the metrics named ``metrics``, each with its metric's name."""
+    return {key: name for name in metrics for key in VALIDATION_KEYS.get(name, ())}
+
+
 for _registry, _modules in _DECLARED.items():
     for _module, _names in _modules.items():
         for _name in _names:

@@ -220,20 +220,31 @@ def cmd_detect(args: argparse.Namespace) -> int:
     slice, and ``scores.csv``."""
     from pathlib import Path
 
+    from fedgan.rundir import RunDir
     from fedgan.runs.apply import check_out_folder, check_trained, detect_files
 
-    rd, cfg, ckpt = _load_run(args.run, [], args.checkpoint)
+    chosen = args.checkpoint
+    best = RunDir(args.run).read_best() if chosen is None else None
+    if best is not None:  # the round the run's eval.select chose on validation images
+        chosen = str(RunDir(args.run).checkpoints / best["checkpoint"])
+    elif chosen == "latest":
+        chosen = None
+    rd, cfg, ckpt = _load_run(args.run, [], chosen)
     check_trained(ckpt)
     check_out_folder(Path(args.out), args.force)
     # the pixel threshold and image score the run's evaluation chose on validation images,
-    # for its checkpoint
-    evals = [r.get("eval", {}) for r in rd.read_metrics() if r["round"] <= ckpt["round"]]
+    # for its checkpoint (by round: a later `fedgan evaluate` of an earlier round never
+    # stands for this one)
+    records = sorted(rd.read_metrics(), key=lambda r: int(r["round"]))
+    evals = [r.get("eval", {}) for r in records if r["round"] <= ckpt["round"]]
     threshold = [e["anomaly_threshold"] for e in evals if "anomaly_threshold" in e]
     rule = [int(e["anomaly_score_rule"]) for e in evals if "anomaly_score_rule" in e]
     rows = detect_files(cfg, ckpt["state"], Path(args.input), Path(args.out),
                         threshold=threshold[-1] if threshold else None,
                         rule=rule[-1] if rule else 0)  # fmt: skip
-    print(f"fedgan: scored {len(rows)} image(s); overlays and scores.csv in {args.out}")
+    why = f", chosen by {best['key']} = {best['value']:.3f}" if best is not None else ""
+    print(f"fedgan: scored {len(rows)} image(s) with round {ckpt['round']}'s detector{why}; "
+          f"overlays and scores.csv in {args.out}")  # fmt: skip
     return 0
 
 
@@ -278,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a run of task anomaly")
     p.add_argument("--input", required=True, help="an image, DICOM or NIfTI file, or a folder")
     p.add_argument("--out", required=True, help="output folder for the overlays and scores.csv")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--checkpoint", help="a checkpoint file, or latest (default: the round the "
+                   "run's eval.select chose on validation images, else the latest)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="write into a folder that holds files")
     p.set_defaults(func=cmd_detect)
     p = sub.add_parser("compare", help="centralized vs federated (and variants), one report")

@@ -524,6 +524,11 @@ class EvalSection:
         background: Evaluate in a separate process while the next round trains (at the
             low CPU priority; the same metrics as evaluating in line). False evaluates on
             the round's path, as the centralized and federated runs did before.
+        select: A validation figure of ``metrics`` (e.g. ``anomaly_val_auc``) that chooses
+            the run's best round: ``checkpoints/best`` names it, ``summary.json`` reports its
+            evaluation beside the last one, and ``fedgan detect`` applies it. Only keys
+            measured on held-out images that the test figures never see may choose, so the
+            chosen round's test figures stay honest. Empty keeps the last round only.
     """
 
     every: int = 1
@@ -535,6 +540,7 @@ class EvalSection:
     cache_dir: str = ""
     use_training_images: bool = True
     background: bool = True
+    select: str = ""
 
     def __post_init__(self) -> None:
         _check_positive("eval.every", self.every)

@@ -9,7 +9,15 @@ the ClientApp, the ServerApp and the study runner all call :func:`resolve`.
 
 from __future__ import annotations
 
-from fedgan.catalog import DATASETS, FAMILIES, METRICS, PARTITIONERS, STRATEGIES, TASKS
+from fedgan.catalog import (
+    DATASETS,
+    FAMILIES,
+    METRICS,
+    PARTITIONERS,
+    STRATEGIES,
+    TASKS,
+    validation_keys,
+)
 from fedgan.config import Config
 
 #: Strategies whose guarantees need a bound on Byzantine hospitals: name -> the fewest
@@ -44,6 +52,7 @@ def resolve(cfg: Config) -> Config:
         unknown = [n for n in names if n not in METRICS]
         if unknown:
             _fail(key, f"unknown metric(s) {unknown}; known: {', '.join(METRICS.names())}")
+    _check_select(cfg)
     _check_lpips(cfg)
     _check_privacy(cfg)
     if cfg.train.critic_schedule == "adaptive" and cfg.task.name != "synthesis":
@@ -73,6 +82,24 @@ def resolve(cfg: Config) -> Config:
             "raise data.image_size or lower task.scale",
         )
     return cfg
+
+
+def _check_select(cfg: Config) -> None:
+    """``eval.select`` must be a validation figure of a metric computed every evaluation
+    (task anomaly is always scored by metric ``anomaly``; the others by ``eval.metrics``)."""
+    key = cfg.eval.select
+    if not key:
+        return
+    computed = ["anomaly"] if cfg.task.name == "anomaly" else cfg.eval.metric_list
+    offered = validation_keys(computed)
+    if key not in offered:
+        choices = ", ".join(f"{k} (metric {m})" for k, m in offered.items())
+        _fail(
+            "eval.select",
+            f"{key!r} is not a validation figure of task {cfg.task.name}'s evaluation; "
+            + (f"choose {choices}" if choices else "it measures none")
+            + ", or leave it empty to keep the last round",
+        )
 
 
 def _check_lpips(cfg: Config) -> None:

@@ -5,6 +5,7 @@ Layout::
     runs/<name>/config.yaml          resolved config
     runs/<name>/metrics.jsonl        one JSON object per round (append-only)
     runs/<name>/checkpoints/round_<k>.pt, latest   global networks; ``latest`` names the newest
+    runs/<name>/checkpoints/best     the round ``eval.select`` chose (where it is set)
     runs/<name>/samples/round_<k>.png              fixed-noise sample grids
     runs/<name>/summary.json
 """
@@ -73,6 +74,11 @@ def atomic_save_image(images: Any, path: Path, **kwargs: Any) -> Path:
     save_image(images, buf, format="png", **kwargs)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def best_entry(round_: int, key: str, value: float) -> dict[str, Any]:
+    """What ``checkpoints/best`` holds for a round chosen by ``key`` at ``value``."""
+    return {"checkpoint": f"round_{round_:04d}.pt", "round": round_, "key": key, "value": value}
 
 
 class UnreadableCheckpoint(ValueError):
@@ -158,6 +164,43 @@ class RunDir:
         atomic_write_bytes(path, buf.getvalue())
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")
         return path
+
+    @property
+    def best_pointer(self) -> Path:
+        """``checkpoints/best``: the round ``eval.select`` chose, as JSON (``checkpoint``,
+        ``round``, ``key``, ``value``)."""
+        return self.checkpoints / "best"
+
+    def best_round(self, key: str, higher: bool) -> dict[str, Any] | None:
+        """The run's own evaluation (not ``fedgan evaluate``'s) with the best ``key``: the
+        earliest on a tie; None where no evaluation holds ``key``."""
+        best: dict[str, Any] | None = None
+        for record in self.read_metrics():
+            value = (record.get("eval") or {}).get(key)
+            if record.get("mode") == "evaluate" or not isinstance(value, (int, float)):
+                continue
+            if best is None or (value > best["value"] if higher else value < best["value"]):
+                best = best_entry(int(record["round"]), key, float(value))
+        return best
+
+    def write_best(self, best: Mapping[str, Any] | None) -> None:
+        """Points ``checkpoints/best`` at ``best`` (from :meth:`best_round`); None removes it."""
+        if best is None:
+            self.best_pointer.unlink(missing_ok=True)
+        else:
+            atomic_write_text(self.best_pointer, dumps(dict(best)) + "\n")
+
+    def read_best(self) -> dict[str, Any] | None:
+        """What ``checkpoints/best`` says, where it exists and names a checkpoint that does."""
+        try:
+            best = json.loads(self.best_pointer.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(best, dict):
+            return None
+        if not (self.checkpoints / str(best.get("checkpoint"))).is_file():
+            return None
+        return best
 
     def latest_checkpoint_path(self) -> Path | None:
         """The newest checkpoint file: the one ``latest`` names, else the highest round."""

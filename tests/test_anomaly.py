@@ -100,6 +100,10 @@ def test_the_image_score_is_chosen_on_the_validation_half() -> None:
         assert out["anomaly_auc"] == pytest.approx(roc_auc_score(test_labels, chosen))
         own = test[0]["own"]
         assert out["anomaly_auc_own"] == pytest.approx(roc_auc_score(test_labels, own))
+        # the figure eval.select may choose a round by: the chosen score on validation only
+        val_top = torch.tensor([np.sort(m.flatten().numpy())[-2:].mean() for m in val[1]])
+        val_chosen = [val[0]["own"], val_top, val[0]["critic"]][int(rule)]
+        assert out["anomaly_val_auc"] == pytest.approx(roc_auc_score(val_labels, val_chosen))
         assert out["anomaly_auc"] > 0.95
         # the test half's labels never choose: the same rule with them scrambled
         scrambled = test_labels[torch.randperm(40, generator=torch.Generator().manual_seed(2))]
@@ -109,6 +113,7 @@ def test_the_image_score_is_chosen_on_the_validation_half() -> None:
     one_class = detection_scores(focal, focal, labels, None, None, torch.zeros(40).long())
     assert one_class["anomaly_score_rule"] == 0.0  # nothing to choose on: the own score
     assert one_class["anomaly_auc"] == one_class["anomaly_auc_own"]
+    assert "anomaly_val_auc" not in one_class  # undefined on one class: nothing to choose by
     assert detection_scores(focal, focal, labels, None, None)["anomaly_score_rule"] == 0.0
     # a baseline offers its own score alone (a tensor): the critic is never chosen for it
     critic, labels = _halves("critic", 0)
@@ -156,6 +161,10 @@ def test_anomaly_settings_are_checked() -> None:
                                    "model.family=wgan-gp"]))  # fmt: skip
     with pytest.raises(ValueError, match="data.train_label"):
         load_config(None, ["data.train_label=-2"])
+    with pytest.raises(ValueError, match="eval.select.*choose anomaly_val_auc"):
+        resolve(load_config(None, [*TOY, "eval.select=anomaly_auc"]))  # a test figure
+    with pytest.raises(ValueError, match="eval.select.*measures none"):
+        resolve(load_config(None, ["eval.select=anomaly_val_auc"]))  # synthesis has none
 
 
 def test_encoder_step_trains_the_encoder_only() -> None:
@@ -224,7 +233,8 @@ def trained(tmp_path_factory) -> tuple:
     out = tmp_path_factory.mktemp("anomaly")
     cfg = resolve(load_config(None, [*TOY, "train.local_steps=40", "federation.num_rounds=2",
                                      "federation.num_hospitals=2", f"run.output_dir={out}",
-                                     "run.name=toy", "eval.background=false"]))  # fmt: skip
+                                     "run.name=toy", "eval.background=false",
+                                     "eval.select=anomaly_val_auc"]))  # fmt: skip
     train_centralized(cfg, log=lambda _: None)
     return cfg, out / "toy"
 
@@ -355,8 +365,21 @@ def test_detect_on_png_dicom_and_nifti(trained, tmp_path: Path, capsys) -> None:
     from fedgan.evaluation.anomaly import SCORE_RULES
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rule = int([r["eval"] for r in records if "eval" in r][-1]["anomaly_score_rule"])
+    # the round with the highest validation AUC (the earliest on a tie), found here from the
+    # lines, is the one checkpoints/best names, summary.json reports and detect applies
+    aucs = [r["eval"]["anomaly_val_auc"] for r in records]
+    best = records[aucs.index(max(aucs))]
+    pointer = json.loads((run / "checkpoints" / "best").read_text())
+    assert pointer["round"] == best["round"] and pointer["value"] == max(aucs)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["selected"]["round"] == best["round"]
+    assert summary["selected"]["eval"] == best["eval"]
+    assert f"with round {best['round']}'s detector" in capsys.readouterr().out
+    rule = int(best["eval"]["anomaly_score_rule"])
     assert {r["rule"] for r in rows} == {SCORE_RULES[rule]}  # the rule the evaluation chose
+    assert main(["detect", "--run", str(run), "--input", str(src), "--checkpoint", "latest",
+                 "--out", str(tmp_path / "last")]) == 0  # fmt: skip
+    assert "with round 2's detector;" in capsys.readouterr().out
     overlay = np.asarray(Image.open(tmp_path / "png" / "p0.png"))
     assert overlay.shape == (16, 16, 3)
     ct = get_testdata_file("CT_small.dcm")

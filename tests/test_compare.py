@@ -141,3 +141,29 @@ def test_generator_steps_of_runs_recorded_without_them_come_from_their_examples(
     new = [{"round": 1, "aggregate": {"hospitals": 5, "examples_seen": 999,
                                       "generator_steps": 7}, "eval": {"x": 1.0}}]  # fmt: skip
     assert _curves(new, 32)["x"]["generator_steps"] == [7]  # recorded steps win
+
+
+def test_the_report_shows_the_round_chosen_on_validation_beside_the_last() -> None:
+    from fedgan.report.compare import _selected_table
+
+    chosen_eval = {"anomaly_auc": 0.88, "anomaly_dice": 0.7, "anomaly_val_auc": 0.9,
+                   "anomaly_threshold": 0.1}  # fmt: skip
+    arms = {
+        "pooled": {"selected": None, "final": {"anomaly_auc": 0.85}, "rounds": 10},
+        "private": {"rounds": 10, "final": {"anomaly_auc": 0.58, "anomaly_dice": 0.6},
+                    "selected": {"checkpoint": "round_0002.pt", "round": 2,
+                                 "key": "anomaly_val_auc", "value": 0.9, "eval": chosen_eval}},
+    }  # fmt: skip
+    lines = _selected_table(arms)
+    head = next(line for line in lines if line.startswith("| arm |"))
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    assert columns[:3] == ["arm", "round chosen", "chosen by"]
+    assert "anomaly_auc" in columns and "anomaly_dice" in columns
+    # the choosing figure and reference values (a threshold) are not test figures
+    assert "anomaly_val_auc" not in columns and "anomaly_threshold" not in columns
+    row = next(line for line in lines if line.startswith("| private |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2 of 10" and cells[2] == "anomaly_val_auc = 0.9"
+    assert cells[columns.index("anomaly_auc")] == "0.88 (0.58)"  # chosen (last)
+    assert not any(line.startswith("| pooled |") for line in lines)
+    assert _selected_table({"pooled": arms["pooled"]}) == []

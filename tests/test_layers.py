@@ -98,6 +98,16 @@ def test_catalog_names_are_exactly_what_each_module_registers() -> None:
         assert registry.names() == expected, f"{registry.kind}: not declared in the catalog"
 
 
+def test_catalog_validation_keys_are_what_each_metric_declares() -> None:
+    from fedgan.catalog import METRICS, VALIDATION_KEYS
+
+    for name in METRICS.names():
+        metric = METRICS.get(name)
+        assert metric.validation == VALIDATION_KEYS.get(name, ()), name
+        assert set(metric.validation) <= set(metric.output_keys), name
+    assert set(VALIDATION_KEYS) <= set(METRICS.names())
+
+
 def test_every_config_key_is_read_outside_the_config() -> None:
     from fedgan.config import SECTIONS
 

@@ -103,3 +103,65 @@ def test_run_files_are_strict_json(tmp_path: Path) -> None:
 
     assert load(rd.metrics_path.read_text().strip())["aggregate"]["d_loss"] is None
     assert load(rd.summary_path.read_text())["final"]["eval"]["fid"] is None
+
+
+class _Scripted:
+    """An evaluator that returns set validation figures (the recorder's choice is tested, not
+    a detector)."""
+
+    def __init__(self, values: dict[int, float]) -> None:
+        self.values = values
+        self.skipped: dict[str, str] = {}
+
+    def sample_grid(self, round_: int, state: dict) -> None:
+        return None
+
+    def evaluate(self, round_: int, state: dict, *, final: bool = False) -> dict[str, float]:
+        return {"anomaly_val_auc": self.values[round_], "anomaly_auc": -float(round_)}
+
+
+def test_the_round_chosen_on_validation_survives_a_resume(toy_config: Config) -> None:
+    from fedgan.experiment import resolve
+    from fedgan.runs import RoundRecord, RunRecorder
+
+    cfg = resolve(with_changes(toy_config, task={"name": "anomaly"},
+                               data={"train_label": 0}, federation={"num_rounds": 4},
+                               eval={"select": "anomaly_val_auc"}))  # fmt: skip
+    values = {1: 0.6, 2: 0.7, 3: 0.9, 4: 0.9}
+
+    def train(recorder: RunRecorder, rounds: range) -> None:
+        state = recorder.start()
+        for round_ in rounds:
+            record = RoundRecord.centralized(round_, num_examples=1, examples_seen=1,
+                                             d_loss=0.0, g_loss=0.0, train_seconds=0.0)  # fmt: skip
+            recorder.end_round(record, state)
+        recorder.finish()
+
+    train(RunRecorder(cfg, "centralized", _Scripted(values), log=lambda _: None), range(1, 5))
+    rd = RunDir(cfg.run_dir)
+    assert rd.read_best() == {
+        "checkpoint": "round_0003.pt",
+        "round": 3,
+        "key": "anomaly_val_auc",
+        "value": 0.9,
+    }  # earliest of the tie
+    summary = json.loads(rd.summary_path.read_text())
+    assert summary["selected"]["round"] == 3 and summary["selected"]["eval"]["anomaly_auc"] == -3
+    # rounds 3 and 4 are lost (their checkpoints unreadable): the resume redoes them, and the
+    # pointer never names a round the run no longer has
+    for k in (3, 4):
+        (rd.checkpoints / f"round_{k:04d}.pt").write_bytes(b"torn")
+    values.update({3: 0.65, 4: 0.8})
+    resumed = RunRecorder(with_changes(cfg, run={"resume": True}), "centralized",
+                          _Scripted(values), log=lambda _: None)  # fmt: skip
+    resumed.start()
+    assert resumed.start_round == 2 and rd.read_best() is not None
+    assert rd.read_best()["round"] == 2  # chosen again from the lines kept
+    rd.best_pointer.unlink()
+    train(RunRecorder(with_changes(cfg, run={"resume": True}), "centralized",
+                      _Scripted(values), log=lambda _: None), range(3, 5))  # fmt: skip
+    assert rd.read_best()["round"] == 4 and rd.read_best()["value"] == 0.8
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3, 4]
+    # a pointer that names no checkpoint is not believed
+    (rd.checkpoints / "round_0004.pt").unlink()
+    assert rd.read_best() is None

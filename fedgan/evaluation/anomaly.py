@@ -148,6 +148,9 @@ def detection_scores(
       validation half among the method's own, ``top`` and (fedgan) ``critic``
       (:func:`choose_score_rule`; ``anomaly_score_rule`` says which, an index in
       :data:`SCORE_RULES`); the own score without ``val_labels``.
+    - ``anomaly_val_auc``: the chosen score's AUC on the validation half (with
+      ``val_labels`` of both classes): what ``eval.select`` may choose a run's best round by,
+      as no test image enters it.
     - ``anomaly_auc_own``: the own score's AUC, whichever was chosen.
     - ``anomaly_auc_map``: the largest value of the smoothed map, the same rule for every method.
     - ``anomaly_dice``, ``anomaly_iou``: at the pixel threshold that maximizes Dice on the
@@ -170,13 +173,16 @@ def detection_scores(
     offered = candidates(test[0], test[1])
     rule = 0 if val_labels is None else choose_score_rule(candidates(*val), val_labels)
     scores = rule_scores(rule, offered).double().numpy()
-    out = {
+    out: dict[str, float] = {
         "anomaly_auc": float(roc_auc_score(y, scores)),
         "anomaly_ap": float(average_precision_score(y, scores)),
         "anomaly_score_rule": float(rule),
         "anomaly_auc_own": float(roc_auc_score(y, offered["own"].double().numpy())),
         "anomaly_auc_map": float(roc_auc_score(y, test[1].flatten(1).amax(1).double().numpy())),
     }
+    if val_labels is not None and len(np.unique(val_labels.numpy())) == 2:
+        val_scores = rule_scores(rule, candidates(*val)).double().numpy()
+        out["anomaly_val_auc"] = float(roc_auc_score(val_labels.numpy(), val_scores))
     if val_masks is not None and test_masks is not None and val_masks.any():
         threshold = fn.best_threshold(val[1], val_masks)
         out["anomaly_dice"] = fn.dice(test[1] > threshold, test_masks)
@@ -192,8 +198,9 @@ def _unavailable(*args: object) -> dict[str, float]:
 METRICS.add("anomaly", Metric(
     "anomaly", 0, _unavailable, higher_is_better=True,
     keys=("anomaly_auc", "anomaly_ap", "anomaly_auc_own", "anomaly_auc_map", "anomaly_dice",
-          "anomaly_iou", "anomaly_threshold", "anomaly_score_rule"),
+          "anomaly_iou", "anomaly_threshold", "anomaly_score_rule", "anomaly_val_auc"),
     references=("anomaly_threshold", "anomaly_score_rule"),
+    validation=("anomaly_val_auc",),
 ))  # fmt: skip
 
 

@@ -146,6 +146,9 @@ class Metric:
         paired: Scores an image-to-image output against its ground truth.
         extractors: The feature extractors it reads real features of (prepared before the
             first evaluation).
+        validation: Keys measured on a validation split that its other keys never see: the
+            only keys ``eval.select`` may choose a run's best round by (declared in
+            :data:`fedgan.catalog.VALIDATION_KEYS` too, to check a config without torch).
     """
 
     name: str
@@ -159,6 +162,7 @@ class Metric:
     inception: bool = False
     paired: bool = False
     extractors: tuple[str, ...] = ()
+    validation: tuple[str, ...] = ()
 
     def direction(self, key: str) -> str:
         """``higher``, ``lower``, ``near-real``, ``reference`` or ``spread`` for ``key``."""

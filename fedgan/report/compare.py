@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgan.catalog import METRICS, VALIDATION_KEYS, validation_keys
 from fedgan.config import load_config
 from fedgan.evaluation.metrics import HIGHER, LOWER, NEAR_REAL, REFERENCE, direction
 from fedgan.rundir import RunDir, atomic_write_text
@@ -130,6 +131,7 @@ def collect(
             "curves": _curves(records, cfg.train.batch_size),
             "audit": _audit(rd.path),
             "warm_start": summary.get("warm_start"),
+            "selected": summary.get("selected"),
         }
         arms[arm.name]["recent"] = {
             key: sum(c["value"][-RECENT:]) / len(c["value"][-RECENT:])
@@ -246,6 +248,7 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         "ε is the largest any hospital spent.",
         "",
         *(f"{n}\n" for n in notes),
+        *_selected_table(arms),
         *_epsilon_table(arms),
         *_audit_table(arms),
         "## Curves",
@@ -283,6 +286,45 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
     ]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.html", _html(comparison, head, rows, notes))
+
+
+def _selected(arms: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The round each arm's ``eval.select`` chose on validation images, with the test
+    figures of its metric at that round beside the last round's (None if no arm chose)."""
+    chosen = {n: a["selected"] for n, a in arms.items() if a.get("selected")}
+    if not chosen:
+        return None
+    owner = validation_keys(list(VALIDATION_KEYS))  # validation key -> its metric
+    owners = {owner.get(c["key"]) for c in chosen.values()}
+    keys = [k for m in sorted(o for o in owners if o) for k in METRICS.get(m).output_keys
+            if direction(k) in (HIGHER, LOWER) and k not in METRICS.get(m).validation]  # fmt: skip
+    head = ["arm", "round chosen", "chosen by", *keys]
+    rows = []
+    for name, c in chosen.items():
+        last = arms[name]["final"]
+        figures = [f"{_fmt(c['eval'].get(k))} ({_fmt(last.get(k))})" for k in keys]
+        rows.append([name, f"{c['round']} of {arms[name]['rounds']}",
+                     f"{c['key']} = {_fmt(c['value'])}", *figures])  # fmt: skip
+    return head, rows
+
+
+def _selected_table(arms: dict[str, Any]) -> list[str]:
+    """Markdown lines of :func:`_selected` (none if no arm chose a round)."""
+    table = _selected(arms)
+    if table is None:
+        return []
+    head, rows = table
+    return [
+        "## The round chosen on validation images (`eval.select`)",
+        "",
+        "Each figure is the test half's at the chosen round; the last round's in brackets. "
+        "The choice saw only the validation half.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+    ]
 
 
 def _epsilon_table(arms: dict[str, Any]) -> list[str]:
@@ -333,6 +375,15 @@ def _html(comparison: dict, head: list[str], rows: list[list[str]], notes: list[
 
     cells = "".join(f"<th>{escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    chosen = _selected(comparison["arms"])
+    selected = "" if chosen is None else (
+        "<h2>The round chosen on validation images</h2><table><tr>"
+        + "".join(f"<th>{escape(h)}</th>" for h in chosen[0]) + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>"
+                  for r in chosen[1])
+        + "</table><p>Test figures at the chosen round (the last round's in brackets); the "
+        "choice saw only the validation half.</p>"
+    )  # fmt: skip
     runs = "".join(
         f'<li><b>{escape(n)}</b> ({escape(a["mode"])}): <a href="{escape(a["run_dir"])}">'
         f'{escape(a["run_dir"])}</a>, <a href="{escape(a["config"])}">config</a></li>'
@@ -350,6 +401,7 @@ settings: <code>{escape(", ".join(comparison["overrides"]) or "none")}</code></p
 <p>↓ lower is better, ↑ higher is better; (≈ real): closest to the real data's value is
 best. ε is the largest any hospital spent.</p>
 {"".join(f"<p>{escape(n)}</p>" for n in notes)}
+{selected}
 <h2>Curves</h2><img src="curves.png" alt="curves">
 <p>Compute-matched: by sequential generator steps and by wall time.</p>
 <img src="curves_steps.png" alt="curves by generator steps">

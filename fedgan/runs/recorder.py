@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from fedgan.config import Config, dump_yaml
+from fedgan.evaluation.metrics import LOWER, direction
 from fedgan.models import pack_state
 from fedgan.report import plot_metrics
-from fedgan.rundir import RunDir, UnreadableCheckpoint
+from fedgan.rundir import RunDir, UnreadableCheckpoint, best_entry
 from fedgan.runs.background import BackgroundEvaluator, EvaluatorDied
 from fedgan.runs.evaluators import Evaluator, make_evaluator
 from fedgan.runs.records import RoundRecord
@@ -70,6 +71,7 @@ class RunRecorder:
         self.skipped: dict[str, str] = {}  # what the evaluation process skipped
         self.pending: deque[_Pending] = deque()
         self.background: BackgroundEvaluator | None = None
+        self.best: dict[str, Any] | None = None  # the round eval.select chose so far
         self._background_wanted = (
             evaluator is None
             and cfg.eval.background
@@ -86,6 +88,9 @@ class RunRecorder:
             FileExistsError: If the directory already holds a run and ``run.resume`` is false.
         """
         state = self._start()
+        if self.cfg.eval.select:  # a resumed run's choice, from the lines it kept
+            self.best = self.run_dir.best_round(self.cfg.eval.select, self._select_higher())
+            self.run_dir.write_best(self.best)
         if self._background_wanted:
             self.background = BackgroundEvaluator(self.cfg, self.run_dir.samples)
         self.last_tick = time.perf_counter()
@@ -251,9 +256,26 @@ class RunRecorder:
         pending.awaiting = False
         return True
 
+    def _select_higher(self) -> bool:
+        return direction(self.cfg.eval.select) != LOWER
+
+    def _choose(self, line: dict[str, Any]) -> None:
+        """Points ``checkpoints/best`` at this round if its ``eval.select`` figure is the
+        best so far (written after the round's line, so the pointer never names a round
+        that ``metrics.jsonl`` lacks)."""
+        key = self.cfg.eval.select
+        value = (line.get("eval") or {}).get(key)
+        if not key or not isinstance(value, (int, float)):
+            return
+        old = None if self.best is None else self.best["value"]
+        if old is None or (value > old if self._select_higher() else value < old):
+            self.best = best_entry(int(line["round"]), key, float(value))
+            self.run_dir.write_best(self.best)
+
     def _write(self, line: dict[str, Any]) -> None:
         """One round's line, then the plots."""
         self.run_dir.append_metrics(line)
+        self._choose(line)
         if line.get("eval") is not None:
             plot_metrics(
                 self.run_dir.read_metrics(),
@@ -292,6 +314,13 @@ class RunRecorder:
                 self._tb.add_scalar(key, value, round_)
         self._tb.flush()
 
+    def _selected(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The chosen round (``checkpoints/best``) with its whole evaluation."""
+        assert self.best is not None
+        round_ = self.best["round"]
+        line = next(r for r in records if r.get("round") == round_ and r.get("mode") == self.mode)
+        return {**self.best, "eval": line.get("eval", {})}
+
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Writes ``summary.json`` from the metrics so far."""
         self.flush()
@@ -310,6 +339,7 @@ class RunRecorder:
             "run_dir": str(self.run_dir.path),
             "metrics_skipped": {**self.skipped, **self.evaluator.skipped},
             **({"warm_start": self.warm_start} if self.warm_start else {}),
+            **({"selected": self._selected(records)} if self.best else {}),
             **(extra or {}),
         }
         self.run_dir.write_summary(summary)
