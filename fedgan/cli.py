@@ -220,6 +220,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     slice, and ``scores.csv``."""
     from pathlib import Path
 
+    from fedgan.evaluation.anomaly import load_stats, stats_path
     from fedgan.rundir import RunDir
     from fedgan.runs.apply import check_out_folder, check_trained, detect_files
 
@@ -239,9 +240,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
     evals = [r.get("eval", {}) for r in records if r["round"] <= ckpt["round"]]
     threshold = [e["anomaly_threshold"] for e in evals if "anomaly_threshold" in e]
     rule = [int(e["anomaly_score_rule"]) for e in evals if "anomaly_score_rule" in e]
+    stats_file = stats_path(rd.samples, int(ckpt["round"]))
+    stats = load_stats(stats_file) if stats_file.is_file() else None
     rows = detect_files(cfg, ckpt["state"], Path(args.input), Path(args.out),
                         threshold=threshold[-1] if threshold else None,
-                        rule=rule[-1] if rule else 0)  # fmt: skip
+                        rule=rule[-1] if rule else 0, stats=stats)  # fmt: skip
     why = f", chosen by {best['key']} = {best['value']:.3f}" if best is not None else ""
     print(f"fedgan: scored {len(rows)} image(s) with round {ckpt['round']}'s detector{why}; "
           f"overlays and scores.csv in {args.out}")  # fmt: skip

@@ -72,12 +72,17 @@ def _halves(kind: str, seed: int) -> tuple[tuple[dict[str, torch.Tensor], torch.
     """``(({"own": ..., "critic": ...}, smoothed maps), labels)`` of 40 images, half
     abnormal; the one named by ``kind`` tells the classes apart, the others are noise:
     ``focal``, an abnormal map has a bright 2x2 spot; ``diffuse``, the own score;
-    ``critic``, the critic's score."""
+    ``critic``, the critic's score; ``edge``, every map has a brighter, varying "organ
+    edge" in its corner, and an abnormal one a fainter 2x2 spot (what only ``ztop`` sees);
+    ``healthy``, ``edge``'s maps with no abnormal one (its healthy statistics)."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(40) % 2
+    labels = torch.arange(40) % 2 * int(kind != "healthy")
     maps = 0.3 * torch.rand(40, 1, 16, 16, generator=g)
     scores = {"own": torch.rand(40, generator=g), "critic": torch.rand(40, generator=g)}
-    if kind == "focal":
+    if kind in ("edge", "healthy"):
+        maps[:, :, :3, :3] += 1.0 + 0.5 * torch.rand(40, 1, 1, 1, generator=g)
+        maps[labels == 1, :, 8:10, 8:10] += 0.5
+    elif kind == "focal":
         maps[labels == 1, :, 5:7, 5:7] += 1.0
     else:
         scores["own" if kind == "diffuse" else "critic"] += labels
@@ -87,28 +92,43 @@ def _halves(kind: str, seed: int) -> tuple[tuple[dict[str, torch.Tensor], torch.
 def test_the_image_score_is_chosen_on_the_validation_half() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from fedgan.evaluation.anomaly import SCORE_RULES, detection_scores
+    from fedgan.evaluation.anomaly import SCORE_RULES, detection_scores, healthy_stats
 
-    for kind, rule in (("diffuse", 0.0), ("focal", 1.0), ("critic", 2.0)):
+    def top2(maps: torch.Tensor) -> torch.Tensor:  # top 1 % of 256 pixels: the largest 2
+        return torch.tensor([np.sort(m.flatten().numpy())[-2:].mean() for m in maps])
+
+    healthy = _halves("healthy", 9)[0][1]
+    mean, std = healthy.mean(0, keepdim=True), healthy.std(0, keepdim=True)
+    stats = healthy_stats(healthy)
+    assert torch.allclose(stats[0], mean) and torch.allclose(stats[1], std)
+
+    def z(maps: torch.Tensor) -> torch.Tensor:  # written out: (m - mean) / (std + 10 %), >= 0
+        return torch.from_numpy(np.maximum(((maps - mean) / (std + 0.1 * std.mean())).numpy(), 0))
+
+    kinds = (("diffuse", 0.0), ("focal", 1.0), ("critic", 2.0), ("edge", 3.0))
+    for kind, rule in kinds:
         val, val_labels = _halves(kind, 0)
         test, test_labels = _halves(kind, 1)
-        out = detection_scores(val, test, test_labels, None, None, val_labels)
+        out = detection_scores(val, test, test_labels, None, None, val_labels, stats)
         assert SCORE_RULES[int(out["anomaly_score_rule"])] == {
-            "diffuse": "own", "focal": "top", "critic": "critic"}[kind]  # fmt: skip
-        top = torch.tensor([np.sort(m.flatten().numpy())[-2:].mean() for m in test[1]])
-        chosen = [test[0]["own"], top, test[0]["critic"]][int(rule)]
+            "diffuse": "own", "focal": "top", "critic": "critic", "edge": "ztop"}[kind]  # fmt: skip
+        top = top2(test[1])
+        chosen = [test[0]["own"], top, test[0]["critic"], top2(z(test[1]))][int(rule)]
         assert out["anomaly_auc"] == pytest.approx(roc_auc_score(test_labels, chosen))
         own = test[0]["own"]
         assert out["anomaly_auc_own"] == pytest.approx(roc_auc_score(test_labels, own))
         # the figure eval.select may choose a round by: the chosen score on validation only
-        val_top = torch.tensor([np.sort(m.flatten().numpy())[-2:].mean() for m in val[1]])
-        val_chosen = [val[0]["own"], val_top, val[0]["critic"]][int(rule)]
+        val_chosen = [val[0]["own"], top2(val[1]), val[0]["critic"], top2(z(val[1]))][int(rule)]
         assert out["anomaly_val_auc"] == pytest.approx(roc_auc_score(val_labels, val_chosen))
         assert out["anomaly_auc"] > 0.95
         # the test half's labels never choose: the same rule with them scrambled
         scrambled = test_labels[torch.randperm(40, generator=torch.Generator().manual_seed(2))]
-        again = detection_scores(val, test, scrambled, None, None, val_labels)
+        again = detection_scores(val, test, scrambled, None, None, val_labels, stats)
         assert again["anomaly_score_rule"] == rule
+    # without healthy statistics ztop is not offered: the edge hides the spot from top
+    edge, labels = _halves("edge", 0)
+    plain = detection_scores(edge, _halves("edge", 1)[0], labels, None, None, labels)
+    assert plain["anomaly_score_rule"] != 3.0 and plain["anomaly_auc"] < 0.8
     focal, labels = _halves("focal", 0)
     one_class = detection_scores(focal, focal, labels, None, None, torch.zeros(40).long())
     assert one_class["anomaly_score_rule"] == 0.0  # nothing to choose on: the own score
@@ -285,12 +305,18 @@ def test_the_evaluator_scores_fedgan_and_both_baselines(trained) -> None:
         for key in ("anomaly_auc", "anomaly_ap", "anomaly_auc_own", "anomaly_auc_map",
                     "anomaly_dice", "anomaly_iou"):  # fmt: skip
             assert 0.0 <= ev[f"{method}{key}"] <= 1.0, f"{method}{key}"
-        assert ev[f"{method}anomaly_score_rule"] in (0.0, 1.0)
+        assert ev[f"{method}anomaly_score_rule"] in ((0.0, 1.0, 2.0, 3.0) if method == ""
+                                                     else (0.0, 1.0, 3.0))  # fmt: skip
         if ev[f"{method}anomaly_score_rule"] == 0.0:
             assert ev[f"{method}anomaly_auc"] == ev[f"{method}anomaly_auc_own"]
     assert ev["anomaly_auc_gain"] == pytest.approx(
         ev["anomaly_auc"] - max(ev["mean_anomaly_auc"], ev["pca_anomaly_auc"])
     )
+    from fedgan.evaluation.anomaly import load_stats
+
+    for round_ in (1, 2):  # each evaluation keeps fedgan's healthy statistics for detect
+        mean, std = load_stats(run / "samples" / f"round_{round_:04d}.healthy.pt")
+        assert mean.shape == std.shape == (1, 1, 16, 16) and bool((std > 0).all())
     columns = (run / "samples" / "round_0002.columns.txt").read_text().strip()
     assert columns == "input | reconstruction | fedgan map | mean map | pca map | lesion"
     from fedgan.evaluation.metrics import direction
@@ -377,6 +403,25 @@ def test_detect_on_png_dicom_and_nifti(trained, tmp_path: Path, capsys) -> None:
     assert f"with round {best['round']}'s detector" in capsys.readouterr().out
     rule = int(best["eval"]["anomaly_score_rule"])
     assert {r["rule"] for r in rows} == {SCORE_RULES[rule]}  # the rule the evaluation chose
+    # ztop, applied with the statistics the evaluation kept (and refused without them)
+    from fedgan.evaluation.anomaly import load_stats, smooth_map, standardize, top_score
+    from fedgan.runs.apply import detect_files
+
+    cfg, _ = trained
+    ckpt = torch.load(run / "checkpoints" / "round_0002.pt", weights_only=True)
+    with pytest.raises(ValueError, match="healthy statistics"):
+        detect_files(cfg, ckpt["state"], src, tmp_path / "z0", rule=3)
+    assert not (tmp_path / "z0").exists()
+    stats = load_stats(run / "samples" / "round_0002.healthy.pt")
+    got = detect_files(cfg, ckpt["state"], src, tmp_path / "z", rule=3, stats=stats)
+    objective = make_objective(cfg)
+    nets = objective.build()
+    load_state(nets, ckpt["state"])
+    images = torch.stack([torch.from_numpy(np.array(Image.open(src / f"p{i}.png"))).float()
+                          / 127.5 - 1 for i in range(2)]).unsqueeze(1)  # fmt: skip
+    _, maps, _ = objective.anomaly_maps({k: v.eval() for k, v in nets.items()}, images)
+    want = top_score(standardize(smooth_map(maps), stats))
+    assert [score for _, score in got] == pytest.approx(want.tolist(), rel=1e-4)
     assert main(["detect", "--run", str(run), "--input", str(src), "--checkpoint", "latest",
                  "--out", str(tmp_path / "last")]) == 0  # fmt: skip
     assert "with round 2's detector;" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from fedgan.device import resolve_device
 from fedgan.evaluation import functional as fn
 from fedgan.evaluation.metrics import METRICS, Metric, MetricUnavailable
 from fedgan.models import load_state
+from fedgan.rundir import atomic_write_bytes
 
 if TYPE_CHECKING:
     from fedgan.config import Config
@@ -83,15 +84,39 @@ TOP_FRACTION = 0.01
 one), the residual where it is worst, which a lesion of a few pixels moves and a whole-image
 mean does not."""
 
-SCORE_RULES = ("own", "top", "critic")
+SCORE_RULES = ("own", "top", "critic", "ztop")
 """The image-score rules, in the order ``anomaly_score_rule`` numbers them: the method's own
 score (f-AnoGAN's residual plus feature residual; a baseline's mean squared residual),
-``top``, and ``critic``: how unreal the released discriminator finds the image, ``-D(x)``
+``top``, ``critic``: how unreal the released discriminator finds the image, ``-D(x)``
 (the discrimination score of AnoGAN and of Zenati et al. 2018's BiGAN detector; fedgan only,
-a baseline has no discriminator)."""
+a baseline has no discriminator), and ``ztop``: ``top`` of the map standardized by healthy
+images' residuals (:func:`standardize`)."""
 
 Scores = dict[str, torch.Tensor]
 """A method's image scores by rule name: ``own`` always, ``critic`` where it has one."""
+
+HealthyStats = tuple[torch.Tensor, torch.Tensor]
+"""``(mean, std)``, each ``[1, 1, H, W]``: a method's smoothed map, pixel by pixel, over
+healthy images (:func:`healthy_stats`)."""
+
+#: Healthy images that estimate :data:`HealthyStats` (a seeded subset of larger references).
+STATS_IMAGES = 512
+
+
+def healthy_stats(maps: torch.Tensor) -> HealthyStats:
+    """Each pixel's mean and standard deviation of a method's smoothed maps of healthy images."""
+    if len(maps) < 2:
+        raise MetricUnavailable("standardized maps need at least two healthy images")
+    return maps.mean(0, keepdim=True), maps.std(0, keepdim=True)
+
+
+def standardize(maps: torch.Tensor, stats: HealthyStats) -> torch.Tensor:
+    """How far each pixel's residual exceeds what healthy anatomy leaves there: the smoothed
+    map minus the healthy mean, over the healthy standard deviation plus 10 % of its average
+    (a pixel where healthy residuals never vary cannot explode), clipped at 0. A detector that
+    always misses an organ's edge by a little stops flagging that edge; a lesion stands out."""
+    mean, std = stats
+    return ((maps - mean) / (std + 0.1 * std.mean())).clamp(min=0)
 
 
 def top_score(maps: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Tensor:
@@ -101,11 +126,16 @@ def top_score(maps: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Tenso
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def candidates(scores: Scores | torch.Tensor, maps: torch.Tensor) -> Scores:
+def candidates(
+    scores: Scores | torch.Tensor, maps: torch.Tensor, stats: HealthyStats | None = None
+) -> Scores:
     """Every image score a method offers, by rule name: its own (``scores`` alone, or with
-    ``critic``) and ``top`` of its smoothed ``maps``."""
+    ``critic``), ``top`` of its smoothed ``maps``, and with the healthy ``stats`` of those
+    maps, ``ztop``."""
     out = {"own": scores} if isinstance(scores, torch.Tensor) else dict(scores)
     out["top"] = top_score(maps)
+    if stats is not None:
+        out["ztop"] = top_score(standardize(maps, stats))
     return out
 
 
@@ -140,14 +170,15 @@ def detection_scores(
     val_masks: torch.Tensor | None,
     test_masks: torch.Tensor | None,
     val_labels: torch.Tensor | None = None,
+    stats: HealthyStats | None = None,
 ) -> dict[str, float]:
     """Image-level ROC AUC and AP on the test half, and pixel-level Dice and IoU where masks
     exist, every choice made on the validation half, never on the test half:
 
     - ``anomaly_auc``, ``anomaly_ap``: of the image score whose AUC is highest on the
-      validation half among the method's own, ``top`` and (fedgan) ``critic``
-      (:func:`choose_score_rule`; ``anomaly_score_rule`` says which, an index in
-      :data:`SCORE_RULES`); the own score without ``val_labels``.
+      validation half among the method's own, ``top``, (fedgan) ``critic`` and (with
+      ``stats``) ``ztop`` (:func:`choose_score_rule`; ``anomaly_score_rule`` says which, an
+      index in :data:`SCORE_RULES`); the own score without ``val_labels``.
     - ``anomaly_val_auc``: the chosen score's AUC on the validation half (with
       ``val_labels`` of both classes): what ``eval.select`` may choose a run's best round by,
       as no test image enters it.
@@ -164,14 +195,16 @@ def detection_scores(
         val_masks: Lesion masks of the validation half (None where unknown).
         test_masks: Lesion masks of the test half.
         val_labels: The validation half's labels (1 = abnormal), which choose the image score.
+        stats: The method's :data:`HealthyStats`, from healthy images outside the test half.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     y = test_labels.numpy()
     if len(np.unique(y)) < 2:
         raise MetricUnavailable("the test half holds a single class: AUC is undefined")
-    offered = candidates(test[0], test[1])
-    rule = 0 if val_labels is None else choose_score_rule(candidates(*val), val_labels)
+    offered = candidates(test[0], test[1], stats)
+    on_val = candidates(val[0], val[1], stats)
+    rule = 0 if val_labels is None else choose_score_rule(on_val, val_labels)
     scores = rule_scores(rule, offered).double().numpy()
     out: dict[str, float] = {
         "anomaly_auc": float(roc_auc_score(y, scores)),
@@ -181,7 +214,7 @@ def detection_scores(
         "anomaly_auc_map": float(roc_auc_score(y, test[1].flatten(1).amax(1).double().numpy())),
     }
     if val_labels is not None and len(np.unique(val_labels.numpy())) == 2:
-        val_scores = rule_scores(rule, candidates(*val)).double().numpy()
+        val_scores = rule_scores(rule, on_val).double().numpy()
         out["anomaly_val_auc"] = float(roc_auc_score(val_labels.numpy(), val_scores))
     if val_masks is not None and test_masks is not None and val_masks.any():
         threshold = fn.best_threshold(val[1], val_masks)
@@ -189,6 +222,31 @@ def detection_scores(
         out["anomaly_iou"] = fn.iou(test[1] > threshold, test_masks)
         out["anomaly_threshold"] = threshold
     return out
+
+
+def stats_path(samples_dir: Path, round_: int) -> Path:
+    """Where a round's fedgan :data:`HealthyStats` are kept (beside its sample grid)."""
+    return samples_dir / f"round_{round_:04d}.healthy.pt"
+
+
+def save_stats(stats: HealthyStats, path: Path) -> None:
+    """Writes ``stats`` atomically."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"mean": stats[0], "std": stats[1]}, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_stats(path: Path) -> HealthyStats:
+    """What :func:`save_stats` wrote.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+    """
+    got = torch.load(path, map_location="cpu", weights_only=True)
+    return got["mean"], got["std"]
 
 
 def _unavailable(*args: object) -> dict[str, float]:
@@ -227,6 +285,7 @@ class AnomalyEvaluator:
         self._data: dict[str, torch.Tensor | None] | None = None
         self._baselines: dict[str, dict[str, float]] | None = None
         self._baseline_maps: dict[str, torch.Tensor] = {}
+        self._stats_images: torch.Tensor | None = None
 
     def data(self) -> dict[str, torch.Tensor | None]:
         """The validation and test halves: images, labels (1 = abnormal) and masks."""
@@ -264,15 +323,27 @@ class AnomalyEvaluator:
         assert val_images is not None and val_labels is not None
         return val_images[val_labels == 0]
 
-    def _score(self, detect: Detector) -> tuple[dict[str, float], torch.Tensor]:
+    def _stats_reference(self) -> torch.Tensor:
+        """The healthy images that estimate every method's :data:`HealthyStats`: the baselines'
+        reference, at most :data:`STATS_IMAGES` of them (a seeded subset)."""
+        if self._stats_images is None:
+            healthy = self._healthy_reference()
+            order = torch.randperm(len(healthy), generator=torch.Generator().manual_seed(
+                self.cfg.run.seed + 515_151))  # fmt: skip
+            self._stats_images = healthy[order[:STATS_IMAGES]]
+        return self._stats_images
+
+    def _score(self, detect: Detector) -> tuple[dict[str, float], torch.Tensor, HealthyStats]:
         d = self.data()
         val = detect(d["val_images"])  # type: ignore[arg-type]
         test = detect(d["test_images"])  # type: ignore[arg-type]
+        stats = healthy_stats(smooth_map(detect(self._stats_reference())[1]))
         val = (val[0], smooth_map(val[1]))
         test = (test[0], smooth_map(test[1]))
         scores = detection_scores(val, test, d["test_labels"],  # type: ignore[arg-type]
-                                  d["val_masks"], d["test_masks"], d["val_labels"])  # fmt: skip
-        return scores, test[1]
+                                  d["val_masks"], d["test_masks"], d["val_labels"],
+                                  stats)  # fmt: skip
+        return scores, test[1], stats
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Each classical detector's scores (computed once)."""
@@ -284,7 +355,7 @@ class AnomalyEvaluator:
                 "pca": pca_detector(healthy, seed=self.cfg.run.seed),
             }
             for name, detect in detectors.items():
-                self._baselines[name], self._baseline_maps[name] = self._score(detect)
+                self._baselines[name], self._baseline_maps[name], _ = self._score(detect)
         return self._baselines
 
     def prepare(self) -> None:
@@ -308,8 +379,11 @@ class AnomalyEvaluator:
     def metrics(self, round_: int, state: dict[str, torch.Tensor], names: list[str] | None = None
                 ) -> dict[str, float]:  # fmt: skip
         """fedgan's detection scores, each baseline's as ``<baseline>_<key>``, and fedgan's AUC
-        (and Dice) gain over the best baseline."""
-        result, _ = self._score(self.detector(state))
+        (and Dice) gain over the best baseline. fedgan's :data:`HealthyStats` of this round go
+        to ``<samples>/round_<k>.healthy.pt`` (:func:`save_stats`), which ``fedgan detect``
+        reads to apply ``ztop``."""
+        result, _, stats = self._score(self.detector(state))
+        save_stats(stats, stats_path(self.samples_dir, round_))
         baselines = self.baselines()
         for name, scores in baselines.items():
             for key, value in scores.items():

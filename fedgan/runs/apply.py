@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from fedgan.config import Config
+from fedgan.evaluation.anomaly import HealthyStats
 from fedgan.evaluation.central import CentralEvaluator
 from fedgan.models import ImageShape
 from fedgan.progress import track
@@ -199,19 +200,22 @@ def detect_files(
     *,
     threshold: float | None = None,
     rule: int = 0,
+    stats: HealthyStats | None = None,
 ) -> list[tuple[str, float]]:
     """Scores every image (or slice) in ``source`` with an ``anomaly`` run and writes
     ``out/<name>.png``: the image in grey with its anomaly map over it in red (full red at
     ``threshold``, the pixel threshold the run's evaluation chose on validation images; the
     image's own 99th map percentile without one), and ``out/scores.csv`` (file, score, and the
     score's rule: ``rule``, the image score the evaluation chose on validation images, an
-    index in :data:`fedgan.evaluation.anomaly.SCORE_RULES`).
+    index in :data:`fedgan.evaluation.anomaly.SCORE_RULES`; ``ztop`` standardizes by
+    ``stats``, the healthy statistics that evaluation measured).
 
     Returns:
         ``(output name, anomaly score)`` per image, in order.
 
     Raises:
-        ValueError: For a run of another task, or files of no known format.
+        ValueError: For a run of another task, files of no known format, or rule ``ztop``
+            without ``stats``.
         FileNotFoundError: If ``source`` does not exist.
     """
     from fedgan.data.transforms import fit_slice
@@ -228,6 +232,10 @@ def detect_files(
         raise ValueError(
             f"fedgan detect needs a run of task anomaly; this run's task is {cfg.task.name!r}"
         )
+    if SCORE_RULES[rule] == "ztop" and stats is None:
+        raise ValueError("the run chose the ztop image score, but its healthy statistics "
+                         "(samples/round_<k>.healthy.pt) are missing: run fedgan evaluate "
+                         "on this checkpoint to write them")  # fmt: skip
     fmt, files = input_files(source)
     evaluator = AnomalyEvaluator(cfg, out, objective)  # type: ignore[arg-type]
     nets = evaluator.networks(state)
@@ -241,7 +249,7 @@ def detect_files(
         offered = {"own": scores}
         if SCORE_RULES[rule] == "critic":
             offered["critic"] = objective.critic_scores(nets, images)  # type: ignore[attr-defined]
-        scores = rule_scores(rule, candidates(offered, maps))
+        scores = rule_scores(rule, candidates(offered, maps, stats))
         out.mkdir(parents=True, exist_ok=True)
         stem = path.name.split(".")[0]
         for k, (image, score, amap) in enumerate(zip(images, scores, maps, strict=True)):
