@@ -297,7 +297,8 @@ def _selected(arms: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     owner = validation_keys(list(VALIDATION_KEYS))  # validation key -> its metric
     owners = {owner.get(c["key"]) for c in chosen.values()}
     keys = [k for m in sorted(o for o in owners if o) for k in METRICS.get(m).output_keys
-            if direction(k) in (HIGHER, LOWER) and k not in METRICS.get(m).validation]  # fmt: skip
+            if direction(k) in (HIGHER, LOWER) and k not in METRICS.get(m).validation
+            and any(k in c["eval"] for c in chosen.values())]  # fmt: skip
     head = ["arm", "round chosen", "chosen by", *keys]
     rows = []
     for name, c in chosen.items():
