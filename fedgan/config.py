@@ -227,6 +227,11 @@ class TrainSection:
             takes (what DP-SGD is calibrated and charged for); the schedule decides how many
             generator steps they buy. 0: ``local_steps`` x the starting n_D, as the fixed
             schedule takes.
+        mode_seeking: Weight of the mode-seeking term in a synthesis generator's loss (Mao et
+            al. 2019, MSGAN): the generator's batch is split into two halves, and the term is
+            ``weight / (mean|G(z1) - G(z2)| / mean|z1 - z2| + 1e-5)``, which is large when two
+            latent codes draw the same image. It reads no real image, so under DP-SGD it
+            costs no privacy. 0 turns it off.
     """
 
     batch_size: int = 32
@@ -244,6 +249,7 @@ class TrainSection:
     critic_beta: float = 0.99
     critic_grace: int = 25
     d_steps_per_round: int = 0
+    mode_seeking: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -267,6 +273,8 @@ class TrainSection:
         _check_range("train.critic_beta", self.critic_beta, 0.0, 0.9999)
         if self.critic_grace < 0:
             _fail("train.critic_grace", f"must be >= 0, got {self.critic_grace}")
+        if self.mode_seeking < 0:
+            _fail("train.mode_seeking", f"must be >= 0 (0 = off), got {self.mode_seeking}")
         if self.d_steps_per_round < 0:
             _fail(
                 "train.d_steps_per_round",

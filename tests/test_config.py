@@ -65,6 +65,7 @@ def test_overrides_are_typed() -> None:
         ("run.resume=maybe", "expected true or false"),
         ("data.image_size=48", "power of two"),
         ("train.device=tpu", "allowed: auto, cpu, cuda"),
+        ("train.mode_seeking=-1", "'train.mode_seeking': must be >= 0"),
         ("federation.min_hospitals=9", "exceeds federation.num_hospitals"),
         ("lr=0.1", "section.key=value"),
     ],

@@ -259,3 +259,38 @@ def test_short_centralized_training_does_not_diverge_or_collapse(family: str, tm
     assert torch.isfinite(images).all()
     assert pairwise_ssim(images) < 0.95, "the generator collapsed to one image"
     assert images.flatten(1).std(0).mean() > 0.02
+
+
+def test_mode_seeking_term_is_its_formula_on_a_hand_made_batch() -> None:
+    from fedgan.training.objectives.synthesis import mode_seeking
+
+    # pair i is (row i, row 2 + i): images 0.0 against 0.5 and 0.2 against 0.2; codes 2 apart
+    fake = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 0.2, 0.5, 0.2, 9.0)])
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [7.0, 7.0]])
+    images = (abs(0.0 - 0.5) + abs(0.2 - 0.2)) / 2  # the odd last row is left out
+    assert float(mode_seeking(fake, z)) == pytest.approx(1 / (images / 2.0 + 1e-5), rel=1e-6)
+    # two codes that draw the same image: the term is at its ceiling, 1 / eps
+    same = torch.zeros(4, 1, 4, 4)
+    assert float(mode_seeking(same, torch.randn(4, 3))) == pytest.approx(1e5)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "cgan"])
+def test_mode_seeking_weight_adds_its_term_to_the_generator_loss(family: str) -> None:
+    from fedgan.config import with_changes
+    from fedgan.training import StepContext
+    from fedgan.training.objectives.synthesis import SynthesisObjective, mode_seeking
+
+    plain = _cfg(family)
+    cfg = with_changes(plain, train={"mode_seeking": 2.0, "batch_size": 8})
+    nets = build_networks(cfg.model, ImageShape(1, 32), seed=0)
+    ctx = StepContext.seeded(0, torch.device("cpu"))
+    batch = SynthesisObjective(cfg).free_batch("G", None, ctx)
+    if FAMILIES.get(family).conditional:  # each pair shares its class
+        assert torch.equal(batch["labels"][:4], batch["labels"][4:])
+    losses = [
+        float(SynthesisObjective(c).accumulate_gradients("G", nets, batch, ctx))
+        for c in (with_changes(plain, train={"batch_size": 8}), cfg)
+    ]
+    with torch.no_grad():
+        term = mode_seeking(forward(nets["generator"], batch["z"], batch.get("labels")), batch["z"])
+    assert losses[1] - losses[0] == pytest.approx(2.0 * float(term), rel=1e-4)

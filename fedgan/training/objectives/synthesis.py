@@ -44,6 +44,17 @@ def gradient_penalty(
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
+def mode_seeking(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al. 2019): rows ``i`` and ``n + i`` of a batch of
+    ``2n`` form pair ``i``; the term is ``1 / (mean|x1 - x2| / mean|z1 - z2| + eps)``, whole-
+    batch means as in the reference code. Minimizing it pulls apart the images of different
+    latent codes (an odd last row is left out)."""
+    n = len(fake) // 2
+    images = (fake[:n] - fake[n : 2 * n]).abs().mean()
+    codes = (z[:n] - z[n : 2 * n]).abs().mean()
+    return 1.0 / (images / codes + eps)
+
+
 def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Labels of a conditional family, checked against ``model.num_classes``.
 
@@ -188,10 +199,15 @@ class SynthesisObjective(Objective):
 
             return ctx.backward(d_loss, nets, batch)
 
+        weight = self.cfg.train.mode_seeking
+
         def g_loss(nets: Nets, b: Batch) -> torch.Tensor:
             y = b.get("labels")
             fake = forward(nets["generator"], b["z"], y)
-            return family.g_loss(forward(nets["discriminator"], fake, y))
+            loss = family.g_loss(forward(nets["discriminator"], fake, y))
+            if weight and len(fake) >= 2:
+                loss = loss + weight * mode_seeking(fake, b["z"])
+            return loss
 
         return ctx.backward(g_loss, nets, batch)
 
@@ -202,8 +218,13 @@ class SynthesisObjective(Objective):
         z = torch.randn(size, self.cfg.model.latent_dim, device=ctx.device, generator=ctx.noise)
         tensors = {"z": z}
         if self.family.conditional:
-            tensors["labels"] = torch.randint(0, self.cfg.model.num_classes, (size,),
-                                              device=ctx.device, generator=ctx.noise)  # fmt: skip
+            labels = torch.randint(0, self.cfg.model.num_classes, (size,),
+                                   device=ctx.device, generator=ctx.noise)  # fmt: skip
+            if self.cfg.train.mode_seeking and size >= 2:
+                # the mode-seeking term compares rows i and n + i: give each pair one class
+                n = size // 2
+                labels[n : 2 * n] = labels[:n]
+            tensors["labels"] = labels
         return Batch(tensors)
 
 
