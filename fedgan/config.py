@@ -176,6 +176,9 @@ class ModelSection:
             whose networks this run starts from instead of random weights, typically
             ``fedgan pretrain`` on public data. It costs no privacy: the hospitals'
             accountants cover only what they train here. Empty: random initial weights.
+        d_norm: The normalization of the ``dcgan``, ``cgan`` and ``wgan-gp`` discriminators'
+            inner stages: ``group`` (GroupNorm) or ``none`` (a biased convolution alone, as
+            Bie, Kamath & Zhang 2023 train private GANs).
     """
 
     family: str = "dcgan"
@@ -183,6 +186,7 @@ class ModelSection:
     base_channels: int = 32
     num_classes: int = 2
     init_from: str = ""
+    d_norm: str = "group"
 
     def __post_init__(self) -> None:
         _check_positive("model.latent_dim", self.latent_dim)
@@ -190,6 +194,7 @@ class ModelSection:
             _fail("model.num_classes", f"must be >= 2, got {self.num_classes}")
         if self.base_channels < 4:
             _fail("model.base_channels", f"must be >= 4, got {self.base_channels}")
+        _check_choice("model.d_norm", self.d_norm, ["group", "none"])
 
 
 #: ``train.critic_schedule`` values.

@@ -58,6 +58,7 @@ def test_overrides_are_typed() -> None:
         ("train.learning_rate=0.1", "'train.learning_rate': unknown key"),
         ("trainer.lr_g=0.1", "unknown config section"),
         ("model.family=stylegan9", "allowed: cgan, dcgan, sngan, wgan-gp"),
+        ("model.d_norm=batch", "allowed: group, none"),
         ("data.partition=random", "allowed: dirichlet, iid"),
         ("federation.strategy=fedbest", "allowed:"),
         ("train.batch_size=0", "'train.batch_size': must be > 0"),

@@ -294,3 +294,16 @@ def test_mode_seeking_weight_adds_its_term_to_the_generator_loss(family: str) ->
     with torch.no_grad():
         term = mode_seeking(forward(nets["generator"], batch["z"], batch.get("labels")), batch["z"])
     assert losses[1] - losses[0] == pytest.approx(2.0 * float(term), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "cgan", "wgan-gp"])
+def test_d_norm_none_leaves_the_discriminator_without_normalization(family: str) -> None:
+    from fedgan.config import with_changes
+
+    def norms(d_norm: str) -> int:
+        cfg = with_changes(_cfg(family), model={"d_norm": d_norm})
+        d = build_networks(cfg.model, ImageShape(1, 32), seed=0)["discriminator"]
+        return sum(isinstance(m, torch.nn.GroupNorm) for m in d.modules())
+
+    assert norms("group") == 2  # 32 px: two inner stages after the first convolution
+    assert norms("none") == 0

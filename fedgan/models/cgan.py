@@ -80,10 +80,10 @@ class ConditionalGenerator(nn.Module):
 class ProjectionDiscriminator(nn.Module):
     """``D(x, y) = head(phi(x)) + <embed(y), sum_hw phi(x)>``."""
 
-    def __init__(self, num_classes: int, shape: ImageShape, base: int) -> None:
+    def __init__(self, num_classes: int, shape: ImageShape, base: int, norm: str = "group") -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.body = Discriminator(shape, base)
+        self.body = Discriminator(shape, base, norm)
         self.embed = nn.Embedding(num_classes, self.body.feature_channels)
         nn.init.normal_(self.embed.weight, 0.0, 0.02)
 
@@ -100,7 +100,9 @@ def build(cfg: ModelSection, shape: ImageShape) -> dict[str, nn.Module]:
         "generator": ConditionalGenerator(
             cfg.latent_dim, cfg.num_classes, shape, cfg.base_channels
         ),
-        "discriminator": ProjectionDiscriminator(cfg.num_classes, shape, cfg.base_channels),
+        "discriminator": ProjectionDiscriminator(
+            cfg.num_classes, shape, cfg.base_channels, cfg.d_norm
+        ),
     }
 
 

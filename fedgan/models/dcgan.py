@@ -71,21 +71,23 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """image -> one logit: x2 strided-conv stages down to 4x4, GroupNorm, LeakyReLU (not in-place).
 
-    GroupNorm instead of BatchNorm keeps every sample's gradient its own (Opacus needs that).
+    GroupNorm instead of BatchNorm keeps every sample's gradient its own (Opacus needs that);
+    ``norm="none"`` leaves the inner stages unnormalized (``model.d_norm``).
     ``features`` ends at the 4x4 map, so conditional variants can add a projection.
     """
 
-    def __init__(self, shape: ImageShape, base_channels: int) -> None:
+    def __init__(self, shape: ImageShape, base_channels: int, norm: str = "group") -> None:
         super().__init__()
         depth = num_upsamplings(shape.size)
         ch = base_channels
         layers: list[nn.Module] = [nn.Conv2d(shape.channels, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
         for _ in range(depth - 1):
-            layers += [
-                nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
-                nn.GroupNorm(min(8, ch * 2), ch * 2),
-                nn.LeakyReLU(0.2),
-            ]
+            if norm == "group":
+                layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
+                           nn.GroupNorm(min(8, ch * 2), ch * 2)]  # fmt: skip
+            else:
+                layers.append(nn.Conv2d(ch, ch * 2, 4, 2, 1))
+            layers.append(nn.LeakyReLU(0.2))
             ch *= 2
         self.features = nn.Sequential(*layers)
         self.feature_channels = ch
@@ -126,7 +128,7 @@ def bce_g_loss(fake: torch.Tensor) -> torch.Tensor:
 def build(cfg: ModelSection, shape: ImageShape) -> dict[str, nn.Module]:
     return {
         "generator": Generator(cfg.latent_dim, shape, cfg.base_channels),
-        "discriminator": Discriminator(shape, cfg.base_channels),
+        "discriminator": Discriminator(shape, cfg.base_channels, cfg.d_norm),
     }
 
 

@@ -28,7 +28,7 @@ def generator_loss(fake: torch.Tensor) -> torch.Tensor:
 def build(cfg: ModelSection, shape: ImageShape) -> dict[str, nn.Module]:
     return {
         "generator": Generator(cfg.latent_dim, shape, cfg.base_channels),
-        "discriminator": Discriminator(shape, cfg.base_channels),
+        "discriminator": Discriminator(shape, cfg.base_channels, cfg.d_norm),
     }
 
 
