@@ -232,6 +232,46 @@ def test_central_noise_is_calibrated_by_flowers_own_accountant() -> None:
     assert central_noise(fixed, num_hospitals=10, sampled=10, rounds=5) == 2.5
 
 
+def test_a_resumed_central_dp_run_calibrates_for_the_whole_run() -> None:
+    """After a resume the accountant starts from the releases already made, and the noise for
+    the remaining rounds keeps the whole run within the budget, by Opacus's RDP accountant
+    too (the Gaussian mechanism without sampling is Opacus's sample rate 1)."""
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+    from opacus.accountants import RDPAccountant
+
+    from fedgan.federated.central_dp import (
+        central_accountant,
+        central_noise,
+        releases_from_state,
+        releases_state,
+    )
+
+    cfg = load_config(None, ["privacy.mode=central-dp", "privacy.target_epsilon=8"]).privacy
+    first = central_accountant(cfg, 10)
+    first.compose(GaussianPrivacyEvent(3.0, 10, 10), count=2)
+    prior = releases_from_state(releases_state(first))  # through the checkpoint's form
+    assert prior == [(GaussianPrivacyEvent(3.0, 10, 10), 2)]
+    resumed = central_accountant(cfg, 10, prior)
+    assert resumed.num_releases == 2
+    assert resumed.get_epsilon(1e-5) == pytest.approx(first.get_epsilon(1e-5))
+
+    sigma = central_noise(cfg, num_hospitals=10, sampled=10, rounds=3, prior=prior)
+    fresh = central_noise(cfg, num_hospitals=10, sampled=10, rounds=3)
+    assert sigma > fresh  # the budget the first rounds spent is not spent again
+    delta = resumed.config.target_delta
+    opacus = RDPAccountant()
+    opacus.history = [(3.0, 1.0, 2), (sigma, 1.0, 3)]
+    assert opacus.get_epsilon(delta) <= 8.0 * 1.02
+    opacus.history = [(3.0, 1.0, 2), (sigma * 0.9, 1.0, 3)]
+    assert opacus.get_epsilon(delta) > 8.0
+
+    spent = central_accountant(cfg, 10)
+    spent.compose(GaussianPrivacyEvent(0.5, 10, 10), count=5)
+    with pytest.raises(ValueError, match="already spent"):
+        central_noise(cfg, num_hospitals=10, sampled=10, rounds=1,
+                      prior=releases_from_state(releases_state(spent)))  # fmt: skip
+
+
 def test_central_dp_needs_fedavg_and_a_budget() -> None:
     with pytest.raises(ValueError, match="federation.strategy=fedavg"):
         resolve(load_config(

@@ -245,6 +245,44 @@ def test_central_dp_reports_epsilon_and_stops_at_the_budget(tmp_path: Path, clip
     assert "central privacy budget" in summary["stopped_early"]
 
 
+def test_a_resumed_central_dp_run_never_passes_the_budget(tmp_path: Path) -> None:
+    """The budget affords 3 releases. A run of 2 rounds resumed for 5 in all must stop after
+    the third: the resumed accountant counts the first two (a fresh one would allow 3 more)."""
+    central = [
+        "federation.num_hospitals=2",
+        "privacy.mode=central-dp",
+        "privacy.target_epsilon=12",
+        "privacy.noise_multiplier=0.8",
+        "privacy.max_grad_norm=5",
+    ]
+    first = simulate(tmp_path, *central, "federation.num_rounds=2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    more = simulate(tmp_path, *central, "federation.num_rounds=5", "run.resume=true")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    records = RunDir(tmp_path / "e2e").read_metrics()
+    assert [r["round"] for r in records] == [1, 2, 3]
+    eps = [r["aggregate"]["central_epsilon"] for r in records]
+    assert eps == sorted(eps) and eps[-1] <= 12.0
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert summary["privacy"]["central"]["releases"] == 3
+    assert "central privacy budget" in summary["stopped_early"]
+
+
+def test_a_resumed_fedavgm_run_keeps_its_server_momentum(tmp_path: Path) -> None:
+    momentum = ["federation.num_hospitals=2", "federation.strategy=fedavgm",
+                "federation.avgm_momentum=0.9"]  # fmt: skip
+    first = simulate(tmp_path, *momentum, "federation.num_rounds=2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    rd = RunDir(tmp_path / "e2e")
+    saved = rd.load_checkpoint()["meta"]["server"]["server_optimizer"]
+    assert saved["kind"] == "momentum" and set(saved["t"].values()) == {2}
+    more = simulate(tmp_path, *momentum, "federation.num_rounds=3", "run.resume=true")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    state = rd.load_checkpoint()["meta"]["server"]["server_optimizer"]
+    assert set(state["t"].values()) == {3}  # the resumed run went on from round 2's moments
+    assert set(state["m"]) == set(saved["m"]) and len(state["m"]) > 0
+
+
 def test_pneumoniamnist_five_hospitals_dirichlet(tmp_path: Path, pneumonia_npz: Path) -> None:
     """Issue 5's acceptance run: real MedMNIST data, 5 hospitals, label skew alpha = 0.5."""
     res = simulate(

@@ -234,3 +234,33 @@ def test_a_malformed_report_is_rejected() -> None:
     out, _ = strategy.aggregate_train(1, [bare, _reply(_honest(1), 10, 1)])
     assert torch.allclose(from_arrays(out)["generator.w"], _honest(1)["generator.w"])
     assert "malformed report" in strategy.round_log.failures[0][1]
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam", "yogi", "adagrad"])
+def test_server_optimizer_state_survives_a_checkpoint(kind: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A server optimizer restored from a checkpoint takes the same next step as the one that
+    kept running; a fresh one (what a resume without the state would get) does not."""
+    from fedgan.federated.server_opt import ServerOptimizer
+
+    rng = np.random.default_rng(0)
+    current = {"w": rng.normal(size=(3, 4)).astype(np.float32), "n": np.array(5)}
+
+    def opt() -> ServerOptimizer:
+        return ServerOptimizer(kind, lr=0.5, momentum=0.9)
+
+    running = opt()
+    for _ in range(3):
+        averaged = {k: (v + rng.normal(size=v.shape).astype(v.dtype) if v.dtype.kind == "f"
+                        else v) for k, v in current.items()}  # fmt: skip
+        current = running.step(current, averaged)
+    torch.save({"server": running.state_dict()}, tmp_path / "ckpt.pt")
+    restored = opt()
+    restored.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["server"])
+    assert restored.t == {"w": 3}
+    last = {"w": current["w"] + 1.0, "n": current["n"]}
+    expected = running.step(current, last)
+    np.testing.assert_array_equal(restored.step(current, last)["w"], expected["w"])
+    assert not np.allclose(opt().step(current, last)["w"], expected["w"])
+    other = ServerOptimizer("adam" if kind != "adam" else "yogi", lr=0.5)
+    with pytest.raises(ValueError, match="federation.strategy"):
+        other.load_state_dict(running.state_dict())

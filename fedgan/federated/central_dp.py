@@ -8,7 +8,7 @@ with a few hospitals, per-sample DP-SGD (``privacy.mode: dp-sgd``) is the one to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,9 +36,26 @@ from fedgan.privacy import default_delta
 UNIT_WEIGHT = "unit-weight"
 
 
-def central_accountant(cfg: PrivacySection, num_hospitals: int) -> RdpAccountant:
-    """Flower's RDP accountant for releases over all hospitals (no sampling amplification)."""
-    return RdpAccountant(
+Releases = Sequence[tuple[GaussianPrivacyEvent, int]]
+
+
+def releases_state(accountant: RdpAccountant) -> list[dict[str, Any]]:
+    """The releases an accountant has composed, as plain numbers for a checkpoint."""
+    return list(accountant.state_dict()["compositions"])  # type: ignore[call-overload]
+
+
+def releases_from_state(state: Any) -> list[tuple[GaussianPrivacyEvent, int]]:
+    """:func:`releases_state`'s output back as Flower's events and their counts."""
+    return [(GaussianPrivacyEvent(**row["event"]), int(row["count"])) for row in state or []]
+
+
+def central_accountant(
+    cfg: PrivacySection, num_hospitals: int, prior: Releases = ()
+) -> RdpAccountant:
+    """Flower's RDP accountant for releases over all hospitals (no sampling amplification),
+    with the ``prior`` releases of the rounds a resumed run already trained composed in, so
+    its budget guard counts the whole run."""
+    acc = RdpAccountant(
         PrivacyConfig(
             target_delta=cfg.delta or default_delta(num_hospitals),
             population_size=num_hospitals,
@@ -47,16 +64,41 @@ def central_accountant(cfg: PrivacySection, num_hospitals: int) -> RdpAccountant
             max_epsilon=cfg.target_epsilon,
         )
     )
+    for event, count in prior:
+        acc.compose(event, count)
+    return acc
 
 
-def central_noise(cfg: PrivacySection, *, num_hospitals: int, sampled: int, rounds: int) -> float:
-    """The configured sigma, or the smallest that keeps ``rounds`` releases within the budget
-    by Flower's own accountant (bisection), so the run is not cut short by rounding."""
+def central_noise(
+    cfg: PrivacySection,
+    *,
+    num_hospitals: int,
+    sampled: int,
+    rounds: int,
+    prior: Releases = (),
+) -> float:
+    """The configured sigma, or the smallest that keeps ``rounds`` more releases, after the
+    ``prior`` ones, within the budget by Flower's own accountant (bisection), so the run is
+    not cut short by rounding.
+
+    Raises:
+        ValueError: If the budget is out of reach: the prior releases have spent it, or no
+            sigma fits ``rounds`` releases.
+    """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
+    if prior:
+        acc = central_accountant(cfg, num_hospitals, prior)
+        spent = float(acc.get_epsilon(acc.config.target_delta))
+        if spent >= cfg.target_epsilon:
+            raise ValueError(
+                f"the run's {acc.num_releases} earlier rounds already spent central epsilon "
+                f"{spent:.3f} of privacy.target_epsilon={cfg.target_epsilon}; keep the run as "
+                "it is, or resume it with a larger budget"
+            )
 
     def epsilon(sigma: float) -> float:
-        acc = central_accountant(cfg, num_hospitals)
+        acc = central_accountant(cfg, num_hospitals, prior)
         acc.compose(GaussianPrivacyEvent(sigma, sampled, num_hospitals), count=rounds)
         return float(acc.get_epsilon(acc.config.target_delta))
 
@@ -96,9 +138,12 @@ def central_dp_strategy(
     num_hospitals: int,
     sampled: int,
     rounds: int,
+    prior: Releases = (),
 ) -> Any:
     """FedAvg (equal weights) inside Flower's server- or client-side fixed-clipping wrapper,
-    with the wrapper class passed through ``wrap`` (fedgan's reply recording)."""
+    with the wrapper class passed through ``wrap`` (fedgan's reply recording). ``rounds`` are
+    the releases still to come; ``prior`` those a resumed run already made, which its
+    accountant starts from."""
     inner = FedAvg(**common, weighted_by_key=UNIT_WEIGHT)
     base = (
         DifferentialPrivacyServerSideFixedClipping
@@ -115,11 +160,11 @@ def central_dp_strategy(
     return wrap(ValidStatistics)(
         inner,
         noise_multiplier=central_noise(
-            cfg, num_hospitals=num_hospitals, sampled=sampled, rounds=rounds
+            cfg, num_hospitals=num_hospitals, sampled=sampled, rounds=rounds, prior=prior
         ),
         clipping_norm=cfg.max_grad_norm,
         num_sampled_clients=sampled,
-        accountant=central_accountant(cfg, num_hospitals),
+        accountant=central_accountant(cfg, num_hospitals, prior),
     )
 
 

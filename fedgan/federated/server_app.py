@@ -16,7 +16,7 @@ from fedgan.config import Config, from_run_config, with_changes
 from fedgan.experiment import resolve
 from fedgan.federated.grid import PromptGrid
 from fedgan.federated.records import from_arrays, to_arrays
-from fedgan.federated.strategies import RoundLog, build_strategy
+from fedgan.federated.strategies import RoundLog, build_strategy, server_state
 from fedgan.models import ModelKeys
 from fedgan.privacy.accounting import BUDGET_EXHAUSTED
 from fedgan.runs import Failure, RoundRecord, RunRecorder
@@ -132,7 +132,14 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     log(INFO, "%s hospital(s) connected; training %s round(s)", connected, remaining)
     round_log = RoundLog()
     keys = ModelKeys.of(networks_for(cfg))
-    strategy = build_strategy(cfg.federation, round_log, cfg.privacy, keys)
+    strategy = build_strategy(
+        cfg.federation,
+        round_log,
+        cfg.privacy,
+        keys,
+        resumed=recorder.resumed_meta.get("server", {}),
+        rounds_left=remaining,
+    )
     # Privacy accountants of every hospital, checkpointed so that a resumed run (whose fresh
     # SuperNodes have forgotten them) continues each hospital's history.
     accountants: dict[str, str] = dict(recorder.resumed_meta.get("accountants", {}))
@@ -180,7 +187,11 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         done = recorder.end_round(
             record,
             from_arrays(arrays),
-            meta={"accountants": accountants, "privacy": privacy_table},
+            meta={
+                "accountants": accountants,
+                "privacy": privacy_table,
+                "server": server_state(strategy),
+            },
         )
         return MetricRecord(dict(done.eval or {}))
 

@@ -10,16 +10,18 @@ networks rather than for one flat vector:
   every k rounds (``federation.share_discriminator``) or never is handled exactly;
 - ``federation.server_networks: generator`` steps the generators and averages the rest.
 
-Flower-free numpy; the strategy in :mod:`fedgan.federated.strategies` calls :meth:`step`
-after its weighted average.
+Flower-free numpy (tensors only in the state a checkpoint keeps); the strategy in
+:mod:`fedgan.federated.strategies` calls :meth:`step` after its weighted average.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
 KINDS = ("momentum", "adam", "yogi", "adagrad")
 
@@ -66,6 +68,35 @@ class ServerOptimizer:
             raise ValueError(f"server optimizer must be one of {KINDS}, got {self.kind!r}")
         if self.stepped is not None:
             self.stepped = frozenset(self.stepped)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The moving state (moments and per-key step counts) a resumed run must carry on
+        from, as tensors and numbers, so a checkpoint read with ``weights_only=True`` holds it.
+        Without it a resumed FedAvgM or FedAdam run would restart its momentum at zero and
+        train differently from the uninterrupted one."""
+        return {
+            "kind": self.kind,
+            "m": {k: torch.from_numpy(np.array(a, copy=True)) for k, a in self.m.items()},
+            "v": {k: torch.from_numpy(np.array(a, copy=True)) for k, a in self.v.items()},
+            "t": dict(self.t),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues from :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: If the state is another kind of optimizer's (the strategy changed
+                between the run and its resume: its moments mean something else).
+        """
+        if state.get("kind") != self.kind:
+            raise ValueError(
+                f"the checkpoint holds a {state.get('kind')!r} server optimizer's state but the "
+                f"config asks for {self.kind!r}; resume with the run's own "
+                "federation.strategy, or start a new run"
+            )
+        self.m = {k: t.double().numpy().copy() for k, t in state["m"].items()}
+        self.v = {k: t.double().numpy().copy() for k, t in state["v"].items()}
+        self.t = {k: int(n) for k, n in state["t"].items()}
 
     def step(
         self, current: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -356,6 +356,8 @@ def build_strategy(
     round_log: RoundLog | None = None,
     privacy: PrivacySection | None = None,
     keys: ModelKeys | None = None,
+    resumed: Mapping[str, Any] | None = None,
+    rounds_left: int | None = None,
 ) -> Strategy:
     """The configured strategy; server-side only (no federated evaluation round).
 
@@ -367,6 +369,10 @@ def build_strategy(
             with its accountant.
         keys: The model's keys, which the server optimizers and the sharing plan need (without
             them every key travels every round and every floating-point one is stepped).
+        resumed: What :func:`server_state` returned at the checkpoint a resumed run continues
+            from: the server optimizer goes on with its moments, and central DP's accountant
+            starts from the releases already made (its noise is calibrated for the rest).
+        rounds_left: The rounds still to train (default ``cfg.num_rounds``).
     """
     plan = SharingPlan.from_config(cfg, keys) if keys is not None else None
     min_train = cfg.sampled
@@ -380,8 +386,9 @@ def build_strategy(
         "min_available_nodes": cfg.quorum,
     }
     round_log = round_log or RoundLog()
+    resumed = resumed or {}
     if privacy is not None and privacy.mode == "central-dp":
-        from fedgan.federated.central_dp import central_dp_strategy
+        from fedgan.federated.central_dp import central_dp_strategy, releases_from_state
 
         return central_dp_strategy(
             lambda base: _recording(base, round_log, cfg.max_update_ratio, cfg.message_dtype),
@@ -389,6 +396,26 @@ def build_strategy(
             privacy,
             num_hospitals=cfg.num_hospitals,
             sampled=min_train,
-            rounds=cfg.num_rounds,
+            rounds=cfg.num_rounds if rounds_left is None else rounds_left,
+            prior=releases_from_state(resumed.get("central_releases")),
         )
-    return STRATEGIES.get(cfg.strategy)(common, cfg, round_log, plan)
+    strategy = STRATEGIES.get(cfg.strategy)(common, cfg, round_log, plan)
+    optimizer = getattr(strategy, "server_optimizer", None)
+    if optimizer is not None and "server_optimizer" in resumed:
+        optimizer.load_state_dict(resumed["server_optimizer"])
+    return strategy
+
+
+def server_state(strategy: Strategy) -> dict[str, Any]:
+    """What a resumed run needs of the server besides the global weights, checkpoint-safe:
+    the server optimizer's moments, and the releases central DP's accountant has counted."""
+    state: dict[str, Any] = {}
+    optimizer = getattr(strategy, "server_optimizer", None)
+    if optimizer is not None:
+        state["server_optimizer"] = optimizer.state_dict()
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None:
+        from fedgan.federated.central_dp import releases_state
+
+        state["central_releases"] = releases_state(accountant)
+    return state
