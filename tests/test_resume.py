@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from fedgan.config import Config, with_changes
 from fedgan.rundir import RunDir, UnreadableCheckpoint
@@ -165,3 +167,63 @@ def test_the_round_chosen_on_validation_survives_a_resume(toy_config: Config) ->
     # a pointer that names no checkpoint is not believed
     (rd.checkpoints / "round_0004.pt").unlink()
     assert rd.read_best() is None
+
+
+def _set(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _saved_run(tmp_path: Path, toy_overrides: list[str], server: dict) -> tuple[list[str], Path]:
+    """A run directory holding round 2's checkpoint with ``server`` as its server state."""
+    base = [f"run.output_dir={tmp_path}", "run.name=r", *toy_overrides]
+    rd = RunDir(tmp_path / "r")
+    rd.save_checkpoint(2, {"w": torch.zeros(1)}, {"server": server})
+    return base, rd.path
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_resuming_with_another_server_optimizer_is_refused_in_one_line(
+    tmp_path: Path, toy_overrides: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedgan.cli import main
+    from fedgan.federated.server_opt import ServerOptimizer
+
+    momentum = ServerOptimizer("momentum", lr=1.0, momentum=0.9)
+    momentum.t = {"w": 2}
+    momentum.m = {"w": np.ones(1)}
+    base, run = _saved_run(tmp_path, toy_overrides, {"server_optimizer": momentum.state_dict()})
+    before = _files(run)
+    rc = main(["simulate", *_set(*base, "federation.strategy=fedadam", "run.resume=true",
+                                 "federation.num_rounds=4")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "federation.strategy" in err[0] and "'momentum'" in err[0]
+    assert _files(run) == before  # nothing started, nothing written
+
+
+def test_resuming_a_spent_central_budget_is_refused_in_one_line(
+    tmp_path: Path, toy_overrides: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedgan.cli import main
+    from fedgan.config import load_config
+    from fedgan.federated.central_dp import (
+        GaussianPrivacyEvent,
+        central_accountant,
+        releases_state,
+    )
+
+    central = ["privacy.mode=central-dp", "privacy.target_epsilon=2", "privacy.max_grad_norm=1",
+               "federation.num_hospitals=3"]  # fmt: skip
+    cfg = load_config(None, [*toy_overrides, *central])
+    acc = central_accountant(cfg.privacy, 3)
+    acc.compose(GaussianPrivacyEvent(0.3, 3, 3), count=4)  # far past epsilon 2
+    base, run = _saved_run(tmp_path, toy_overrides, {"central_releases": releases_state(acc)})
+    before = _files(run)
+    rc = main(["simulate", *_set(*base, *central, "run.resume=true", "federation.num_rounds=6")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "already spent" in err[0] and "4 earlier rounds" in err[0]
+    assert _files(run) == before

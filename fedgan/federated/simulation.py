@@ -4,6 +4,7 @@ started for this run and stopped after it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ from fedgan.federated.launcher import (
     write_connection,
     write_run_config,
 )
-from fedgan.rundir import RunDir
+from fedgan.rundir import RunDir, UnreadableCheckpoint
 
 
 class Stopped(KeyboardInterrupt):
@@ -67,6 +68,7 @@ def check_run_dir(cfg: Config) -> None:
     Raises:
         FileExistsError: If the run directory holds a run and ``run.resume`` is false.
         FileNotFoundError: If ``run.resume`` is true and there is no run to continue.
+        ValueError: See :func:`check_server_state`.
     """
     rd = RunDir(cfg.run_dir)
     if cfg.run.resume and not rd.has_run():
@@ -79,6 +81,44 @@ def check_run_dir(cfg: Config) -> None:
             f"run directory {str(rd.path)!r} already holds a run; pass --set run.resume=true to "
             "continue it, or --set run.name=<new name>"
         )
+    if cfg.run.resume:
+        check_server_state(cfg, rd)
+
+
+def check_server_state(cfg: Config, rd: RunDir) -> None:
+    """Refuses a resume the server could not continue, before any process starts: a server
+    optimizer of another kind than the checkpoint's, or a central DP budget that the rounds
+    already released have spent. The ServerApp would raise the same error, but inside the
+    Flower run, where it reads as a failed run rather than a config to fix.
+
+    Raises:
+        ValueError: Naming the setting to change.
+    """
+    from fedgan.federated.strategies import build_strategy
+    from fedgan.models import ModelKeys
+    from fedgan.training import networks_for
+
+    try:
+        ckpt, _ = rd.load_resumable()
+    except (FileNotFoundError, UnreadableCheckpoint):
+        return  # metrics only, or no readable checkpoint: the recorder says what it does
+    remaining = cfg.federation.num_rounds - int(ckpt["round"])
+    if remaining <= 0:
+        return
+    meta = ckpt.get("meta", {})
+    flower = logging.getLogger("flwr")
+    level = flower.level
+    flower.setLevel(logging.ERROR)  # a trial build: its notices belong to the real run's log
+    try:
+        build_strategy(
+            cfg.federation,
+            privacy=cfg.privacy,
+            keys=ModelKeys.of(networks_for(cfg)),
+            resumed=meta.get("server", {}) if isinstance(meta, dict) else {},
+            rounds_left=remaining,
+        )
+    finally:
+        flower.setLevel(level)
 
 
 def federation_config(cfg: Config) -> dict[str, int | float]:
