@@ -615,6 +615,10 @@ class TaskSection:
         hole_fraction: ``inpaint``: the share of each image's pixels a hole covers (a stroke
             covers exactly ``round(hole_fraction * size**2)`` pixels; a box the nearest
             rectangle of sides at most one pixel apart).
+        fill_prior: ``inpaint``: what the generator starts from: ``none`` (the hole at
+            mid-grey; the U-Net draws the whole fill) or ``biharmonic`` (the hole filled by
+            biharmonic inpainting, the classical baseline, and the U-Net learns a correction to
+            it from zero).
         feature_weight: ``anomaly``: kappa, the weight of the discriminator-feature residual
             beside the image residual, in the encoder's loss and the anomaly score.
     """
@@ -636,11 +640,13 @@ class TaskSection:
     identity_weight: float = 5.0
     hole: str = "mixed"
     hole_fraction: float = 0.15
+    fill_prior: str = "none"
     feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("task.degradation", self.degradation, ["noise", "blur", "noise+blur"])
         _check_choice("task.hole", self.hole, ["box", "stroke", "mixed"])
+        _check_choice("task.fill_prior", self.fill_prior, ["none", "biharmonic"])
         if not 0 < self.hole_fraction <= 0.5:
             _fail("task.hole_fraction", f"must be in (0, 0.5], got {self.hole_fraction}")
         _check_choice("task.perceptual", self.perceptual, ["discriminator", "vgg", "none"])

@@ -128,6 +128,37 @@ def test_hole_settings_are_checked() -> None:
         load_config(None, ["task.hole_fraction=0.9"])
     with pytest.raises(ValueError, match="task.hole"):
         load_config(None, ["task.hole=circle"])
+    with pytest.raises(ValueError, match="task.fill_prior"):
+        load_config(None, ["task.fill_prior=telea"])
+
+
+def test_a_biharmonic_prior_starts_at_skimage_and_learns_a_correction() -> None:
+    """With ``task.fill_prior=biharmonic`` an untrained generator's fill is skimage's own
+    biharmonic inpainting of the hole (computed here independently of fedgan), the given
+    pixels pass through, and the U-Net's correction gets a gradient once its gain moves."""
+    from skimage.restoration import inpaint_biharmonic
+
+    cfg = load_config(None, [*TOY, "data.image_size=32", "task.fill_prior=biharmonic"])
+    objective = make_objective(cfg)
+    gen = networks_for(cfg)["generator"]
+    clean = _smooth(4, 32, seed=2)
+    inputs, _ = objective.eval_pairs(clean, 0)
+    mask = inputs[:, 1:]
+    out = gen(inputs)
+    assert torch.equal(out * (1 - mask), clean * (1 - mask))
+    for i in range(4):
+        unit = ((inputs[i, 0].double() + 1) / 2).numpy()
+        ref = inpaint_biharmonic(unit, mask[i, 0].numpy() > 0.5) * 2 - 1
+        hole = mask[i, 0] > 0.5
+        assert np.allclose(out[i, 0][hole].detach().numpy(), ref[hole.numpy()], atol=1e-5)
+    # the gain starts at zero, so only it learns on the first step; then the U-Net does too
+    ((out - clean) ** 2).mean().backward()
+    assert gen.gain.grad is not None and gen.gain.grad.abs() > 0
+    with torch.no_grad():
+        gen.gain.fill_(0.1)
+    gen.zero_grad()
+    ((gen(inputs) - clean) ** 2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.net.parameters())
 
 
 def test_enhance_fills_a_mask_file_or_the_zero_pixels(tmp_path: Path, capsys) -> None:

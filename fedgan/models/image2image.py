@@ -57,16 +57,43 @@ def unet_generator(channels: int, size: int, width: int) -> nn.Module:
     )
 
 
+def biharmonic_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``image`` ([N, C, H, W] in [-1, 1]) with its hole (``mask`` = 1) filled by biharmonic
+    inpainting (``skimage.restoration.inpaint_biharmonic``, the inpainting task's classical
+    baseline), image by image on the CPU; the given pixels come back unchanged. No gradient
+    flows through it: the fill depends on the given pixels only."""
+    import numpy as np
+    from skimage.restoration import inpaint_biharmonic
+
+    unit = ((image.detach().cpu().double() + 1) / 2).clamp(0, 1).numpy()
+    holes = mask.detach().cpu().numpy()[:, 0] > 0.5
+    out = np.stack([
+        inpaint_biharmonic(img, hole, channel_axis=0) if hole.any() else img
+        for img, hole in zip(unit, holes, strict=True)
+    ])  # fmt: skip
+    filled = torch.from_numpy(out).to(image).clamp(0, 1) * 2 - 1
+    return image * (1 - mask) + filled * mask
+
+
 class InpaintGenerator(nn.Module):
     """Fills holes: ``[N, C + 1, H, W]`` (the image with its hole set to 0, then the mask, 1 =
     missing) -> ``[N, C, H, W]``, a U-Net's output inside the hole and the given pixels,
-    unchanged, outside it (so only the hole is learnt and scored)."""
+    unchanged, outside it (so only the hole is learnt and scored).
 
-    def __init__(self, channels: int, size: int, width: int) -> None:
+    With ``prior="biharmonic"`` the hole is first filled by :func:`biharmonic_fill` and the U-Net,
+    given that filled image, learns a correction to it from zero (a ReZero gain, as in
+    :class:`ResidualMap`): training starts from a classical inpainting, not from mid-grey."""
+
+    def __init__(self, channels: int, size: int, width: int, prior: str = "none") -> None:
         super().__init__()
         from monai.networks.nets import UNet
 
+        if prior not in ("none", "biharmonic"):
+            raise ValueError(f"prior must be none or biharmonic, got {prior!r}")
         self.channels = channels
+        self.prior = prior
+        if prior == "biharmonic":
+            self.gain = nn.Parameter(torch.zeros(()))
         levels = _levels(size)
         self.net = UNet(
             spatial_dims=2,
@@ -80,7 +107,11 @@ class InpaintGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image, mask = x[:, : self.channels], x[:, self.channels :]
-        fill = torch.tanh(self.net(x))
+        if self.prior == "biharmonic":
+            start = biharmonic_fill(image, mask)
+            fill = (start + self.gain * self.net(torch.cat([start, mask], 1))).clamp(-1, 1)
+        else:
+            fill = torch.tanh(self.net(x))
         return image * (1 - mask) + fill * mask
 
 

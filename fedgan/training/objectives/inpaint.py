@@ -8,7 +8,7 @@ from torch import nn
 
 from fedgan.catalog import TASKS
 from fedgan.data.degrade import hole_masks, mask_images
-from fedgan.models.image2image import InpaintGenerator, patch_discriminator
+from fedgan.models.image2image import InpaintGenerator, biharmonic_fill, patch_discriminator
 from fedgan.training.objectives.enhance import EnhanceObjective
 
 
@@ -21,7 +21,7 @@ class InpaintObjective(EnhanceObjective):
     def build(self) -> dict[str, nn.Module]:
         c, s, w = self.cfg.data.channels, self.cfg.data.image_size, self.cfg.model.base_channels
         return {
-            "generator": InpaintGenerator(c, s, w),
+            "generator": InpaintGenerator(c, s, w, prior=self.cfg.task.fill_prior),
             "discriminator": patch_discriminator(2 * c + 1, w, s),
         }
 
@@ -46,21 +46,11 @@ class InpaintObjective(EnhanceObjective):
         return torch.cat([mask_images(images, mask), mask], 1)
 
     def baselines(self):  # type: ignore[no-untyped-def]
-        import numpy as np
-        from skimage.restoration import inpaint_biharmonic
-
         c = self.cfg.data.channels
-
-        def biharmonic(x: torch.Tensor) -> torch.Tensor:
-            unit = ((x[:, :c].detach().cpu() + 1) / 2).clamp(0, 1).numpy().astype(np.float64)
-            holes = x[:, c].detach().cpu().numpy() > 0.5
-            out = np.stack([
-                inpaint_biharmonic(img, hole, channel_axis=0) if hole.any() else img
-                for img, hole in zip(unit, holes, strict=True)
-            ])  # fmt: skip
-            return torch.from_numpy(out).float().clamp(0, 1) * 2 - 1
-
-        return {"input": lambda x: x[:, :c], "biharmonic": biharmonic}
+        return {
+            "input": lambda x: x[:, :c],
+            "biharmonic": lambda x: biharmonic_fill(x[:, :c], x[:, c : c + 1]),
+        }
 
 
 TASKS.add("inpaint", InpaintObjective)
