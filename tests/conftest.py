@@ -13,7 +13,10 @@ from fedgan.config import Config, load_config
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FEDGAN_SHARED", REPO.parent / "shared"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the cores are shared among the workers: one thread each unless there are
+# cores to spare (more threads than cores makes torch's parallel loops spin, not run).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 TOY_OVERRIDES = [  # 16 px images, narrow networks, two short rounds
     "data.image_size=16",
