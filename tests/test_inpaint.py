@@ -161,6 +161,35 @@ def test_a_biharmonic_prior_starts_at_skimage_and_learns_a_correction() -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.net.parameters())
 
 
+def test_the_biharmonic_fill_is_solved_once_per_input(monkeypatch) -> None:
+    """The discriminator's and the generator's phases share a batch: its fill is solved once.
+    A new tensor, or the same one changed in place, is solved again; copies carry no cache."""
+    import copy
+    import pickle
+
+    import fedgan.models.image2image as i2i
+
+    cfg = load_config(None, [*TOY, "data.image_size=16", "task.fill_prior=biharmonic"])
+    objective = make_objective(cfg)
+    gen = networks_for(cfg)["generator"]
+    with torch.no_grad():
+        gen.gain.fill_(0.1)
+    inputs, _ = objective.eval_pairs(_smooth(3, 16, seed=3), 0)
+    calls = []
+    real = i2i.biharmonic_fill
+    monkeypatch.setattr(i2i, "biharmonic_fill", lambda *a: calls.append(1) or real(*a))
+    first = gen(inputs)
+    assert torch.equal(gen(inputs), first) and len(calls) == 1
+    other = inputs.clone()
+    assert torch.equal(gen(other), first) and len(calls) == 2
+    other[:, 0] += 0.5  # in place: the version counter moves, so the fill is solved again
+    changed = gen(other)
+    assert len(calls) == 3 and not torch.equal(changed, first)
+    twin = copy.deepcopy(gen)
+    assert twin._last is None and pickle.loads(pickle.dumps(gen))._last is None
+    assert torch.equal(twin(inputs), first)
+
+
 def test_enhance_fills_a_mask_file_or_the_zero_pixels(tmp_path: Path, capsys) -> None:
     import nibabel as nib
     from PIL import Image

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,9 @@ class InpaintGenerator(nn.Module):
 
     With ``prior="biharmonic"`` the hole is first filled by :func:`biharmonic_fill` and the U-Net,
     given that filled image, learns a correction to it from zero (a ReZero gain, as in
-    :class:`ResidualMap`): training starts from a classical inpainting, not from mid-grey."""
+    :class:`ResidualMap`): training starts from a classical inpainting, not from mid-grey.
+    The fill depends on the input alone, so it is solved once per input tensor: the
+    discriminator's and the generator's phases of one step share their batch and its fill."""
 
     def __init__(self, channels: int, size: int, width: int, prior: str = "none") -> None:
         super().__init__()
@@ -94,6 +97,9 @@ class InpaintGenerator(nn.Module):
         self.prior = prior
         if prior == "biharmonic":
             self.gain = nn.Parameter(torch.zeros(()))
+        # (the input, its version counter, its fill): the last fill solved, reused while the
+        # same tensor comes back unmodified.
+        self._last: tuple[weakref.ref[torch.Tensor], int, torch.Tensor] | None = None
         levels = _levels(size)
         self.net = UNet(
             spatial_dims=2,
@@ -108,11 +114,24 @@ class InpaintGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image, mask = x[:, : self.channels], x[:, self.channels :]
         if self.prior == "biharmonic":
-            start = biharmonic_fill(image, mask)
+            start = self._fill(x, image, mask)
             fill = (start + self.gain * self.net(torch.cat([start, mask], 1))).clamp(-1, 1)
         else:
             fill = torch.tanh(self.net(x))
         return image * (1 - mask) + fill * mask
+
+    def _fill(self, x: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        start = biharmonic_fill(image, mask)
+        self._last = (weakref.ref(x), x._version, start)
+        return start
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_last"] = None  # a cache: never pickled or copied
+        return state
 
 
 class _Residual(nn.Module):
