@@ -237,6 +237,11 @@ class TrainSection:
             ``weight / (mean|G(z1) - G(z2)| / mean|z1 - z2| + 1e-5)``, which is large when two
             latent codes draw the same image. It reads no real image, so under DP-SGD it
             costs no privacy. 0 turns it off.
+        lr_schedule: The learning rates across rounds: ``constant``, or ``cosine``: round r
+            of R trains at ``lr * (lr_final + (1 - lr_final) * (1 + cos(pi (r-1)/(R-1))) / 2)``,
+            from the full rate in round 1 to ``lr_final`` of it in the last (constant within a
+            round; the same at every hospital and in the pooled baseline).
+        lr_final: The share of the learning rates the cosine schedule ends at.
     """
 
     batch_size: int = 32
@@ -255,6 +260,8 @@ class TrainSection:
     critic_grace: int = 25
     d_steps_per_round: int = 0
     mode_seeking: float = 0.0
+    lr_schedule: str = "constant"
+    lr_final: float = 0.1
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -280,6 +287,8 @@ class TrainSection:
             _fail("train.critic_grace", f"must be >= 0, got {self.critic_grace}")
         if self.mode_seeking < 0:
             _fail("train.mode_seeking", f"must be >= 0 (0 = off), got {self.mode_seeking}")
+        _check_choice("train.lr_schedule", self.lr_schedule, ["constant", "cosine"])
+        _check_range("train.lr_final", self.lr_final, 0.0, 1.0)
         if self.d_steps_per_round < 0:
             _fail(
                 "train.d_steps_per_round",

@@ -67,6 +67,8 @@ def test_overrides_are_typed() -> None:
         ("data.image_size=48", "power of two"),
         ("train.device=tpu", "allowed: auto, cpu, cuda"),
         ("train.mode_seeking=-1", "'train.mode_seeking': must be >= 0"),
+        ("train.lr_schedule=step", "'train.lr_schedule'"),
+        ("train.lr_final=1.5", "'train.lr_final'"),
         ("federation.min_hospitals=9", "exceeds federation.num_hospitals"),
         ("lr=0.1", "section.key=value"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -26,6 +27,36 @@ def test_local_round_trains_and_keeps_optimizer_state(toy_config: Config) -> Non
     assert all(torch.equal(first.state[k], again.state[k]) for k in start)  # seeded
     resumed = local_round(toy_config, ds, start, first.optimizer_state, round_=1, hospital=0)
     assert any(not torch.equal(first.state[k], resumed.state[k]) for k in start)
+
+
+def test_the_cosine_schedule_is_torchs_and_reaches_each_hospital_round(toy_config: Config) -> None:
+    """``train.lr_schedule=cosine`` gives round r the rate torch's own CosineAnnealingLR gives
+    epoch r - 1 (an independent implementation); a hospital's round trains at it even when its
+    optimizer state, which carries last round's rate, is restored."""
+    from fedgan.training import round_lr_scale
+
+    rounds, final = 7, 0.2
+    cfg = with_changes(toy_config, train={"lr_schedule": "cosine", "lr_final": final},
+                       federation={"num_rounds": rounds})  # fmt: skip
+    lr = cfg.train.lr_g
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=rounds - 1, eta_min=lr * final)
+    for r in range(1, rounds + 1):
+        assert lr * round_lr_scale(cfg.train, r, rounds) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert round_lr_scale(toy_config.train, 5, rounds) == 1.0  # constant: the default
+
+    ds = hospital_dataset(cfg.data, 0, 0, 3)
+    start = pack_state(build_networks(cfg.model, config_shape(cfg), seed=0))
+    first = local_round(cfg, ds, start, None, round_=1, hospital=0)
+    last = local_round(cfg, ds, first.state, first.optimizer_state, round_=rounds, hospital=0)
+    for result, scale in ((first, 1.0), (last, final)):
+        saved = torch.load(io.BytesIO(result.optimizer_state), weights_only=True)
+        assert saved["generator"]["param_groups"][0]["lr"] == pytest.approx(lr * scale)
+        assert saved["discriminator"]["param_groups"][0]["lr"] == pytest.approx(
+            cfg.train.lr_d * scale
+        )
 
 
 def test_local_round_rejects_mismatched_images(toy_config: Config) -> None:

@@ -19,6 +19,7 @@ from fedgan.training import (
     make_optimizers,
     networks_for,
     round_seed,
+    set_round_lr,
     shuffled_batches,
     train,
 )
@@ -67,6 +68,7 @@ def _train_rounds(
     steps = steps_per_round(cfg)
     schedule = objective.critic_schedule()  # the hospitals' critic schedule, if any
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
+        set_round_lr(optimizers, cfg.train, round_, cfg.federation.num_rounds)
         seed = round_seed(cfg.run.seed, round_)
         ctx = StepContext.seeded(seed, device)
         source = shuffled_batches(dataset, cfg.train.batch_size, ctx, seed=seed,

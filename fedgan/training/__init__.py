@@ -8,7 +8,9 @@ from fedgan.training.loop import (
     batches,
     make_optimizers,
     phase_step,
+    round_lr_scale,
     round_seed,
+    set_round_lr,
     shuffled_batches,
     train,
 )
@@ -27,7 +29,9 @@ __all__ = [
     "make_optimizers",
     "networks_for",
     "phase_step",
+    "round_lr_scale",
     "round_seed",
+    "set_round_lr",
     "shuffled_batches",
     "train",
 ]

@@ -22,6 +22,7 @@ from fedgan.training.loop import (
     ProximalTerm,
     make_optimizers,
     round_seed,
+    set_round_lr,
     shuffled_batches,
     train,
 )
@@ -174,6 +175,7 @@ def local_round(
         )
         if schedule is not None:
             schedule.restore(kept_critic)
+    set_round_lr(optimizers, cfg.train, round_, cfg.federation.num_rounds)
     seed = round_seed(cfg.run.seed, round_, hospital)
     ctx = StepContext.seeded(seed, device)
     proximal = ProximalTerm(proximal_mu, nets) if proximal_mu > 0 else None

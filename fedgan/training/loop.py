@@ -9,6 +9,7 @@ batches come from (Poisson sampling) and how a private phase's loss becomes grad
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -44,6 +45,27 @@ def make_optimizers(nets: Mapping[str, nn.Module], cfg: TrainSection) -> dict[st
         )
         for name, net in nets.items()
     }
+
+
+def round_lr_scale(cfg: TrainSection, round_: int, num_rounds: int) -> float:
+    """The share of the configured learning rates that round ``round_`` (1-based) of
+    ``num_rounds`` trains at (``train.lr_schedule``)."""
+    if cfg.lr_schedule == "constant" or num_rounds <= 1:
+        return 1.0
+    progress = min(max(round_ - 1, 0) / (num_rounds - 1), 1.0)
+    return cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_round_lr(
+    optimizers: Mapping[str, Optimizer], cfg: TrainSection, round_: int, num_rounds: int
+) -> None:
+    """Sets every optimizer's learning rate for ``round_`` (after any restored state, whose
+    param groups carry the previous round's rate)."""
+    scale = round_lr_scale(cfg, round_, num_rounds)
+    for name, opt in optimizers.items():
+        base = cfg.lr_g if name.startswith("generator") else cfg.lr_d
+        for group in opt.param_groups:
+            group["lr"] = base * scale
 
 
 def batches(
