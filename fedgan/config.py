@@ -197,6 +197,9 @@ class ModelSection:
         _check_choice("model.d_norm", self.d_norm, ["group", "none"])
 
 
+#: ``train.diff_augment``'s policies (DiffAugment's names).
+DIFF_AUGMENT_POLICIES = ("color", "translation", "cutout")
+
 #: ``train.critic_schedule`` values.
 CRITIC_SCHEDULES = ("auto", "fixed", "adaptive")
 
@@ -242,6 +245,10 @@ class TrainSection:
             from the full rate in round 1 to ``lr_final`` of it in the last (constant within a
             round; the same at every hospital and in the pooled baseline).
         lr_final: The share of the learning rates the cosine schedule ends at.
+        diff_augment: Synthesis: DiffAugment (Zhao et al. 2020), a comma-separated list of
+            ``color``, ``translation``, ``cutout``: the same random transforms of real and
+            generated images wherever the discriminator sees them, in both players' steps
+            (the generator's gradient flows through them). Empty: off.
     """
 
     batch_size: int = 32
@@ -262,6 +269,7 @@ class TrainSection:
     mode_seeking: float = 0.0
     lr_schedule: str = "constant"
     lr_final: float = 0.1
+    diff_augment: str = ""
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -288,6 +296,8 @@ class TrainSection:
         if self.mode_seeking < 0:
             _fail("train.mode_seeking", f"must be >= 0 (0 = off), got {self.mode_seeking}")
         _check_choice("train.lr_schedule", self.lr_schedule, ["constant", "cosine"])
+        for policy in (p.strip() for p in self.diff_augment.split(",") if p.strip()):
+            _check_choice("train.diff_augment", policy, list(DIFF_AUGMENT_POLICIES))
         _check_range("train.lr_final", self.lr_final, 0.0, 1.0)
         if self.d_steps_per_round < 0:
             _fail(

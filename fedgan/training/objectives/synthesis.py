@@ -15,6 +15,7 @@ from torch import nn
 from fedgan.catalog import TASKS
 from fedgan.data.transforms import augmenter
 from fedgan.models import FAMILIES, GanFamily, ImageShape
+from fedgan.training import augment
 from fedgan.training.objectives.base import Batch, Nets, Objective, Phase, StepContext
 from fedgan.training.schedule import CriticSchedule
 
@@ -112,6 +113,7 @@ class SynthesisObjective(Objective):
         super().__init__(cfg)
         self.family = family or FAMILIES.get(cfg.model.family)
         self.augment = augmenter(cfg.data)
+        self.diff_augment = augment.parse_policy(cfg.train.diff_augment)
         self.phases = (
             Phase("D", ("discriminator",), reads_data=True,
                   repeats=critic_steps(self.family, cfg.train.n_critic,
@@ -170,7 +172,16 @@ class SynthesisObjective(Objective):
             tensors["labels"] = check_labels(labels, self.cfg.model.num_classes)
         latent = self.cfg.model.latent_dim
         tensors["z"] = torch.randn(len(real), latent, device=ctx.device, generator=ctx.noise)
+        if self.diff_augment:  # one row of draws per image, drawn here so every use agrees
+            tensors["aug_real"] = augment.draw(len(real), ctx.cpu, ctx.device)
+            tensors["aug_fake"] = augment.draw(len(real), ctx.cpu, ctx.device)
         return Batch(tensors)
+
+    def _seen(self, images: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """What the discriminator sees of ``images``: their DiffAugment transforms, if on."""
+        if draws is None:
+            return images
+        return augment.apply(images, draws, self.diff_augment)
 
     def accumulate_gradients(
         self, phase: str, nets: Nets, batch: Batch, ctx: StepContext
@@ -185,7 +196,9 @@ class SynthesisObjective(Objective):
 
             def d_loss(nets: Nets, b: Batch) -> torch.Tensor:
                 d = nets["discriminator"]
-                real, y, fake = b["real"], b.get("labels"), b["fake"]
+                y = b.get("labels")
+                real = self._seen(b["real"], b.get("aug_real"))
+                fake = self._seen(b["fake"], b.get("aug_fake"))
                 if ctx.paired_forward:  # rows i and n + i form pair i (paired ghost clipping)
                     n = len(real)
                     both = forward(d, torch.cat([real, fake]),
@@ -204,7 +217,9 @@ class SynthesisObjective(Objective):
         def g_loss(nets: Nets, b: Batch) -> torch.Tensor:
             y = b.get("labels")
             fake = forward(nets["generator"], b["z"], y)
-            loss = family.g_loss(forward(nets["discriminator"], fake, y))
+            loss = family.g_loss(
+                forward(nets["discriminator"], self._seen(fake, b.get("aug_fake")), y)
+            )
             if weight and len(fake) >= 2:
                 loss = loss + weight * mode_seeking(fake, b["z"])
             return loss
@@ -225,6 +240,8 @@ class SynthesisObjective(Objective):
                 n = size // 2
                 labels[n : 2 * n] = labels[:n]
             tensors["labels"] = labels
+        if self.diff_augment:
+            tensors["aug_fake"] = augment.draw(size, ctx.cpu, ctx.device)
         return Batch(tensors)
 
 
