@@ -296,7 +296,7 @@ class TrainSection:
         if self.mode_seeking < 0:
             _fail("train.mode_seeking", f"must be >= 0 (0 = off), got {self.mode_seeking}")
         _check_choice("train.lr_schedule", self.lr_schedule, ["constant", "cosine"])
-        for policy in (p.strip() for p in self.diff_augment.split(",") if p.strip()):
+        for policy in self.diff_augment_policies:
             _check_choice("train.diff_augment", policy, list(DIFF_AUGMENT_POLICIES))
         _check_range("train.lr_final", self.lr_final, 0.0, 1.0)
         if self.d_steps_per_round < 0:
@@ -304,6 +304,16 @@ class TrainSection:
                 "train.d_steps_per_round",
                 f"must be >= 0 (0 = local_steps x n_critic), got {self.d_steps_per_round}",
             )
+
+    @property
+    def diff_augment_policies(self) -> tuple[str, ...]:
+        """``diff_augment`` as a tuple of policy names (empty: off)."""
+        return tuple(p.strip() for p in self.diff_augment.split(",") if p.strip())
+
+    def lr_for(self, network: str) -> float:
+        """The configured learning rate of a network by name: ``lr_g`` for a generator (the
+        image-to-image tasks' ``generator_ba`` too), ``lr_d`` for any other."""
+        return self.lr_g if network.startswith("generator") else self.lr_d
 
 
 #: Precisions the weights may travel in (``federation.message_dtype``).

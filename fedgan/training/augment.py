@@ -23,12 +23,6 @@ from fedgan.config import DIFF_AUGMENT_POLICIES as POLICIES
 DRAWS = 7
 
 
-def parse_policy(policy: str) -> tuple[str, ...]:
-    """``"color,translation"`` -> ``("color", "translation")``; empty: no augmentation
-    (``train.diff_augment`` is checked when the config loads)."""
-    return tuple(p.strip() for p in policy.split(",") if p.strip())
-
-
 def draw(n: int, gen: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[n, DRAWS]`` uniforms in [0, 1): the random part of ``n`` images' transforms."""
     return torch.rand(n, DRAWS, generator=gen).to(device)
@@ -77,4 +71,4 @@ def apply(
     return x
 
 
-__all__ = ["DRAWS", "POLICIES", "apply", "draw", "parse_policy"]
+__all__ = ["DRAWS", "POLICIES", "apply", "draw"]

@@ -38,11 +38,7 @@ def make_optimizers(nets: Mapping[str, nn.Module], cfg: TrainSection) -> dict[st
     # Image-to-image tasks have more networks ("generator_ba", "discriminator_a"): the
     # prefix picks the learning rate.
     return {
-        name: Adam(
-            net.parameters(),
-            lr=cfg.lr_g if name.startswith("generator") else cfg.lr_d,
-            betas=(cfg.beta1, cfg.beta2),
-        )
+        name: Adam(net.parameters(), lr=cfg.lr_for(name), betas=(cfg.beta1, cfg.beta2))
         for name, net in nets.items()
     }
 
@@ -63,9 +59,8 @@ def set_round_lr(
     param groups carry the previous round's rate)."""
     scale = round_lr_scale(cfg, round_, num_rounds)
     for name, opt in optimizers.items():
-        base = cfg.lr_g if name.startswith("generator") else cfg.lr_d
         for group in opt.param_groups:
-            group["lr"] = base * scale
+            group["lr"] = cfg.lr_for(name) * scale
 
 
 def batches(

@@ -113,7 +113,7 @@ class SynthesisObjective(Objective):
         super().__init__(cfg)
         self.family = family or FAMILIES.get(cfg.model.family)
         self.augment = augmenter(cfg.data)
-        self.diff_augment = augment.parse_policy(cfg.train.diff_augment)
+        self.diff_augment = cfg.train.diff_augment_policies
         self.phases = (
             Phase("D", ("discriminator",), reads_data=True,
                   repeats=critic_steps(self.family, cfg.train.n_critic,
