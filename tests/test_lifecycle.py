@@ -3,6 +3,7 @@ SuperLink that dies, stops answering or runs out of disk ends the wait with a cl
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -86,3 +87,33 @@ def test_sigterm_stops_every_process_and_leaves_a_resumable_run(tmp_path: Path) 
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_killed_simulate_leaves_no_flower_process_behind(tmp_path: Path) -> None:
+    """SIGKILL gives ``fedgan simulate`` no cleanup; its watchdog stops the SuperLink, ``flwr
+    run`` and the simulation, which would otherwise keep the run's database and ports."""
+    args = [sys.executable, "-m", "fedgan.cli", "simulate", "--set", f"run.output_dir={tmp_path}",
+            "--set", "run.name=killed", "--set", "federation.num_rounds=3"]  # fmt: skip
+    for o in TOY:
+        args += ["--set", o]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    tree: list[psutil.Process] = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if "round 1/3" in line:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            break
+        assert time.monotonic() < deadline, "the simulation never reached round 1"
+    names = " ".join(" ".join(p.cmdline()) for p in tree)
+    assert "flower-superlink" in names and "watchdog" in names, names
+    proc.kill()
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    left = [" ".join(p.cmdline())[:120] for p in alive if p.is_running()]
+    for p in alive:  # never leak a SuperLink into the rest of the suite
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not left, f"left running: {left}"

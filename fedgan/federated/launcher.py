@@ -185,6 +185,7 @@ def superlink(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    guard = start_watchdog(flwr_home)
     try:
         deadline = time.monotonic() + startup_timeout
         while not _port_open(address):
@@ -200,6 +201,25 @@ def superlink(
         yield SuperLinkProcess(proc, address, log_file)
     finally:
         stop_process(proc)
+        stop_process(guard, timeout=5.0)
+
+
+def start_watchdog(flwr_home: Path) -> subprocess.Popen:
+    """Starts :mod:`fedgan.federated.watchdog` for this process and the Flower processes it
+    starts with ``flwr_home`` (the SuperLink, ``flwr run`` and their children): if this process
+    is killed without cleaning up, the watchdog stops them. It runs in a session of its own,
+    so a terminal's Ctrl-C reaches this process's cleanup, not the watchdog."""
+    from fedgan.federated import watchdog
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
+    return subprocess.Popen(
+        [sys.executable, watchdog.__file__, str(os.getpid()), str(flwr_home)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def write_run_config(path: Path, run_config: Mapping[str, Any]) -> Path:
