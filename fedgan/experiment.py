@@ -55,6 +55,24 @@ def resolve(cfg: Config) -> Config:
     _check_select(cfg)
     _check_lpips(cfg)
     _check_privacy(cfg)
+    if cfg.train.diff_augment_views > 1 and cfg.task.name not in ("synthesis", "anomaly"):
+        _fail(
+            "train.diff_augment_views",
+            f"DiffAugment views apply to the synthesis discriminator; task {cfg.task.name!r} "
+            "has none: leave them at 1",
+        )
+    if (
+        cfg.train.diff_augment_views > 1
+        and cfg.privacy.mode == "dp-sgd"
+        and cfg.privacy.grad_sample_mode != "ghost"
+        and cfg.task.name == "synthesis"
+    ):
+        _fail(
+            "train.diff_augment_views",
+            f"Opacus's {cfg.privacy.grad_sample_mode!r} mode would clip each view as a patient "
+            "image of its own; set privacy.grad_sample_mode=ghost, which clips an image's "
+            "views together, or leave the views at 1",
+        )
     if cfg.train.critic_schedule == "adaptive" and cfg.task.name != "synthesis":
         _fail(
             "train.critic_schedule",

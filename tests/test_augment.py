@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedgan.config import load_config
+from fedgan.experiment import resolve
 from fedgan.training import augment
 from fedgan.training.objectives import StepContext, make_objective, networks_for
 
@@ -89,3 +90,49 @@ def test_both_players_see_augmented_images_and_a_bad_policy_is_refused() -> None
     assert (seen[-1] == 0).float().mean() > 0.2  # the generator's images were cut out too
     with pytest.raises(ValueError, match="train.diff_augment"):
         load_config(None, ["train.diff_augment=translation,rotate"])
+
+
+def test_views_show_each_image_under_several_draws_and_need_a_policy() -> None:
+    """``train.diff_augment_views``: the discriminator sees every image under each of its
+    views, view-major (row v n + i), in both players' steps; bad settings are refused."""
+    cfg = load_config(None, ["data.num_images=32", "model.base_channels=8",
+                             "data.image_size=16", "train.batch_size=4",
+                             "train.diff_augment=translation",
+                             "train.diff_augment_views=3"])  # fmt: skip
+    objective = make_objective(cfg)
+    nets = networks_for(cfg, objective)
+    ctx = StepContext.seeded(0, torch.device("cpu"))
+    real = torch.rand(4, 1, 16, 16) * 2 - 1
+    batch = objective.make_batch(real, torch.zeros(4, dtype=torch.long), None, ctx)
+    assert batch["aug_real"].shape == (4, 3 * augment.DRAWS)
+    seen = []
+    nets["discriminator"].register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().clone())
+    )
+    objective.accumulate_gradients("D", nets, batch, ctx)
+    u = batch["aug_real"]
+    expected = torch.cat([augment.apply(real, u[:, v * augment.DRAWS : (v + 1) * augment.DRAWS],
+                                        ("translation",)) for v in range(3)])  # fmt: skip
+    assert any(s.shape[0] >= 12 and torch.equal(s[:12], expected) for s in seen)
+    assert not torch.equal(expected[:4], expected[4:8])  # the views differ
+    objective.accumulate_gradients("G", nets, objective.free_batch("G", None, ctx), ctx)
+    assert seen[-1].shape[0] == 3 * cfg.train.batch_size
+    with pytest.raises(ValueError, match="train.diff_augment_views"):
+        load_config(None, ["train.diff_augment_views=2"])  # no policy
+    with pytest.raises(ValueError, match="train.diff_augment_views"):
+        load_config(None, ["train.diff_augment=color", "train.diff_augment_views=0"])
+    views = ["train.diff_augment=color", "train.diff_augment_views=2"]
+    with pytest.raises(ValueError, match="clips an image's views together"):
+        resolve(
+            load_config(
+                None,
+                [
+                    *views,
+                    "privacy.mode=dp-sgd",
+                    "privacy.target_epsilon=10",
+                    "privacy.grad_sample_mode=ew",
+                ],
+            )
+        )
+    with pytest.raises(ValueError, match="task 'enhance' has none"):
+        resolve(load_config(None, [*views, "task.name=enhance"]))

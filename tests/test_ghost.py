@@ -171,3 +171,47 @@ def test_ghost_is_the_default_and_the_choice_is_checked(toy_config: Config) -> N
     assert toy_config.privacy.grad_sample_mode == "ghost"
     with pytest.raises(ValueError, match="grad_sample_mode"):
         with_changes(toy_config, privacy={"grad_sample_mode": "fast"})
+
+
+@pytest.mark.parametrize(("name", "size"), [("dcgan", 16), ("cgan", 32), ("mixed", 16)])
+def test_each_pairs_views_are_clipped_as_one_unit(name: str, size: int) -> None:
+    """Augmentation multiplicity: pair i is V views of real i and V of fake i (rows i + j n),
+    its loss their average; the clipped sum equals clipping each pair's averaged gradient,
+    computed independently by torch.func over [V, ...] stacks."""
+    torch.manual_seed(2)
+    family = FAMILIES.get("dcgan" if name == "mixed" else name)
+    if name == "mixed":
+        d: nn.Module = _Mixed()
+    else:
+        d = build_networks(ModelSection(family=name, latent_dim=8), ImageShape(1, size),
+                           seed=0)["discriminator"]  # fmt: skip
+    n, views = 6, 3
+    real = torch.rand(views, n, 1, size, size) * 2 - 1  # [view, pair, ...]
+    fake = torch.rand(views, n, 1, size, size) * 2 - 1
+    labels = torch.randint(0, 2, (n,)) if family.conditional else torch.zeros(n, dtype=torch.long)
+    params = {k: v.detach() for k, v in d.named_parameters()}
+
+    def pair_loss(p, r, f, y):  # r, f: [views, 1, H, W] of one pair
+        extra = () if not family.conditional else (y.expand(views),)
+        return family.d_loss(functional_call(d, p, (r, *extra)), functional_call(d, p, (f, *extra)))
+
+    per_pair = vmap(grad(pair_loss), in_dims=(None, 1, 1, 0))(params, real, fake, labels)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_pair.values()]).norm(dim=0)
+    clip = float(norms.median())
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = {k: torch.einsum("i,i...->...", coef, g) for k, g in per_pair.items()}
+
+    wrapped = PairedClipping(d, clip)
+    rows = torch.cat([real.flatten(0, 1), fake.flatten(0, 1)])  # view-major: row j n + i
+    y = labels.repeat(2 * views)
+    out = wrapped(rows) if not family.conditional else wrapped(rows, y)
+    wrapped.clipped_backward(family.d_loss(out[: views * n], out[views * n :]), n)
+    assert wrapped.per_pair_norms is not None
+    torch.testing.assert_close(wrapped.per_pair_norms, norms, rtol=1e-4, atol=1e-6)
+    for key, p in d.named_parameters():
+        assert p.grad is not None, key
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(p.grad, expected[key], rtol=1e-4, atol=1e-4 * scale)
+    out = wrapped(rows) if not family.conditional else wrapped(rows, y)
+    with pytest.raises(RuntimeError, match=r"not pairs.*\(5 expected\)"):
+        wrapped.clipped_backward(out.mean(), 5)

@@ -317,16 +317,27 @@ def test_a_sites_own_budget_caps_the_run_and_requires_dp(toy_config: Config) -> 
         site_config(toy_config, {"max-epsilon": 3.0})
 
 
-@pytest.mark.parametrize("diff_augment", ["", "color,translation,cutout"])
-def test_physical_batches_give_the_same_private_step(toy_config: Config, diff_augment) -> None:
+@pytest.mark.parametrize(
+    ("diff_augment", "views"), [("", 1), ("color,translation,cutout", 1), ("translation", 3)]
+)
+def test_physical_batches_give_the_same_private_step(
+    toy_config: Config, diff_augment: str, views: int
+) -> None:
     """A Poisson batch run in parts of 3 pairs makes the same update as in one part: each
     pair is clipped on its own and the parts' clipped sums add up before the noisy step.
-    DiffAugment's draws travel with their images, so each part transforms its rows alike."""
+    DiffAugment's draws travel with their images, so each part transforms its rows alike,
+    and with several views a part keeps every view of its pairs."""
     base = with_changes(
         toy_config,
         # the same seeds draw the same Poisson batches and the same noise in both runs
         privacy={"mode": "dp-sgd", "target_epsilon": 50.0, "noise_multiplier": 1.0},
-        train={"batch_size": 16, "local_steps": 2, "n_critic": 1, "diff_augment": diff_augment},
+        train={
+            "batch_size": 16,
+            "local_steps": 2,
+            "n_critic": 1,
+            "diff_augment": diff_augment,
+            "diff_augment_views": views,
+        },
         data={"num_images": 240},
     )
     ds = hospital_dataset(base.data, 0, 0, 3)

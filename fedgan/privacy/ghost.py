@@ -81,16 +81,21 @@ class _Workspace:
         self._buffers.clear()
 
 
-def _gram_inner(a: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
-    """``⟨AᵀA, GᵀG⟩`` per pair, from the real (``[:n]``) and fake (``[n:]``) halves: the pair's
-    Gram matrix is the 2 x 2 block matrix of these products, never assembled."""
+def _gram_inner(a: torch.Tensor, g: torch.Tensor, n: int, m: int = 2) -> torch.Tensor:
+    """``⟨AᵀA, GᵀG⟩`` per pair, from its ``m`` members (rows ``i``, ``n + i``, ...; real and
+    fake, or every view of each): the pair's Gram matrix is the ``m x m`` block matrix of these
+    products, never assembled (the blocks below the diagonal mirror those above)."""
 
     def block(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.bmm(x.mT, y)
 
-    ar, af, gr, gf = a[:n], a[n:], g[:n], g[n:]
-    same = (block(ar, ar) * block(gr, gr)).sum((1, 2)) + (block(af, af) * block(gf, gf)).sum((1, 2))
-    return same + 2 * (block(ar, af) * block(gr, gf)).sum((1, 2))
+    parts = [(a[j * n : (j + 1) * n], g[j * n : (j + 1) * n]) for j in range(m)]
+    sq = torch.zeros(n, dtype=a.dtype, device=a.device)
+    for j, (aj, gj) in enumerate(parts):
+        for k in range(j, m):
+            ak, gk = parts[k]
+            sq = sq + (1 if j == k else 2) * (block(aj, ak) * block(gj, gk)).sum((1, 2))
+    return sq
 
 
 def _matrix_terms(
@@ -101,31 +106,33 @@ def _matrix_terms(
     n: int,
     scratch: Callable[[str, tuple[int, ...]], torch.Tensor],
     to_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    m: int = 2,
 ) -> _Terms:
-    """Conv2d/Linear: ``a`` ``[2n, d, t]`` inputs (unfolded), ``g`` ``[2n, p, t]`` output
-    gradients, rows ``i`` and ``n + i`` a pair. ``scratch(role, shape)`` gives a reusable
-    buffer; ``to_weight`` maps a ``[p, d]`` gradient to the weight's layout (a reshape by
-    default)."""
-    d, p, t = a.shape[1], g.shape[1], 2 * a.shape[2]  # t: positions of a pair
+    """Conv2d/Linear: ``a`` ``[m n, d, t]`` inputs (unfolded), ``g`` ``[m n, p, t]`` output
+    gradients, rows ``i``, ``n + i``, ... ``(m - 1) n + i`` a pair. ``scratch(role, shape)``
+    gives a reusable buffer; ``to_weight`` maps a ``[p, d]`` gradient to the weight's layout
+    (a reshape by default)."""
+    d, p, t = a.shape[1], g.shape[1], m * a.shape[2]  # t: positions of a pair
     per_pair: torch.Tensor | None = None
     if t * (p + d) < p * d:  # ghost norm: cheaper than the [p, d] gradient itself
-        sq = _gram_inner(a, g, n)
-    else:  # direct: the pair's [p, d] gradient, real and fake products summed in place
+        sq = _gram_inner(a, g, n, m)
+    else:  # direct: the pair's [p, d] gradient, its members' products summed in place
         out = scratch("pair", (n, p, d))
         torch.bmm(g[:n], a[:n].mT, out=out)
-        per_pair = out.baddbmm_(g[n:], a[n:].mT).view(n, p * d)
+        for j in range(1, m):
+            out.baddbmm_(g[j * n : (j + 1) * n], a[j * n : (j + 1) * n].mT)
+        per_pair = out.view(n, p * d)
         sq = torch.linalg.vector_norm(per_pair, dim=1).square()
     bias_per_pair = None
     if bias is not None and bias.requires_grad:
-        per_row = g.sum(2)
-        bias_per_pair = per_row[:n] + per_row[n:]
+        bias_per_pair = g.sum(2).view(m, n, p).sum(0)
         sq = sq + bias_per_pair.square().sum(1)
 
     def clipped_sum(w: torch.Tensor) -> Clipped:
         if per_pair is not None:
             grad = w @ per_pair
         else:  # an ordinary weight gradient, of the coefficient-scaled output gradients
-            scaled = (g * w.repeat(2)[:, None, None]).transpose(0, 1).reshape(p, -1)
+            scaled = (g * w.repeat(m)[:, None, None]).transpose(0, 1).reshape(p, -1)
             grad = scaled @ a.mT.reshape(-1, d)
         out = {weight: (to_weight(grad) if to_weight else grad).reshape(weight.shape)}
         if bias_per_pair is not None and bias is not None:
@@ -136,7 +143,7 @@ def _matrix_terms(
 
 
 def _conv_terms(
-    layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, n: int, ws: _Workspace
+    layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, n: int, ws: _Workspace, m: int = 2
 ) -> _Terms:
     (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
     ph, pw = cast(tuple[int, int], layer.padding)  # a string padding never gets here
@@ -146,16 +153,16 @@ def _conv_terms(
 
     if layer.dilation != (1, 1):
         cols = F.unfold(a, (kh, kw), layer.dilation, (ph, pw), (sh, sw))
-        return _matrix_terms(layer.weight, layer.bias, cols, g.flatten(2), n, scratch)
+        return _matrix_terms(layer.weight, layer.bias, cols, g.flatten(2), n, scratch, m=m)
     # im2col as strided windows of the channels-last input, channels innermost, copied once
     # into a kept buffer: about 10x faster than F.unfold on CPU. The columns are then ordered
     # (kh, kw, c), so the weight gradient is permuted back at the end.
     rows, c, h, w = a.shape
-    padded = a.permute(0, 2, 3, 1)  # [2n, h, w, c]
+    padded = a.permute(0, 2, 3, 1)  # [m n, h, w, c]
     if ph or pw:
         padded = scratch("padded", (rows, h + 2 * ph, w + 2 * pw, c))  # zero borders
         padded[:, ph : ph + h, pw : pw + w].copy_(a.permute(0, 2, 3, 1))
-    windows = padded.unfold(1, kh, sh).unfold(2, kw, sw)  # [2n, ho, wo, c, kh, kw]
+    windows = padded.unfold(1, kh, sh).unfold(2, kw, sw)  # [m n, ho, wo, c, kh, kw]
     ho, wo = windows.shape[1:3]
     cols = scratch("cols", (rows, ho, wo, kh, kw, c))
     cols.copy_(windows.permute(0, 1, 2, 4, 5, 3))
@@ -165,27 +172,29 @@ def _conv_terms(
         return grad.reshape(out_c, kh, kw, c).permute(0, 3, 1, 2)
 
     a2 = cols.view(rows, ho * wo, kh * kw * c).mT
-    return _matrix_terms(layer.weight, layer.bias, a2, g.flatten(2), n, scratch, to_weight)
+    return _matrix_terms(layer.weight, layer.bias, a2, g.flatten(2), n, scratch, to_weight, m)
 
 
 def _linear_terms(
-    layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, n: int, ws: _Workspace
+    layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, n: int, ws: _Workspace, m: int = 2
 ) -> _Terms:
     def scratch(role: str, shape: tuple[int, ...]) -> torch.Tensor:
         return ws.get((id(layer), role, *shape[1:]), shape, a)
 
-    # [2n, ..., d] -> [2n, d, positions]
+    # [m n, ..., d] -> [m n, d, positions]
     a3 = a.reshape(a.shape[0], -1, a.shape[-1]).mT
     g3 = g.reshape(g.shape[0], -1, g.shape[-1]).mT
-    return _matrix_terms(layer.weight, layer.bias, a3, g3, n, scratch)
+    return _matrix_terms(layer.weight, layer.bias, a3, g3, n, scratch, m=m)
 
 
-def _sampled_terms(layer: nn.Module, inputs: list[torch.Tensor], g: torch.Tensor, n: int) -> _Terms:
+def _sampled_terms(
+    layer: nn.Module, inputs: list[torch.Tensor], g: torch.Tensor, n: int, m: int = 2
+) -> _Terms:
     """Any other layer: Opacus's per-sample gradients, folded into pairs."""
     from opacus.grad_sample import GradSampleModule
 
     per_sample = GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, inputs, g)
-    per_pair = {p: (gs[:n] + gs[n:]).flatten(1) for p, gs in per_sample.items() if p.requires_grad}
+    per_pair = {p: gs.reshape(m, n, -1).sum(0) for p, gs in per_sample.items() if p.requires_grad}
     sq = sum((gs.square().sum(1) for gs in per_pair.values()), torch.zeros(n, device=g.device))
 
     def clipped_sum(w: torch.Tensor) -> Clipped:
@@ -208,13 +217,13 @@ def _plain_conv(m: nn.Module) -> bool:
 
 
 def _layer_terms(
-    module: nn.Module, inputs: list[torch.Tensor], g: torch.Tensor, n: int, ws: _Workspace
+    module: nn.Module, inputs: list[torch.Tensor], g: torch.Tensor, n: int, ws: _Workspace, m: int
 ) -> _Terms:
     if _plain_conv(module):
-        return _conv_terms(module, inputs[0], g, n, ws)  # type: ignore[arg-type]
+        return _conv_terms(module, inputs[0], g, n, ws, m)  # type: ignore[arg-type]
     if isinstance(module, nn.Linear):
-        return _linear_terms(module, inputs[0], g, n, ws)
-    return _sampled_terms(module, inputs, g, n)  # grouped convs too
+        return _linear_terms(module, inputs[0], g, n, ws, m)
+    return _sampled_terms(module, inputs, g, n, m)  # grouped convs too
 
 
 def unsupported_layers(module: nn.Module) -> list[str]:
@@ -292,12 +301,19 @@ class PairedClipping(nn.Module):
                 raise TypeError(f"{type(module).__name__} returned {type(out).__name__}")
             self._records.append((module, [x.detach() for x in inputs], out))
 
-    def clipped_backward(self, loss: torch.Tensor) -> None:
+    def clipped_backward(self, loss: torch.Tensor, pairs: int | None = None) -> None:
         """Sets every parameter's ``.grad`` to the sum over pairs of the clipped pair gradient.
 
+        Args:
+            loss: A mean over the pairs.
+            pairs: How many pairs the forward saw. Default: half its rows (one real and one
+                fake image each). With ``V`` DiffAugment views each pair is ``2 V`` rows,
+                ``i + j * pairs`` for ``j < 2 V`` (every view of real ``i``, then of fake
+                ``i``), and the loss averages them: they are clipped as one unit.
+
         Raises:
-            RuntimeError: When the forward did not see one even batch of pairs, or a layer ran
-                twice (shared weights would make one pair's gradient span two records).
+            RuntimeError: When the forward did not see whole pairs, or a layer ran twice
+                (shared weights would make one pair's gradient span two records).
         """
         records, self._records = self._records, []
         params = [p for p in self._module.parameters() if p.requires_grad]
@@ -310,9 +326,12 @@ class PairedClipping(nn.Module):
                 "clipping needs exactly one forward of cat([real, fake]) per step"
             )
         rows = records[0][2].shape[0]
-        if rows % 2:
-            raise RuntimeError(f"the forward saw {rows} images, not pairs of real and fake")
-        n = rows // 2
+        n = rows // 2 if pairs is None else pairs
+        if rows % 2 or (n and rows % n) or (n == 0 and rows):
+            raise RuntimeError(
+                f"the forward saw {rows} images, not pairs of real and fake ({n} expected)"
+            )
+        m = rows // n if n else 2
         if n == 0:  # an empty Poisson batch: nothing to clip, the optimizer still adds noise
             for p in params:
                 p.grad = torch.zeros_like(p)
@@ -320,7 +339,7 @@ class PairedClipping(nn.Module):
             return
         grads = torch.autograd.grad(loss, [r[2] for r in records])
         terms = [
-            _layer_terms(module, inputs, g, n, self._workspace)
+            _layer_terms(module, inputs, g, n, self._workspace, m)
             for (module, inputs, _), g in zip(records, grads, strict=True)
         ]
         # The loss is a mean over pairs: each pair's own gradient is n times its share here.

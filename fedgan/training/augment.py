@@ -23,9 +23,21 @@ from fedgan.config import DIFF_AUGMENT_POLICIES as POLICIES
 DRAWS = 7
 
 
-def draw(n: int, gen: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[n, DRAWS]`` uniforms in [0, 1): the random part of ``n`` images' transforms."""
-    return torch.rand(n, DRAWS, generator=gen).to(device)
+def draw(
+    n: int, gen: torch.Generator, device: torch.device | str = "cpu", views: int = 1
+) -> torch.Tensor:
+    """``[n, views * DRAWS]`` uniforms in [0, 1): the random part of ``n`` images' transforms,
+    ``views`` independent ones per image (one row per image, so a batch split by rows keeps
+    each image's draws)."""
+    return torch.rand(n, views * DRAWS, generator=gen).to(device)
+
+
+def apply_views(x: torch.Tensor, u: torch.Tensor, policies: tuple[str, ...]) -> torch.Tensor:
+    """``x`` ([N, ...]) under each of the views in ``u`` ([N, V * DRAWS], :func:`draw`):
+    ``[V * N, ...]``, view-major, so row ``v * N + i`` is image ``i`` under view ``v`` (the
+    layout paired ghost clipping groups by: every row of image ``i`` is one privacy unit)."""
+    views = u.shape[1] // DRAWS
+    return torch.cat([apply(x, u[:, v * DRAWS : (v + 1) * DRAWS], policies) for v in range(views)])
 
 
 def apply(
@@ -71,4 +83,4 @@ def apply(
     return x
 
 
-__all__ = ["DRAWS", "POLICIES", "apply", "draw"]
+__all__ = ["DRAWS", "POLICIES", "apply", "apply_views", "draw"]

@@ -39,12 +39,12 @@ def _clipped(module: Any, max_rows: int = 0) -> Callable[[LossFn, Nets, Batch], 
     def backward(loss_fn: LossFn, nets: Nets, batch: Batch) -> torch.Tensor:
         if not max_rows or len(batch) <= max_rows:
             loss = loss_fn(nets, batch)
-            module.clipped_backward(loss)
+            module.clipped_backward(loss, len(batch))
             return loss.detach()
         total = torch.zeros(())
         for part in batch.split(max_rows):
             loss = loss_fn(nets, part)
-            module.clipped_backward(loss)
+            module.clipped_backward(loss, len(part))
             total = total + loss.detach().cpu() * len(part)
         return total / len(batch)
 

@@ -114,6 +114,7 @@ class SynthesisObjective(Objective):
         self.family = family or FAMILIES.get(cfg.model.family)
         self.augment = augmenter(cfg.data)
         self.diff_augment = cfg.train.diff_augment_policies
+        self.views = cfg.train.diff_augment_views if self.diff_augment else 1
         self.phases = (
             Phase("D", ("discriminator",), reads_data=True,
                   repeats=critic_steps(self.family, cfg.train.n_critic,
@@ -173,15 +174,20 @@ class SynthesisObjective(Objective):
         latent = self.cfg.model.latent_dim
         tensors["z"] = torch.randn(len(real), latent, device=ctx.device, generator=ctx.noise)
         if self.diff_augment:  # one row of draws per image, drawn here so every use agrees
-            tensors["aug_real"] = augment.draw(len(real), ctx.cpu, ctx.device)
-            tensors["aug_fake"] = augment.draw(len(real), ctx.cpu, ctx.device)
+            tensors["aug_real"] = augment.draw(len(real), ctx.cpu, ctx.device, self.views)
+            tensors["aug_fake"] = augment.draw(len(real), ctx.cpu, ctx.device, self.views)
         return Batch(tensors)
 
     def _seen(self, images: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
-        """What the discriminator sees of ``images``: their DiffAugment transforms, if on."""
+        """What the discriminator sees of ``images``: their DiffAugment transforms, if on, one
+        block of rows per view (``train.diff_augment_views``; :func:`augment.apply_views`)."""
         if draws is None:
             return images
-        return augment.apply(images, draws, self.diff_augment)
+        return augment.apply_views(images, draws, self.diff_augment)
+
+    def _repeat(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """``labels`` for every view's rows (see :meth:`_seen`)."""
+        return None if labels is None or self.views == 1 else labels.repeat(self.views)
 
     def accumulate_gradients(
         self, phase: str, nets: Nets, batch: Batch, ctx: StepContext
@@ -196,10 +202,12 @@ class SynthesisObjective(Objective):
 
             def d_loss(nets: Nets, b: Batch) -> torch.Tensor:
                 d = nets["discriminator"]
-                y = b.get("labels")
+                y = self._repeat(b.get("labels"))
                 real = self._seen(b["real"], b.get("aug_real"))
                 fake = self._seen(b["fake"], b.get("aug_fake"))
-                if ctx.paired_forward:  # rows i and n + i form pair i (paired ghost clipping)
+                if ctx.paired_forward:
+                    # rows i, n + i, ... (every view of real i, then of fake i) are pair i's:
+                    # paired ghost clipping clips them as one unit
                     n = len(real)
                     both = forward(d, torch.cat([real, fake]),
                                    None if y is None else torch.cat([y, y]))  # fmt: skip
@@ -218,7 +226,7 @@ class SynthesisObjective(Objective):
             y = b.get("labels")
             fake = forward(nets["generator"], b["z"], y)
             loss = family.g_loss(
-                forward(nets["discriminator"], self._seen(fake, b.get("aug_fake")), y)
+                forward(nets["discriminator"], self._seen(fake, b.get("aug_fake")), self._repeat(y))
             )
             if weight and len(fake) >= 2:
                 loss = loss + weight * mode_seeking(fake, b["z"])
@@ -241,7 +249,7 @@ class SynthesisObjective(Objective):
                 labels[n : 2 * n] = labels[:n]
             tensors["labels"] = labels
         if self.diff_augment:
-            tensors["aug_fake"] = augment.draw(size, ctx.cpu, ctx.device)
+            tensors["aug_fake"] = augment.draw(size, ctx.cpu, ctx.device, self.views)
         return Batch(tensors)
 
 
