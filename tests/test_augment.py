@@ -136,3 +136,25 @@ def test_views_show_each_image_under_several_draws_and_need_a_policy() -> None:
         )
     with pytest.raises(ValueError, match="task 'enhance' has none"):
         resolve(load_config(None, [*views, "task.name=enhance"]))
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_a_conditional_discriminator_gets_each_views_labels(views: int) -> None:
+    """With views, a class-conditional discriminator sees every view's rows with their
+    image's label (view-major, as the images); with one view, the labels unchanged."""
+    cfg = load_config(None, ["data.num_images=32", "model.base_channels=8",
+                             "data.image_size=16", "train.batch_size=4", "model.family=cgan",
+                             "train.diff_augment=translation",
+                             f"train.diff_augment_views={views}"])  # fmt: skip
+    objective = make_objective(cfg)
+    nets = networks_for(cfg, objective)
+    ctx = StepContext.seeded(0, torch.device("cpu"))
+    labels = torch.tensor([0, 1, 1, 0])
+    batch = objective.make_batch(torch.rand(4, 1, 16, 16) * 2 - 1, labels, None, ctx)
+    seen = []
+    nets["discriminator"].register_forward_pre_hook(
+        lambda _m, args: seen.append(args[1].detach().clone())
+    )
+    objective.accumulate_gradients("D", nets, batch, ctx)  # real, then fake forward
+    assert len(seen) == 2
+    assert all(torch.equal(s, labels.repeat(views)) for s in seen)

@@ -187,7 +187,7 @@ class SynthesisObjective(Objective):
 
     def _repeat(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """``labels`` for every view's rows (see :meth:`_seen`)."""
-        return None if labels is None or self.views == 1 else labels.repeat(self.views)
+        return labels if labels is None or self.views == 1 else labels.repeat(self.views)
 
     def accumulate_gradients(
         self, phase: str, nets: Nets, batch: Batch, ctx: StepContext
