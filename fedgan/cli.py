@@ -218,6 +218,7 @@ def cmd_enhance(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     """Scores new images with a trained anomaly detector: one heat-map overlay PNG per image or
     slice, and ``scores.csv``."""
+    from dataclasses import replace
     from pathlib import Path
 
     from fedgan.evaluation.anomaly import load_stats, stats_path
@@ -240,6 +241,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
     evals = [r.get("eval", {}) for r in records if r["round"] <= ckpt["round"]]
     threshold = [e["anomaly_threshold"] for e in evals if "anomaly_threshold" in e]
     rule = [int(e["anomaly_score_rule"]) for e in evals if "anomaly_score_rule" in e]
+    # the map those were chosen for: a `fedgan evaluate --set task.map_shift=K` measures (and
+    # keeps healthy statistics for) another map than the run's config draws
+    shift = [int(e["anomaly_map_shift"]) for e in evals if "anomaly_map_shift" in e]
+    if shift and shift[-1] != cfg.task.map_shift:
+        cfg = replace(cfg, task=replace(cfg.task, map_shift=shift[-1]))
     stats_file = stats_path(rd.samples, int(ckpt["round"]))
     stats = load_stats(stats_file) if stats_file.is_file() else None
     rows = detect_files(cfg, ckpt["state"], Path(args.input), Path(args.out),

@@ -67,6 +67,67 @@ def test_top_score_is_the_mean_of_the_largest_pixels() -> None:
         [m[:, :5, :5].max() for m in maps]))  # fmt: skip
 
 
+def test_the_shift_tolerant_residual_forgives_a_one_pixel_miss_and_keeps_a_spot() -> None:
+    from fedgan.data.degrade import shift_tolerant_residual
+
+    g = torch.Generator().manual_seed(4)
+    x, rec = torch.rand(3, 2, 9, 11, generator=g), torch.rand(3, 2, 9, 11, generator=g)
+    assert torch.equal(shift_tolerant_residual(x, rec), (x - rec).abs().mean(1, keepdim=True))
+    # written out pixel by pixel: the smallest channel-mean residual over the 3x3 shifts,
+    # the reconstruction's edge pixels repeated beyond the border
+    padded = np.pad(rec.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    want = np.full((3, 1, 9, 11), np.inf)
+    for i in range(9):
+        for j in range(11):
+            for dy in range(3):
+                for dx in range(3):
+                    d = np.abs(x.numpy()[:, :, i, j] - padded[:, :, i + dy, j + dx]).mean(1)
+                    want[:, 0, i, j] = np.minimum(want[:, 0, i, j], d)
+    assert np.allclose(shift_tolerant_residual(x, rec, 1).numpy(), want, atol=1e-6)
+    # a disc drawn one pixel off: its edge is residual for the plain map, nothing for shift 1
+    disc, _ = _discs(1, 0)
+    moved = torch.roll(disc, 1, dims=-1)
+    assert (disc - moved).abs().sum() > 5 and shift_tolerant_residual(disc, moved, 1).max() == 0
+    # a spot the reconstruction does not draw stays whole
+    spot = torch.zeros(1, 1, 16, 16)
+    spot[..., 7:9, 7:9] = 1.0
+    kept = shift_tolerant_residual(spot, torch.zeros_like(spot), 2)
+    assert torch.equal(kept, spot)
+    with pytest.raises(ValueError, match="shift"):
+        shift_tolerant_residual(x, rec, -1)
+
+
+def test_the_map_shift_reaches_fedgans_map_and_the_baselines_choose_on_validation(
+    tmp_path: Path,
+) -> None:
+    from fedgan.data.degrade import shift_tolerant_residual
+    from fedgan.evaluation.anomaly import AnomalyEvaluator, mean_image_detector, pca_detector
+
+    for bad in ("-1", "4"):
+        with pytest.raises(ValueError, match="task.map_shift"):
+            load_config(None, [*TOY, f"task.map_shift={bad}"])
+    cfg = resolve(load_config(None, [*TOY, "data.source=phantom", "task.map_shift=1"]))
+    objective = make_objective(cfg)
+    nets = networks_for(cfg, objective)
+    images = _discs(8, 1, lesion=True)[0]
+    _, maps, rec = objective.anomaly_maps(nets, images)  # type: ignore[attr-defined]
+    assert torch.allclose(maps, shift_tolerant_residual(images, rec, 1))
+    assert not torch.allclose(maps, (images - rec).abs())  # untrained: the shift changes it
+
+    evaluator = AnomalyEvaluator(cfg, tmp_path, objective)  # type: ignore[arg-type]
+    chosen = evaluator.baselines()
+    healthy = evaluator._healthy_reference()
+    makers = {"mean": lambda k: mean_image_detector(healthy, k),
+              "pca": lambda k: pca_detector(healthy, seed=cfg.run.seed, shift=k)}  # fmt: skip
+    for name, make in makers.items():
+        each = [evaluator._score(make(k))[0] for k in (0, 1)]
+        shift = int(chosen[name]["anomaly_map_shift"])
+        assert chosen[name]["anomaly_auc"] == each[shift]["anomaly_auc"]
+        assert each[shift]["anomaly_val_auc"] >= each[1 - shift]["anomaly_val_auc"]
+        if each[0]["anomaly_val_auc"] == each[1]["anomaly_val_auc"]:
+            assert shift == 0  # a tie keeps the plain map
+
+
 def _halves(kind: str, seed: int) -> tuple[tuple[dict[str, torch.Tensor], torch.Tensor],
                                            torch.Tensor]:  # fmt: skip
     """``(({"own": ..., "critic": ...}, smoothed maps), labels)`` of 40 images, half
@@ -450,6 +511,43 @@ def test_detect_on_png_dicom_and_nifti(trained, tmp_path: Path, capsys) -> None:
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "task anomaly" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_detect_draws_the_map_its_evaluation_measured(trained, tmp_path: Path, capsys) -> None:
+    """A `fedgan evaluate --set task.map_shift=1` measures a shift-tolerant map and keeps its
+    healthy statistics and threshold; detect on that round then draws that map, not the
+    config's plain one (whose statistics would no longer match)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from fedgan.cli import main
+    from fedgan.evaluation.anomaly import load_stats
+    from fedgan.runs.apply import detect_files
+
+    cfg, run = trained
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, img in enumerate(_twins(2, 16)[1]):
+        Image.fromarray(((img[0] + 1) * 127.5).round().byte().numpy()).save(src / f"p{i}.png")
+    ckpt_path = run / "checkpoints" / "round_0002.pt"
+    assert main(["evaluate", "--run", str(run), "--checkpoint", str(ckpt_path),
+                 "--set", "task.map_shift=1"]) == 0  # fmt: skip
+    capsys.readouterr()
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["eval"]
+    assert record["anomaly_map_shift"] == 1.0
+    assert main(["detect", "--run", str(run), "--input", str(src), "--checkpoint",
+                 str(ckpt_path), "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    got = [float(r["score"]) for r in csv.DictReader((tmp_path / "d" / "scores.csv").open())]
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    stats = load_stats(run / "samples" / "round_0002.healthy.pt")
+    chosen = {"threshold": record["anomaly_threshold"],
+              "rule": int(record["anomaly_score_rule"]), "stats": stats}  # fmt: skip
+    shifted = replace(cfg, task=replace(cfg.task, map_shift=1))
+    want = detect_files(shifted, ckpt["state"], src, tmp_path / "w", **chosen)
+    plain = detect_files(cfg, ckpt["state"], src, tmp_path / "p", **chosen)
+    assert got == pytest.approx([s for _, s in want], rel=1e-5)
+    assert [s for _, s in plain] != pytest.approx(got, rel=1e-3)  # the shift changes scores
 
 
 @pytest.mark.slow

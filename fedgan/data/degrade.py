@@ -30,6 +30,25 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
+def shift_tolerant_residual(x: torch.Tensor, rec: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """``[N, 1, H, W]``: each pixel's smallest ``|x - rec|`` (averaged over channels) over
+    every shift of ``rec`` by up to ``shift`` pixels in each direction (edges replicated);
+    ``shift`` 0 is the plain residual. A reconstruction that misses an edge by a pixel leaves
+    no residual there; a spot it does not draw at all still does."""
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    best = (x - rec).abs().mean(1, keepdim=True)
+    if shift == 0:
+        return best
+    h, w = x.shape[-2:]
+    padded = F.pad(rec, (shift, shift, shift, shift), mode="replicate")
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            moved = padded[..., dy : dy + h, dx : dx + w]
+            best = torch.minimum(best, (x - moved).abs().mean(1, keepdim=True))
+    return best
+
+
 def degrade(x: torch.Tensor, cfg: TaskSection, gen: torch.Generator) -> torch.Tensor:
     """The ``enhance`` input for clean ``x``: blur (``task.blur_sigma`` at 32 px, scaled with
     the size), then low-dose-like noise: Poisson photon noise with ``task.photons`` photons per

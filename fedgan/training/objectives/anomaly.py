@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedgan.catalog import TASKS
+from fedgan.data.degrade import shift_tolerant_residual
 from fedgan.models import ImageShape
 from fedgan.models.dcgan import Encoder
 from fedgan.training.objectives.base import Batch, Nets, Phase, StepContext
@@ -99,10 +100,12 @@ class AnomalyObjective(SynthesisObjective):
         self, nets: Nets, images: torch.Tensor, batch: int = 128
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(scores [N], maps [N, 1, H, W], reconstructions)`` of ``images`` in [-1, 1],
-        on the networks' device; maps are ``|x - G(E(x))|`` averaged over channels."""
+        on the networks' device; maps are ``|x - G(E(x))|`` averaged over channels, each
+        pixel's smallest over shifts of the reconstruction by up to ``task.map_shift`` px
+        (:func:`fedgan.data.degrade.shift_tolerant_residual`)."""
         g, d, e = nets["generator"], nets["discriminator"], nets["encoder"]
         device = next(g.parameters()).device
-        kappa = self.cfg.task.feature_weight
+        kappa, shift = self.cfg.task.feature_weight, self.cfg.task.map_shift
         scores, maps, recs = [], [], []
         with evaluating(g, d, e):
             for x in images.split(batch):
@@ -111,7 +114,7 @@ class AnomalyObjective(SynthesisObjective):
                 pixel = (x - rec).square().flatten(1).mean(1)
                 feat = (d.features(x) - d.features(rec)).square().flatten(1).mean(1)
                 scores.append((pixel + kappa * feat).cpu())
-                maps.append((x - rec).abs().mean(1, keepdim=True).cpu())
+                maps.append(shift_tolerant_residual(x, rec, shift).cpu())
                 recs.append(rec.cpu())
         return torch.cat(scores), torch.cat(maps), torch.cat(recs)
 
