@@ -666,11 +666,13 @@ class TaskSection:
             it from zero).
         feature_weight: ``anomaly``: kappa, the weight of the discriminator-feature residual
             beside the image residual, in the encoder's loss and the anomaly score.
-        map_shift: ``anomaly``: the anomaly map is each pixel's smallest residual over shifts
-            of the reconstruction by up to this many pixels (0: the plain ``|x - G(E(x))|``).
-            A GAN that misses an organ's edge by a pixel then leaves no residual along it,
-            and a lesion it cannot draw still stands out. The baselines are scored with and
-            without the shift, and each keeps the map that scores better on validation images.
+        map_shift: ``anomaly``: the shift-tolerant anomaly map offered beside the plain
+            ``|x - G(E(x))|``: each pixel's smallest residual over shifts of the
+            reconstruction by up to this many pixels (0: the plain map only). A GAN that
+            misses an organ's edge by a pixel then leaves no residual along it, and a lesion
+            it cannot draw still stands out. Every method, fedgan and the baselines, is
+            scored with both maps at each evaluation and keeps the one that scores better on
+            validation images (``anomaly_map_shift``); ``fedgan detect`` draws that one.
     """
 
     name: str = "synthesis"

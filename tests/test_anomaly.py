@@ -97,11 +97,16 @@ def test_the_shift_tolerant_residual_forgives_a_one_pixel_miss_and_keeps_a_spot(
         shift_tolerant_residual(x, rec, -1)
 
 
-def test_the_map_shift_reaches_fedgans_map_and_the_baselines_choose_on_validation(
-    tmp_path: Path,
+def test_the_map_shift_reaches_fedgans_map_and_every_method_chooses_on_validation(
+    trained, tmp_path: Path
 ) -> None:
     from fedgan.data.degrade import shift_tolerant_residual
-    from fedgan.evaluation.anomaly import AnomalyEvaluator, mean_image_detector, pca_detector
+    from fedgan.evaluation.anomaly import (
+        AnomalyEvaluator,
+        load_stats,
+        mean_image_detector,
+        pca_detector,
+    )
 
     for bad in ("-1", "4"):
         with pytest.raises(ValueError, match="task.map_shift"):
@@ -126,6 +131,17 @@ def test_the_map_shift_reaches_fedgans_map_and_the_baselines_choose_on_validatio
         assert each[shift]["anomaly_val_auc"] >= each[1 - shift]["anomaly_val_auc"]
         if each[0]["anomaly_val_auc"] == each[1]["anomaly_val_auc"]:
             assert shift == 0  # a tie keeps the plain map
+    # fedgan chooses the same way (here with the trained toy's networks), and keeps the
+    # statistics of the map it chose
+    state = torch.load(trained[1] / "checkpoints" / "round_0002.pt", weights_only=True)["state"]
+    result = evaluator.metrics(3, state)
+    each = [evaluator._score(evaluator.detector(state, k)) for k in (0, 1)]
+    shift = int(result["anomaly_map_shift"])
+    assert result["anomaly_auc"] == each[shift][0]["anomaly_auc"]
+    assert each[shift][0]["anomaly_val_auc"] >= each[1 - shift][0]["anomaly_val_auc"]
+    kept = load_stats(tmp_path / "round_0003.healthy.pt")
+    assert torch.allclose(kept[0], each[shift][2][0]) and torch.allclose(kept[1], each[shift][2][1])
+    assert not torch.allclose(kept[0], each[1 - shift][2][0])
 
 
 def _halves(kind: str, seed: int) -> tuple[tuple[dict[str, torch.Tensor], torch.Tensor],

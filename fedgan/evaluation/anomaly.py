@@ -38,7 +38,11 @@ class AnomalyTask(Protocol):
     def build(self) -> dict[str, nn.Module]: ...
 
     def anomaly_maps(
-        self, nets: dict[str, nn.Module], images: torch.Tensor
+        self,
+        nets: dict[str, nn.Module],
+        images: torch.Tensor,
+        batch: int = ...,
+        shift: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def critic_scores(self, nets: dict[str, nn.Module], images: torch.Tensor) -> torch.Tensor: ...
@@ -291,6 +295,7 @@ class AnomalyEvaluator:
         self._baselines: dict[str, dict[str, float]] | None = None
         self._baseline_maps: dict[str, torch.Tensor] = {}
         self._stats_images: torch.Tensor | None = None
+        self._chosen_shift: dict[int, int] = {}
 
     def data(self) -> dict[str, torch.Tensor | None]:
         """The validation and test halves: images, labels (1 = abnormal) and masks."""
@@ -350,12 +355,29 @@ class AnomalyEvaluator:
                                   stats)  # fmt: skip
         return scores, test[1], stats
 
+    def _shifts(self) -> list[int]:
+        """The map shifts every method chooses among: none, and ``task.map_shift``."""
+        return sorted({0, self.cfg.task.map_shift})
+
+    def _best_of(
+        self, make: Callable[[int], Detector]
+    ) -> tuple[dict[str, float], torch.Tensor, HealthyStats]:
+        """The scores, test maps and healthy statistics of ``make(shift)`` for the shift in
+        :meth:`_shifts` whose validation AUC is highest (the plain map on a tie, or where the
+        validation half cannot say), with ``anomaly_map_shift`` saying which."""
+        best: tuple[dict[str, float], torch.Tensor, HealthyStats] | None = None
+        for shift in self._shifts():
+            scores, maps, stats = self._score(make(shift))
+            scores["anomaly_map_shift"] = float(shift)
+            val = scores.get("anomaly_val_auc", float("-inf"))
+            if best is None or val > best[0].get("anomaly_val_auc", float("-inf")):
+                best = (scores, maps, stats)
+        assert best is not None
+        return best
+
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Each classical detector's scores (computed once). Where fedgan's map tolerates
-        shifts (``task.map_shift``), each baseline is scored with and without the same shift
-        and keeps the map whose validation AUC is higher (the plain one on a tie, or where
-        the validation half cannot say): the baselines get the better of the two, chosen
-        as fedgan's score rule is, never on the test half. ``anomaly_map_shift`` says which."""
+        """Each classical detector's scores (computed once), on the map :meth:`_best_of`
+        chooses on validation images, as fedgan's is."""
         if self._baselines is None:
             healthy = self._healthy_reference()
             seed = self.cfg.run.seed
@@ -364,17 +386,8 @@ class AnomalyEvaluator:
                 "mean": lambda shift: mean_image_detector(healthy, shift),
                 "pca": lambda shift: pca_detector(healthy, seed=seed, shift=shift),
             }
-            shifts = sorted({0, self.cfg.task.map_shift})
             for name, make in makers.items():
-                best: tuple[dict[str, float], torch.Tensor] | None = None
-                for shift in shifts:
-                    scores, maps, _ = self._score(make(shift))
-                    scores["anomaly_map_shift"] = float(shift)
-                    val = scores.get("anomaly_val_auc", float("-inf"))
-                    if best is None or val > best[0].get("anomaly_val_auc", float("-inf")):
-                        best = (scores, maps)
-                assert best is not None
-                self._baselines[name], self._baseline_maps[name] = best
+                self._baselines[name], self._baseline_maps[name], _ = self._best_of(make)
         return self._baselines
 
     def prepare(self) -> None:
@@ -386,11 +399,14 @@ class AnomalyEvaluator:
         load_state(nets, state)
         return {k: v.to(self.device).eval() for k, v in nets.items()}
 
-    def detector(self, state: dict[str, torch.Tensor]) -> Detector:
-        nets = self.networks(state)
+    def detector(self, state: dict[str, torch.Tensor], shift: int | None = None) -> Detector:
+        """fedgan's detector with ``state``'s networks and the map of ``shift`` (the
+        config's ``task.map_shift`` without one)."""
+        return self._detect_with(self.networks(state), shift)
 
+    def _detect_with(self, nets: dict[str, nn.Module], shift: int | None) -> Detector:
         def detect(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-            scores, maps, _ = self.task.anomaly_maps(nets, x)
+            scores, maps, _ = self.task.anomaly_maps(nets, x, shift=shift)
             return {"own": scores, "critic": self.task.critic_scores(nets, x)}, maps
 
         return detect
@@ -398,11 +414,14 @@ class AnomalyEvaluator:
     def metrics(self, round_: int, state: dict[str, torch.Tensor], names: list[str] | None = None
                 ) -> dict[str, float]:  # fmt: skip
         """fedgan's detection scores, each baseline's as ``<baseline>_<key>``, and fedgan's AUC
-        (and Dice) gain over the best baseline. fedgan's :data:`HealthyStats` of this round go
-        to ``<samples>/round_<k>.healthy.pt`` (:func:`save_stats`), which ``fedgan detect``
+        (and Dice) gain over the best baseline. Every method's map is the plain or the
+        shift-tolerant one, whichever scores better on validation images (:meth:`_best_of`;
+        ``anomaly_map_shift``). fedgan's :data:`HealthyStats` of this round, of its chosen map,
+        go to ``<samples>/round_<k>.healthy.pt`` (:func:`save_stats`), which ``fedgan detect``
         reads to apply ``ztop``."""
-        result, _, stats = self._score(self.detector(state))
-        result["anomaly_map_shift"] = float(self.cfg.task.map_shift)
+        nets = self.networks(state)
+        result, _, stats = self._best_of(lambda shift: self._detect_with(nets, shift))
+        self._chosen_shift[round_] = int(result["anomaly_map_shift"])
         save_stats(stats, stats_path(self.samples_dir, round_))
         baselines = self.baselines()
         for name, scores in baselines.items():
@@ -425,7 +444,8 @@ class AnomalyEvaluator:
         rows = torch.nonzero(labels == 1).flatten()[:4]
         images = d["test_images"][rows]  # type: ignore[index]
         nets = self.networks(state)
-        _, maps, rec = self.task.anomaly_maps(nets, images)
+        shift = self._chosen_shift.get(round_)  # the evaluation's choice; config's before one
+        _, maps, rec = self.task.anomaly_maps(nets, images, shift=shift)
         self.baselines()
 
         def shown(m: torch.Tensor) -> torch.Tensor:
@@ -441,5 +461,6 @@ class AnomalyEvaluator:
 
     def evaluate(self, round_: int, state: dict[str, torch.Tensor], *, final: bool = False
                  ) -> dict[str, float]:  # fmt: skip
-        self.sample_grid(round_, state)
-        return self.metrics(round_, state)
+        result = self.metrics(round_, state)
+        self.sample_grid(round_, state)  # with the map the evaluation chose
+        return result

@@ -97,15 +97,17 @@ class AnomalyObjective(SynthesisObjective):
 
     @torch.no_grad()
     def anomaly_maps(
-        self, nets: Nets, images: torch.Tensor, batch: int = 128
+        self, nets: Nets, images: torch.Tensor, batch: int = 128, shift: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(scores [N], maps [N, 1, H, W], reconstructions)`` of ``images`` in [-1, 1],
         on the networks' device; maps are ``|x - G(E(x))|`` averaged over channels, each
-        pixel's smallest over shifts of the reconstruction by up to ``task.map_shift`` px
-        (:func:`fedgan.data.degrade.shift_tolerant_residual`)."""
+        pixel's smallest over shifts of the reconstruction by up to ``shift`` px
+        (:func:`fedgan.data.degrade.shift_tolerant_residual`; ``task.map_shift`` without
+        one)."""
         g, d, e = nets["generator"], nets["discriminator"], nets["encoder"]
         device = next(g.parameters()).device
-        kappa, shift = self.cfg.task.feature_weight, self.cfg.task.map_shift
+        kappa = self.cfg.task.feature_weight
+        shift = self.cfg.task.map_shift if shift is None else shift
         scores, maps, recs = [], [], []
         with evaluating(g, d, e):
             for x in images.split(batch):
