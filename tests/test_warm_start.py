@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from fedgan.cli import main
+from fedgan.config import load_config
+from fedgan.report.compare import ArmRun, collect, write_report
 from fedgan.rundir import RunDir
+from fedgan.runs.evaluators import make_evaluator
 
 
 def _args(overrides: list[str]) -> list[str]:
@@ -43,6 +46,35 @@ def test_a_run_starts_from_the_pretrained_networks_and_says_which_data(
     summary = json.loads(warm.summary_path.read_text())
     assert summary["warm_start"]["data"].startswith("phantom")
     assert summary["warm_start"]["round"] == source["round"]
+
+
+def test_the_warm_networks_are_scored_before_any_round_and_the_score_survives_a_resume(
+    pretrained: Path, tmp_path: Path, toy_overrides: list[str]
+) -> None:
+    overrides = [*toy_overrides, f"run.output_dir={tmp_path}", "run.name=scored",
+                 "data.num_images=96", "eval.metrics=domain_fd_1k", "eval.final_metrics=",
+                 f"model.init_from={pretrained}"]  # fmt: skip
+    assert main(["centralized", *_args(overrides)]) == 0
+    rd = RunDir(tmp_path / "scored")
+    alone = json.loads(rd.summary_path.read_text())["warm_start"]["eval"]
+    # the same protocol applied from outside the run to the pre-trained run's own networks
+    check = make_evaluator(load_config(rd.path / "config.yaml"), tmp_path / "check")
+    source = RunDir(pretrained).load_checkpoint()["state"]
+    expected = check.metrics(0, source, ["domain_fd_1k"])["domain_fd_1k"]
+    assert alone["domain_fd_1k"] == pytest.approx(expected, rel=1e-5)
+    last = rd.read_metrics()[-1]["eval"]["domain_fd_1k"]
+    assert last != pytest.approx(alone["domain_fd_1k"], rel=1e-3)  # the rounds trained on
+
+    assert main(["centralized", *_args([*overrides, "federation.num_rounds=3",
+                                        "run.resume=true"])]) == 0  # fmt: skip
+    assert json.loads(rd.summary_path.read_text())["warm_start"]["eval"] == alone
+
+    arm = ArmRun("warm", "centralized", (), rd.path)
+    write_report(collect([arm], tmp_path, study="warm"), tmp_path)
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    row = next(line for line in report.splitlines() if "warm start alone" in line)
+    assert row.startswith("| domain_fd_1k, warm start alone")
+    assert f"| {alone['domain_fd_1k']:.4g} |" in row
 
 
 def test_a_warm_start_of_another_model_is_refused_before_anything_is_written(

@@ -191,8 +191,13 @@ def _table(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ["wall time (s)", *(f"{a['wall_seconds']:.0f}" for a in arms.values())],
         ["MB communicated", *(f"{a['bytes_communicated'] / 1e6:.1f}" for a in arms.values())],
     ]  # fmt: skip
+    # a warm-started arm's networks before any round (what the public data alone give)
+    warm = [(a.get("warm_start") or {}).get("eval") or {} for a in arms.values()]
     for m in comparison["metrics"]:
         rows.append([f"{m} {_direction(m)}", *(_with_recent(a, m) for a in arms.values())])
+        if any(m in w for w in warm):
+            rows.append([f"{m}, warm start alone (round 0) {_direction(m)}",
+                         *(_fmt(w.get(m)) for w in warm)])  # fmt: skip
     return head, rows
 
 
@@ -276,7 +281,8 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
             f" [{a['run_dir']}]({a['run_dir']}), config [{a['config']}]({a['config']})"
             + (
                 f"; warm-started from networks trained on {a['warm_start']['data']} (no privacy "
-                "cost: ε covers this run's data only)"
+                "cost: ε covers this run's data only; the rows 'warm start alone' score those "
+                "networks before any round)"
                 if a.get("warm_start")
                 else ""
             )

@@ -118,6 +118,7 @@ class RunRecorder:
                 except FileNotFoundError:
                     self.warm_start = {"checkpoint": self.cfg.model.init_from,
                                        "data": "unknown (no longer on disk)"}  # fmt: skip
+                self.warm_start.update(self._warm_start_eval_kept())
             return ckpt["state"]
         if rd.has_run():
             raise FileExistsError(
@@ -132,8 +133,38 @@ class RunRecorder:
                      f"({self.warm_start['data']})")  # fmt: skip
         rd.write_config(dump_yaml(self.cfg))
         self.evaluator.sample_grid(0, state)
-        rd.save_checkpoint(0, state, {"mode": self.mode})
+        if self.warm_start:
+            self.warm_start["eval"] = self._evaluate_warm_start(state)
+        rd.save_checkpoint(0, state, {"mode": self.mode, "warm_start": self.warm_start})
         return state
+
+    def _evaluate_warm_start(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``eval.metrics`` of the warm-start networks before any round trains: what the
+        public data alone give, beside which the run's own rounds are judged. A metric that
+        fails is left out (and said), as in a round's evaluation; the run goes on."""
+        names = list(self.cfg.eval.metric_list)
+        if not names:
+            return {}
+        try:
+            out = self.evaluator.metrics(0, state, names)
+        except Exception as err:  # an evaluation never ends a run
+            self.log(f"warm start: not evaluated ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0][:160] if str(err) else ''})")  # fmt: skip
+            return {}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in out.items() if not k.startswith("seconds_"))
+        self.log(f"warm start alone (round 0, before any training): {shown or 'nothing computed'}")
+        return out
+
+    def _warm_start_eval_kept(self) -> dict[str, Any]:
+        """A resumed run's warm-start evaluation, from its round-0 checkpoint (none where that
+        is gone or unreadable)."""
+        first = self.run_dir.checkpoints / "round_0000.pt"
+        try:
+            meta = self.run_dir.load_checkpoint(first).get("meta", {})
+        except (FileNotFoundError, UnreadableCheckpoint):
+            return {}
+        kept = meta.get("warm_start", {}).get("eval")
+        return {"eval": kept} if isinstance(kept, dict) else {}
 
     def due(self, round_: int) -> bool:
         last = round_ == self.cfg.federation.num_rounds
