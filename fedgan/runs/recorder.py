@@ -135,7 +135,8 @@ class RunRecorder:
         self.evaluator.sample_grid(0, state)
         if self.warm_start:
             self.warm_start["eval"] = self._evaluate_warm_start(state)
-        rd.save_checkpoint(0, state, {"mode": self.mode, "warm_start": self.warm_start})
+        warm = {"warm_start": self.warm_start} if self.warm_start else {}
+        rd.save_checkpoint(0, state, {"mode": self.mode, **warm})
         return state
 
     def _evaluate_warm_start(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
