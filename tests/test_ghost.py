@@ -215,3 +215,95 @@ def test_each_pairs_views_are_clipped_as_one_unit(name: str, size: int) -> None:
     out = wrapped(rows) if not family.conditional else wrapped(rows, y)
     with pytest.raises(RuntimeError, match=r"not pairs.*\(5 expected\)"):
         wrapped.clipped_backward(out.mean(), 5)
+
+
+def _public_fake_step(d, g, real, k: int, clip: float, seed: int = 5):
+    """One discriminator step's clipped sum (no noise, no optimizer) with
+    ``privacy.fake_term=public``, through the synthesis objective as a hospital runs it."""
+    from fedgan.config import TrainSection
+    from fedgan.training.objectives.base import Batch, StepContext
+    from fedgan.training.objectives.synthesis import SynthesisObjective
+    from fedgan.training.private import _clipped
+
+    family = FAMILIES.get("dcgan")
+    objective = SynthesisObjective(
+        Config(model=ModelSection(family="dcgan", latent_dim=8), train=TrainSection()), family
+    )
+    wrapped = PairedClipping(d, clip)
+    noise = torch.Generator().manual_seed(seed)
+    ctx = StepContext(device=torch.device("cpu"), noise=noise, cpu=torch.Generator(),
+                      backward=_clipped(wrapped), public_fakes=k)  # fmt: skip
+    d.zero_grad(set_to_none=True)
+    batch = Batch({"real": real, "z": torch.randn(len(real), 8)})
+    objective.accumulate_gradients("D", {"generator": g, "discriminator": wrapped}, batch, ctx)
+    wrapped.close()
+    return {key: p.grad.clone() for key, p in d.named_parameters()}
+
+
+def _per_image(d, images, term):
+    """Per-image gradients of one BCE half, written out (softplus), by torch.func."""
+    params = {k: v.detach() for k, v in d.named_parameters()}
+
+    def loss(p, x):
+        s = functional_call(d, p, (x[None],))
+        return torch.nn.functional.softplus(-s if term == "real" else s).mean()
+
+    per = vmap(grad(loss), in_dims=(None, 0))(params, images)
+    norms = torch.stack([v.flatten(1).norm(dim=1) for v in per.values()]).norm(dim=0)
+    return per, norms
+
+
+@pytest.mark.parametrize("name", ["dcgan", "mixed"])
+def test_public_fakes_are_clipped_one_by_one_and_add_no_sensitivity(name: str) -> None:
+    """``privacy.fake_term=public``: the step's clipped sum is each real image's gradient of
+    the real half, clipped, plus a fixed number of generated images' gradients of the fake
+    half, each clipped at the same norm (checked against torch.func). Removing one real image
+    changes the sum by that image's clipped gradient alone, at most the clip norm: the
+    generated half does not follow the Poisson batch's size, so the paired step's noise
+    covers it. An empty batch still takes its generated half."""
+    torch.manual_seed(3)
+    nets = build_networks(ModelSection(family="dcgan", latent_dim=8), ImageShape(1, 16), seed=0)
+    g = nets["generator"].eval()
+    d: nn.Module = _Mixed() if name == "mixed" else nets["discriminator"]
+    real = torch.rand(6, 1, 16, 16) * 2 - 1
+    k = 4
+    with torch.no_grad():  # the fakes the step draws: its noise generator's first k codes
+        fakes = g(torch.randn(k, 8, generator=torch.Generator().manual_seed(5)))
+    per_real, real_norms = _per_image(d, real, "real")
+    per_fake, fake_norms = _per_image(d, fakes, "fake")
+    clip = float(torch.cat([real_norms, fake_norms]).median())  # some clipped, some not
+    assert (torch.cat([real_norms, fake_norms]) > clip).any()
+
+    def clipped(per, norms, c):
+        coef = (c / (norms + 1e-6)).clamp(max=1.0)
+        return {key: torch.einsum("i,i...->...", coef, v) for key, v in per.items()}
+
+    got = _public_fake_step(d, g, real, k, clip)
+    want_r, want_f = clipped(per_real, real_norms, clip), clipped(per_fake, fake_norms, clip)
+    for key in got:
+        want = want_r[key] + want_f[key]
+        torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+    small = 0.5 * float(torch.cat([real_norms, fake_norms]).min())  # every unit clipped
+    full = _public_fake_step(d, g, real, k, small)
+    fewer = _public_fake_step(d, g, real[:5], k, small)
+    change = torch.cat([(full[key] - fewer[key]).flatten() for key in full]).norm()
+    assert small * (1 - 1e-3) <= float(change) <= small * (1 + 1e-3)
+
+    empty = _public_fake_step(d, g, real[:0], k, clip)
+    for key in empty:
+        scale = float(want_f[key].abs().max())
+        torch.testing.assert_close(empty[key], want_f[key], rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_public_fakes_are_refused_where_they_do_not_apply(toy_config: Config) -> None:
+    from fedgan.experiment import resolve
+
+    with pytest.raises(ValueError, match="privacy.fake_term.*grad_sample_mode=ghost"):
+        with_changes(toy_config, privacy={"fake_term": "public", "grad_sample_mode": "ew"})
+    dp = {"mode": "dp-sgd", "target_epsilon": 10.0, "fake_term": "public"}
+    resolve(with_changes(toy_config, privacy=dp))  # synthesis under dp-sgd: accepted
+    with pytest.raises(ValueError, match="privacy.fake_term.*'anomaly'"):
+        resolve(with_changes(toy_config, privacy=dp, task={"name": "anomaly"}))
+    with pytest.raises(ValueError, match="privacy.fake_term.*'none'"):
+        resolve(with_changes(toy_config, privacy={"fake_term": "public"}))

@@ -309,7 +309,14 @@ class PairedClipping(nn.Module):
             pairs: How many pairs the forward saw. Default: half its rows (one real and one
                 fake image each). With ``V`` DiffAugment views each pair is ``2 V`` rows,
                 ``i + j * pairs`` for ``j < 2 V`` (every view of real ``i``, then of fake
-                ``i``), and the loss averages them: they are clipped as one unit.
+                ``i``), and the loss averages them: they are clipped as one unit. Given, each
+                unit is ``rows / pairs`` rows: a forward of real images alone, or of generated
+                images alone (``privacy.fake_term=public``), passes its image count, and each
+                image (with its views) is clipped on its own.
+
+        The clipped sum is added to what ``.grad`` holds (the optimizer zeroes it before each
+        step), so two calls before one step, a forward of generated images and one of real
+        images, clip each of its units once and sum them all.
 
         Raises:
             RuntimeError: When the forward did not see whole pairs, or a layer ran twice
@@ -327,14 +334,15 @@ class PairedClipping(nn.Module):
             )
         rows = records[0][2].shape[0]
         n = rows // 2 if pairs is None else pairs
-        if rows % 2 or (n and rows % n) or (n == 0 and rows):
+        if (pairs is None and rows % 2) or (n and rows % n) or (n == 0 and rows):
             raise RuntimeError(
                 f"the forward saw {rows} images, not pairs of real and fake ({n} expected)"
             )
         m = rows // n if n else 2
         if n == 0:  # an empty Poisson batch: nothing to clip, the optimizer still adds noise
             for p in params:
-                p.grad = torch.zeros_like(p)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             self.per_pair_norms = loss.new_zeros(0)
             return
         grads = torch.autograd.grad(loss, [r[2] for r in records])
