@@ -521,15 +521,6 @@ class PrivacySection:
             of the discriminator holds: a larger Poisson batch runs in parts whose clipped
             gradients add up before the one noisy step (the same update, bounded memory, as
             Opacus's BatchMemoryManager). 0: the whole batch at once.
-        fake_term: How a private discriminator step treats its generated images. ``paired``
-            (default): generated image ``i`` is drawn for real image ``i`` and the pair is
-            clipped as one unit, so the real and fake halves share the clip norm. ``public``:
-            a fixed number of generated images (the expected batch size, however many real
-            images the Poisson draw took) are clipped one by one at the same norm, apart from
-            the real images. They read no private data and their count does not depend on it,
-            so they add no sensitivity: the same noise covers each real image's whole clip
-            norm, and the accounting is unchanged. Needs ``grad_sample_mode=ghost`` and a loss
-            that is a sum of a real and a fake term (every DP-ready family's).
     """
 
     mode: str = "none"
@@ -542,11 +533,9 @@ class PrivacySection:
     central_clipping: str = "server"
     grad_sample_mode: str = "ghost"
     max_physical_batch: int = 0
-    fake_term: str = "paired"
 
     def __post_init__(self) -> None:
         _check_choice("privacy.mode", self.mode, list(PRIVACY_MODES))
-        _check_choice("privacy.fake_term", self.fake_term, ["paired", "public"])
         _check_choice("privacy.accountant", self.accountant, ["prv", "rdp"])
         _check_choice("privacy.central_clipping", self.central_clipping, ["client", "server"])
         _check_choice("privacy.grad_sample_mode", self.grad_sample_mode, ["ew", "ghost", "hooks"])
@@ -566,12 +555,6 @@ class PrivacySection:
                 "privacy.max_physical_batch",
                 "physical batches add up paired ghost clipping's sums; set "
                 "privacy.grad_sample_mode=ghost or privacy.max_physical_batch=0",
-            )
-        if self.fake_term == "public" and self.grad_sample_mode != "ghost":
-            _fail(
-                "privacy.fake_term",
-                "public generated images are clipped by paired ghost clipping's code; set "
-                "privacy.grad_sample_mode=ghost or privacy.fake_term=paired",
             )
 
     @property

@@ -165,15 +165,6 @@ def _check_privacy(cfg: Config) -> None:
                 "gradient depends on the others' and DP-SGD's clipping does not bound it; set "
                 "task.relativistic=false with privacy.mode=dp-sgd",
             )
-    if cfg.privacy.fake_term == "public" and (
-        cfg.privacy.mode != "dp-sgd" or cfg.task.name != "synthesis"
-    ):
-        _fail(
-            "privacy.fake_term",
-            "public generated images change the private discriminator step of a synthesis "
-            f"task under dp-sgd (here task {cfg.task.name!r}, privacy.mode "
-            f"{cfg.privacy.mode!r}); set privacy.fake_term=paired",
-        )
     if cfg.privacy.mode == "central-dp" and cfg.federation.strategy != "fedavg":
         _fail(
             "federation.strategy",

@@ -375,30 +375,3 @@ def test_rdp_order_warning_is_kept_only_where_it_speaks_of_the_reported_epsilon(
     assert 0.4 < plan.noise_multiplier < 0.7  # the search still ran
     assert 0 < epsilon < 0.2
     assert (len(order_warnings) > 0) == (accountant == "rdp")
-
-
-def test_public_fakes_keep_the_accounting_and_split_into_physical_batches(
-    toy_config: Config,
-) -> None:
-    """``privacy.fake_term=public`` changes what a step clips, not what it spends: the same
-    plan, noise and steps as the paired step, a different update; and a Poisson batch run in
-    parts of 3 makes the same update as in one part (the generated half runs as its own
-    parts)."""
-    base = with_changes(
-        toy_config,
-        privacy={"mode": "dp-sgd", "target_epsilon": 10.0},
-        train={"batch_size": 16, "local_steps": 2, "n_critic": 2},
-        data={"num_images": 240},
-    )
-    ds = hospital_dataset(base.data, 0, 0, 3)
-    state = pack_state(build_networks(base.model, config_shape(base), seed=0))
-    public = with_changes(base, privacy={"fake_term": "public"})
-    paired = local_round(base, ds, state, None, round_=1, hospital=0)
-    whole = local_round(public, ds, state, None, round_=1, hospital=0)
-    parts = local_round(with_changes(public, privacy={"max_physical_batch": 3}), ds, state,
-                        None, round_=1, hospital=0)  # fmt: skip
-    assert whole.privacy == paired.privacy and whole.privacy["dp_steps"] == 4
-    d_keys = [k for k in state if k.startswith("discriminator.") and state[k].is_floating_point()]
-    assert any(not torch.allclose(whole.state[k], paired.state[k]) for k in d_keys)
-    for key in state:
-        torch.testing.assert_close(parts.state[key], whole.state[key], atol=1e-5, rtol=1e-4)

@@ -212,7 +212,6 @@ def local_round(
     private = privatize(objective, nets, optimizers, dataset, plan, acc, cfg.privacy,
                         batch_size=cfg.train.batch_size, seed=seed, device=device)  # fmt: skip
     ctx.paired_forward = private.paired_forward
-    ctx.public_fakes = private.public_fakes
     stats = train(objective, private.nets, private.optimizers, private.real_batches,
                   steps=steps, ctx=ctx, proximal=proximal, private=private.backends,
                   schedule=schedule)  # fmt: skip

@@ -73,8 +73,6 @@ class PrivateRound:
         real_batches: Poisson-sampled real batches.
         backends: The backward of each private phase.
         paired_forward: The discriminator sees real and fake in one forward (ghost clipping).
-        public_fakes: Generated images per discriminator step, clipped apart from the real
-            ones (``privacy.fake_term=public``: the optimizer's expected batch size); 0: off.
         history: The accountant's history after training.
         close: Removes per-sample hooks (the networks are plain modules again).
         plain_optimizers: The optimizers whose state the hospital keeps.
@@ -88,7 +86,6 @@ class PrivateRound:
     history: Callable[[], list[tuple[float, float, int]]]
     close: Callable[[], None] = lambda: None
     plain_optimizers: dict[str, Optimizer] = field(default_factory=dict)
-    public_fakes: int = 0
 
 
 def _poisson(
@@ -157,13 +154,6 @@ def privatize(
                 **optimizers,
                 "discriminator": private.optimizer.original_optimizer,
             },
-            # a fixed count, the batch size the optimizer divides by: however many real
-            # images the Poisson draw took, the generated half adds nothing that depends on it
-            public_fakes=(
-                int(private.optimizer.expected_batch_size)
-                if paired and cfg.fake_term == "public"
-                else 0
-            ),
         )
     for phase in private_phases:
         for name in phase.networks:

@@ -93,9 +93,6 @@ class StepContext:
             returns the detached loss.
         paired_forward: The discriminator must see ``cat([real, fake])`` in one forward, rows
             ``i`` and ``n + i`` forming privacy unit ``i`` (paired ghost clipping).
-        public_fakes: Instead, a discriminator step takes this many generated images, drawn
-            apart from the real batch and passed to ``backward`` on their own, after the real
-            images (``privacy.fake_term=public``); 0: off.
     """
 
     device: torch.device
@@ -103,7 +100,6 @@ class StepContext:
     cpu: torch.Generator
     backward: Callable[[LossFn, Nets, Batch], torch.Tensor] = plain_backward
     paired_forward: bool = False
-    public_fakes: int = 0
 
     @classmethod
     def seeded(cls, seed: int, device: torch.device, **kwargs: Any) -> StepContext:

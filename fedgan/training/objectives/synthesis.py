@@ -193,8 +193,6 @@ class SynthesisObjective(Objective):
         self, phase: str, nets: Nets, batch: Batch, ctx: StepContext
     ) -> torch.Tensor:
         family, gp_weight = self.family, self.cfg.train.gp_weight
-        if phase == "D" and ctx.public_fakes:
-            return self._public_fake_d_step(nets, batch, ctx)
         if phase == "D":
             # The whole batch's fakes at once: a generator with BatchNorm draws them from the
             # batch's statistics, so a private step split into physical batches sees the same.
@@ -236,49 +234,10 @@ class SynthesisObjective(Objective):
 
         return ctx.backward(g_loss, nets, batch)
 
-    def _public_fake_d_step(self, nets: Nets, batch: Batch, ctx: StepContext) -> torch.Tensor:
-        """A private discriminator step with public generated images
-        (``privacy.fake_term=public``).
-
-        The real images go through ``ctx.backward`` alone, each clipped on its own; then
-        ``ctx.public_fakes`` generated images, drawn here from fresh latent codes (and random
-        labels), go through it alone, each clipped at the same norm. Both sums land in
-        ``.grad`` before the one noisy step. The generated half depends only on the generator,
-        the discriminator and fresh noise, never on which real images were sampled, and its
-        count is fixed: adding or removing one patient image changes the sum by at most the
-        clip norm, as in the paired step, so the same noise gives the same epsilon. The loss
-        must be a sum of a real and a fake term (BCE and hinge are); each half's gradient is
-        that of ``d_loss`` with the other half's scores held constant. The value returned is
-        not the family's loss (DP runs do not report it).
-        """
-        family = self.family
-        free = self._latent_batch(ctx.public_fakes, ctx)
-        with torch.no_grad():
-            fakes = forward(nets["generator"], free["z"], free.get("labels"))
-        keep = ("real", "labels", "aug_real")
-        real_batch = Batch({k: v for k, v in batch.tensors.items() if k in keep})
-        fake_batch = Batch({"fake": fakes, **{k: v for k, v in free.tensors.items() if k != "z"}})
-
-        def real_term(nets: Nets, b: Batch) -> torch.Tensor:
-            y = self._repeat(b.get("labels"))
-            scores = forward(nets["discriminator"], self._seen(b["real"], b.get("aug_real")), y)
-            return family.d_loss(scores, scores.detach())
-
-        def fake_term(nets: Nets, b: Batch) -> torch.Tensor:
-            y = self._repeat(b.get("labels"))
-            scores = forward(nets["discriminator"], self._seen(b["fake"], b.get("aug_fake")), y)
-            return family.d_loss(scores.detach(), scores)
-
-        real_loss = ctx.backward(real_term, nets, real_batch)
-        return real_loss + ctx.backward(fake_term, nets, fake_batch)
-
     def free_batch(self, phase: str, batch: Batch | None, ctx: StepContext) -> Batch:
         """The generator's batch: ``train.batch_size`` latent codes (and balanced-at-random
         labels for a conditional family), no real image."""
-        return self._latent_batch(self.cfg.train.batch_size, ctx)
-
-    def _latent_batch(self, size: int, ctx: StepContext) -> Batch:
-        """``size`` latent codes, labels for a conditional family and DiffAugment draws."""
+        size = self.cfg.train.batch_size
         z = torch.randn(size, self.cfg.model.latent_dim, device=ctx.device, generator=ctx.noise)
         tensors = {"z": z}
         if self.family.conditional:
