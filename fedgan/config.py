@@ -589,6 +589,14 @@ class EvalSection:
             evaluation beside the last one, and ``fedgan detect`` applies it. Only keys
             measured on held-out images that the test figures never see may choose, so the
             chosen round's test figures stay honest. Empty keeps the last round only.
+        average_rounds: The weights a round releases (its checkpoint's ``state``: what is
+            evaluated, selected, and what ``fedgan detect``, ``sample``, ``export`` and a
+            warm start read) are the mean of the global weights of the last this many
+            rounds, round 0's random start left out; 1: the round's own. Training goes on
+            from the round's own weights (kept as the checkpoint's ``train_state``), so the
+            average changes no round's training and costs no privacy (post-processing).
+            A detector whose test AUC swings between evaluations steadies with it
+            (``simulations/README.md``, study 32).
     """
 
     every: int = 1
@@ -601,9 +609,15 @@ class EvalSection:
     use_training_images: bool = True
     background: bool = True
     select: str = ""
+    average_rounds: int = 1
 
     def __post_init__(self) -> None:
         _check_positive("eval.every", self.every)
+        if isinstance(self.average_rounds, bool) or not 1 <= self.average_rounds <= 100:
+            _fail(
+                "eval.average_rounds",
+                f"must be an integer in 1..100 (rounds), got {self.average_rounds!r}",
+            )
         _check_positive("eval.grid_size", self.grid_size)
         for key in ("metrics", "final_metrics"):
             names = metric_names(getattr(self, key))

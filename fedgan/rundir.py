@@ -151,15 +151,26 @@ class RunDir:
         atomic_write_text(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
 
     def save_checkpoint(
-        self, round_: int, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+        self,
+        round_: int,
+        state: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+        train_state: Mapping[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Saves the global networks of ``round_`` atomically and points ``latest`` at them."""
+        """Saves the global networks of ``round_`` atomically and points ``latest`` at them.
+
+        ``state`` is what the round releases; ``train_state``, where it differs (an average
+        of rounds, ``eval.average_rounds``), the round's own weights that training resumes
+        from."""
         import io
 
         import torch  # here, so that reading a run directory never loads torch
 
         buf = io.BytesIO()
-        torch.save({"round": round_, "state": dict(state), "meta": dict(meta)}, buf)
+        ckpt = {"round": round_, "state": dict(state), "meta": dict(meta)}
+        if train_state is not None:
+            ckpt["train_state"] = dict(train_state)
+        torch.save(ckpt, buf)
         path = self.checkpoints / f"round_{round_:04d}.pt"
         atomic_write_bytes(path, buf.getvalue())
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")

@@ -227,3 +227,67 @@ def test_resuming_a_spent_central_budget_is_refused_in_one_line(
     assert rc == 2 and len(err) == 1, err
     assert "already spent" in err[0] and "4 earlier rounds" in err[0]
     assert _files(run) == before
+
+
+class _Seen(_Scripted):
+    """Keeps the weights each evaluation was given."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.states: dict[int, dict] = {}
+
+    def evaluate(self, round_: int, state: dict, *, final: bool = False) -> dict[str, float]:
+        self.states[round_] = state
+        return {}
+
+
+def test_a_round_releases_the_mean_of_the_last_rounds_and_resumes_from_its_own(
+    toy_config: Config,
+) -> None:
+    """``eval.average_rounds=3``: round r's checkpoint ``state`` (what is evaluated and
+    released) is the mean of rounds max(1, r-2)..r's own weights, its ``train_state`` the
+    round's own; a resume trains on from the own weights and refills the window from the
+    checkpoints, leaving out (and saying) one it cannot read."""
+    from fedgan.experiment import resolve
+    from fedgan.runs import RoundRecord, RunRecorder
+
+    with pytest.raises(ValueError, match="eval.average_rounds"):
+        with_changes(toy_config, eval={"average_rounds": 0})
+    cfg = resolve(with_changes(toy_config, federation={"num_rounds": 5},
+                               eval={"average_rounds": 3}))  # fmt: skip
+
+    def own(start: dict, r: float) -> dict:
+        return {k: torch.full_like(v, r) if v.is_floating_point() else v for k, v in start.items()}
+
+    def rounds(recorder: RunRecorder, which: range, seen: _Seen) -> dict:
+        start = recorder.start()
+        for r in which:
+            record = RoundRecord.centralized(r, num_examples=1, examples_seen=1, d_loss=0.0,
+                                             g_loss=0.0, train_seconds=0.0)  # fmt: skip
+            recorder.end_round(record, own(start, r))
+        recorder.finish()
+        return start
+
+    def level(state: dict) -> set[float]:
+        return {round(float(v.flatten()[0]), 6) for v in state.values() if v.is_floating_point()}
+
+    seen = _Seen()
+    rounds(RunRecorder(cfg, "centralized", seen, log=lambda _: None), range(1, 4), seen)
+    rd = RunDir(cfg.run_dir)
+    for r, mean, window in ((1, 1.0, [1]), (2, 1.5, [1, 2]), (3, 2.0, [1, 2, 3])):
+        ckpt = rd.load_checkpoint(rd.checkpoints / f"round_{r:04d}.pt")
+        assert level(seen.states[r]) == level(ckpt["state"]) == {mean}
+        assert level(ckpt["train_state"]) == {float(r)}
+        assert ckpt["meta"]["average_of_rounds"] == window
+
+    (rd.checkpoints / "round_0002.pt").write_bytes(b"torn")
+    lines: list[str] = []
+    seen = _Seen()
+    resumed = RunRecorder(with_changes(cfg, run={"resume": True}), "centralized", seen,
+                          log=lines.append)  # fmt: skip
+    start = rounds(resumed, range(4, 6), seen)
+    assert level(start) == {3.0}  # the round's own weights, not its release (2.0)
+    assert any("rounds [2]" in line and "eval.average_rounds" in line for line in lines)
+    assert level(seen.states[4]) == {3.5}  # rounds 3 and 4: round 2 is unreadable
+    assert level(seen.states[5]) == {4.0}  # rounds 3, 4 and 5
+    assert level(rd.load_checkpoint()["train_state"]) == {5.0}

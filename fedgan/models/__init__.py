@@ -19,6 +19,7 @@ __all__ = [
     "ModelKeys",
     "build_networks",
     "load_state",
+    "mean_state",
     "pack_state",
 ]
 
@@ -33,6 +34,29 @@ def pack_state(nets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
         for name, net in nets.items()
         for key, value in net.state_dict().items()
     }
+
+
+def mean_state(states: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The plain mean of several :func:`pack_state` dicts of the same networks (e.g. the
+    global weights of consecutive rounds); integer buffers (BatchNorm's batch counter) take
+    the last dict's value. Floats are summed in float64 and cast back.
+
+    Raises:
+        ValueError: If ``states`` is empty or their keys differ.
+    """
+    if not states:
+        raise ValueError("mean_state needs at least one state")
+    keys = set(states[0])
+    if any(set(s) != keys for s in states[1:]):
+        raise ValueError("mean_state: the states hold different networks")
+    out: dict[str, torch.Tensor] = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            total = torch.stack([s[key].double() for s in states]).sum(0)
+            out[key] = (total / len(states)).to(last.dtype)
+        else:
+            out[key] = last.clone()
+    return out
 
 
 def load_state(nets: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from fedgan.config import Config, dump_yaml
 from fedgan.evaluation.metrics import LOWER, direction
-from fedgan.models import pack_state
+from fedgan.models import mean_state, pack_state
 from fedgan.report import plot_metrics
 from fedgan.rundir import RunDir, UnreadableCheckpoint, best_entry
 from fedgan.runs.background import BackgroundEvaluator, EvaluatorDied
@@ -72,6 +72,8 @@ class RunRecorder:
         self.pending: deque[_Pending] = deque()
         self.background: BackgroundEvaluator | None = None
         self.best: dict[str, Any] | None = None  # the round eval.select chose so far
+        # the own weights of the last rounds, whose mean a round releases (eval.average_rounds)
+        self.window: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
         self._background_wanted = (
             evaluator is None
             and cfg.eval.background
@@ -112,6 +114,8 @@ class RunRecorder:
             rd.truncate_metrics_after(self.start_round)  # rounds after it are trained again
             self._complete_lines(self.start_round)
             self.log(f"resuming {rd.path} from round {self.start_round}")
+            own = ckpt.get("train_state", ckpt["state"])
+            self._refill_window(own)
             if self.cfg.model.init_from:  # the run goes on even if the source is gone
                 try:
                     self.warm_start = describe_warm_start(self.cfg)
@@ -119,7 +123,7 @@ class RunRecorder:
                     self.warm_start = {"checkpoint": self.cfg.model.init_from,
                                        "data": "unknown (no longer on disk)"}  # fmt: skip
                 self.warm_start.update(self._warm_start_eval_kept())
-            return ckpt["state"]
+            return own  # type: ignore[no-any-return]
         if rd.has_run():
             raise FileExistsError(
                 f"run directory {str(rd.path)!r} already holds a run; set run.resume=true to "
@@ -138,6 +142,37 @@ class RunRecorder:
         warm = {"warm_start": self.warm_start} if self.warm_start else {}
         rd.save_checkpoint(0, state, {"mode": self.mode, **warm})
         return state
+
+    def _refill_window(self, own: dict[str, torch.Tensor]) -> None:
+        """A resumed run's averaging window: the own weights of the rounds before the one it
+        resumes from that the next release averages, read from their checkpoints (a missing
+        or unreadable one is left out and said), then that round's."""
+        size = self.cfg.eval.average_rounds
+        if size == 1 or self.start_round == 0:
+            return
+        lost = []
+        for round_ in range(max(1, self.start_round - size + 2), self.start_round):
+            path = self.run_dir.checkpoints / f"round_{round_:04d}.pt"
+            try:
+                ckpt = self.run_dir.load_checkpoint(path)
+            except (FileNotFoundError, UnreadableCheckpoint):
+                lost.append(round_)
+                continue
+            self.window.append((round_, ckpt.get("train_state", ckpt["state"])))
+        self.window.append((self.start_round, own))
+        if lost:
+            self.log(f"eval.average_rounds: rounds {lost} have no readable checkpoint; the "
+                     "next releases average the rounds that do")  # fmt: skip
+
+    def _release(self, round_: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What round ``round_`` releases: its own weights, or with ``eval.average_rounds``
+        the mean of the last rounds' (see :class:`fedgan.config.EvalSection`)."""
+        if self.cfg.eval.average_rounds == 1:
+            return state
+        self.window.append((round_, {k: v.detach().cpu().clone() for k, v in state.items()}))
+        while self.window[0][0] <= round_ - self.cfg.eval.average_rounds:
+            self.window.popleft()  # by round number: a round lost to a crash is not replaced
+        return mean_state([own for _, own in self.window])
 
     def _evaluate_warm_start(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """``eval.metrics`` of the warm-start networks before any round trains: what the
@@ -192,14 +227,19 @@ class RunRecorder:
         record.round_seconds = now - self.last_tick
         self.last_tick = now
         line = record.to_json()
+        released = self._release(round_, state)
+        averaged = {}
+        if released is not state:
+            averaged = {"average_of_rounds": [r for r, _ in self.window]}
+        own = {"train_state": state} if averaged else {}
         path = self.run_dir.save_checkpoint(
-            round_, state, {"mode": self.mode, **(meta or {}), "record": line}
+            round_, released, {"mode": self.mode, **(meta or {}), **averaged, "record": line}, **own
         )
         due = self.due(round_)
         if due and self.background is not None:
             self.background.submit(round_, path, final=self.final(round_))
         elif due:
-            line.update(self._evaluate(round_, state))
+            line.update(self._evaluate(round_, released))
         self.pending.append(_Pending(line, path, due and "eval" not in line))
         agg = record.aggregate
         self.log(
