@@ -252,6 +252,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
                         threshold=threshold[-1] if threshold else None,
                         rule=rule[-1] if rule else 0, stats=stats)  # fmt: skip
     why = f", chosen by {best['key']} = {best['value']:.3f}" if best is not None else ""
+    window = ckpt.get("meta", {}).get("average_of_rounds") or []
+    if len(window) > 1:  # eval.average_rounds: the round released its last rounds' mean
+        why = f" (the mean of rounds {window[0]}-{window[-1]}'s weights){why}"
     print(f"fedgan: scored {len(rows)} image(s) with round {ckpt['round']}'s detector{why}; "
           f"overlays and scores.csv in {args.out}")  # fmt: skip
     return 0

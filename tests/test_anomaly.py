@@ -502,6 +502,14 @@ def test_detect_on_png_dicom_and_nifti(trained, tmp_path: Path, capsys) -> None:
     assert main(["detect", "--run", str(run), "--input", str(src), "--checkpoint", "latest",
                  "--out", str(tmp_path / "last")]) == 0  # fmt: skip
     assert "with round 2's detector;" in capsys.readouterr().out
+    # a round that released an average (eval.average_rounds) says which rounds it holds
+    averaged = {**ckpt, "meta": {**ckpt.get("meta", {}), "average_of_rounds": [1, 2]}}
+    file = run / "checkpoints" / "averaged.pt"
+    torch.save(averaged, file)
+    assert main(["detect", "--run", str(run), "--input", str(src), "--checkpoint", str(file),
+                 "--out", str(tmp_path / "avg")]) == 0  # fmt: skip
+    assert "with round 2's detector (the mean of rounds 1-2's weights)" in capsys.readouterr().out
+    file.unlink()
     overlay = np.asarray(Image.open(tmp_path / "png" / "p0.png"))
     assert overlay.shape == (16, 16, 3)
     ct = get_testdata_file("CT_small.dcm")
