@@ -258,6 +258,21 @@ class TrainSection:
             the average is taken before the pair is clipped, so the privacy cost per step is
             unchanged and the augmentation's variance is averaged instead of added to the
             noise; the discriminator's forward grows by this factor. 1: one draw.
+        embedding_weight: Synthesis with an unconditional family: the weight of a
+            moment-matching term in the generator's loss (DP-MERF, Harder et al. 2021,
+            "DP-MERF: Differentially private mean embeddings with random features"): the
+            squared distance between the mean random-feature embedding of a generated batch
+            and that of the hospital's own images. Under ``privacy.mode: dp-sgd`` the
+            hospital releases that embedding once, with Gaussian noise
+            (``privacy.embedding_noise``), and its accountant charges the release; the pull
+            towards every part of the data is what keeps a private generator from dropping
+            modes (simulations/README.md, study 33). 0: off. -1 (the default): 3 under
+            ``dp-sgd`` for task ``synthesis`` with an unconditional family, 0 otherwise.
+        embedding_features: Random Fourier features of the embedding (half cosines, half
+            sines of random projections of the pixels; each image's feature vector has norm 1).
+        embedding_bandwidth: The Gaussian kernel's bandwidth in pixel space (images in
+            [-1, 1]); 0 takes ``0.15 * sqrt(pixels)``, a rule that reads no image (the
+            median distance between chest films at 32 px is about twice that).
     """
 
     batch_size: int = 32
@@ -280,6 +295,9 @@ class TrainSection:
     lr_final: float = 0.1
     diff_augment: str = ""
     diff_augment_views: int = 1
+    embedding_weight: float = -1.0
+    embedding_features: int = 2000
+    embedding_bandwidth: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
@@ -316,6 +334,21 @@ class TrainSection:
                 "train.diff_augment_views",
                 "views are DiffAugment draws: set train.diff_augment (e.g. translation), "
                 "or leave the views at 1",
+            )
+        if self.embedding_weight < 0 and self.embedding_weight != -1:
+            _fail(
+                "train.embedding_weight",
+                f"must be >= 0 (0 = off), or -1 for the default rule, got {self.embedding_weight}",
+            )
+        if not 2 <= self.embedding_features <= 100_000 or self.embedding_features % 2:
+            _fail(
+                "train.embedding_features",
+                f"must be an even number in 2..100000, got {self.embedding_features}",
+            )
+        if self.embedding_bandwidth < 0:
+            _fail(
+                "train.embedding_bandwidth",
+                f"must be >= 0 (0 = 0.15 x sqrt(pixels)), got {self.embedding_bandwidth}",
             )
         if self.d_steps_per_round < 0:
             _fail(
@@ -521,6 +554,13 @@ class PrivacySection:
             of the discriminator holds: a larger Poisson batch runs in parts whose clipped
             gradients add up before the one noisy step (the same update, bounded memory, as
             Opacus's BatchMemoryManager). 0: the whole batch at once.
+        embedding_noise: With ``train.embedding_weight`` under ``dp-sgd``: the noise of the
+            embedding's one release, as a multiple of its sensitivity (a sum of unit-norm
+            feature vectors: adding or removing one image moves it by at most 1). The release
+            is composed with the DP-SGD steps in the hospital's accountant, and sigma is
+            calibrated so that both together stay within ``target_epsilon``. 0 takes
+            ``20 / target_epsilon``: 2 at epsilon 10, which raises the DP-SGD sigma by about
+            1 % (PneumoniaMNIST's plan under PRV), and 6.7 at epsilon 3.
     """
 
     mode: str = "none"
@@ -533,6 +573,7 @@ class PrivacySection:
     central_clipping: str = "server"
     grad_sample_mode: str = "ghost"
     max_physical_batch: int = 0
+    embedding_noise: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("privacy.mode", self.mode, list(PRIVACY_MODES))
@@ -548,6 +589,11 @@ class PrivacySection:
             )
         _check_range("privacy.delta", self.delta, 0.0, 0.1)
         _check_positive("privacy.max_grad_norm", self.max_grad_norm)
+        if self.embedding_noise < 0:
+            _fail(
+                "privacy.embedding_noise",
+                f"must be >= 0 (0 = 20 / target_epsilon), got {self.embedding_noise}",
+            )
         if self.max_physical_batch < 0:
             _fail("privacy.max_physical_batch", f"must be >= 0, got {self.max_physical_batch}")
         if self.max_physical_batch and self.grad_sample_mode != "ghost":

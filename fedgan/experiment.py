@@ -73,6 +73,20 @@ def resolve(cfg: Config) -> Config:
             "image of its own; set privacy.grad_sample_mode=ghost, which clips an image's "
             "views together, or leave the views at 1",
         )
+    if cfg.train.embedding_weight > 0:
+        if cfg.task.name not in ("synthesis", "anomaly"):
+            _fail(
+                "train.embedding_weight",
+                f"the embedding term pulls a synthesis generator towards the data; task "
+                f"{cfg.task.name!r} has none: set train.embedding_weight=0",
+            )
+        if FAMILIES.get(cfg.model.family).conditional:
+            _fail(
+                "train.embedding_weight",
+                f"{cfg.model.family!r} draws classes in proportions of its own, so one "
+                "embedding of all the images would pull it off the data's class mix; "
+                "use an unconditional family (e.g. dcgan) or set train.embedding_weight=0",
+            )
     if cfg.train.critic_schedule == "adaptive" and cfg.task.name != "synthesis":
         _fail(
             "train.critic_schedule",

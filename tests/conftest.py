@@ -72,11 +72,14 @@ def independent_epsilon():
     """Epsilon of ``steps`` Poisson-subsampled Gaussian steps ``(sigma, q, steps, delta)`` by
     Google's dp-accounting PLD accountant: an implementation independent of Opacus."""
 
-    def epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    def epsilon(sigma: float, q: float, steps: int, delta: float, release: float = 0.0) -> float:
+        """``release``: the sigma of one Gaussian release composed with the steps (0: none)."""
         import dp_accounting
         from dp_accounting.pld import pld_privacy_accountant
 
         acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        if release:
+            acc.compose(dp_accounting.GaussianDpEvent(release))
         event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
         acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
         return float(acc.get_epsilon(delta))

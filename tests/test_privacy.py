@@ -60,11 +60,14 @@ def test_reported_epsilon_matches_an_independent_accountant(
     assert last["dp_steps"] == steps
     # PRV (the default) against Google's PLD accountant: an independent implementation of
     # the same (tight) analysis; PRV reports its upper bound, within its eps_error of 0.01.
+    # the default private synthesis also released its generator's embedding target once
+    assert last["release_noise"] == pytest.approx(20 / 5.0)
     pld = independent_epsilon(last["noise_multiplier"], last["sample_rate"], steps,
-                              last["delta"])  # fmt: skip
+                              last["delta"], release=last["release_noise"])  # fmt: skip
     assert pld - 0.02 <= last["epsilon"] <= pld + 0.02
     rdp = RDPAccountant()
-    rdp.history = [(last["noise_multiplier"], last["sample_rate"], steps)]
+    rdp.history = [(last["release_noise"], 1.0, 1),
+                   (last["noise_multiplier"], last["sample_rate"], steps)]  # fmt: skip
     assert last["epsilon"] <= rdp.get_epsilon(last["delta"])  # RDP's bound is looser
     # calibrated to the whole planned training: it ends at (not past) the budget
     assert last["epsilon"] <= 5.0 and last["epsilon"] > 4.5

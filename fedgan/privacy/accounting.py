@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +44,11 @@ def _quiet_prv_domain(accountant: str) -> Iterator[None]:
     with warnings.catch_warnings():
         if accountant == "prv":
             warnings.filterwarnings("ignore", message=RDP_ORDER_WARNING)
+            # a one-off release is a mechanism with sampling rate 1, where PRV's log(1 - q)
+            # is -inf on purpose (its np.where picks the other branch there)
+            warnings.filterwarnings(
+                "ignore", message="divide by zero encountered in log", category=RuntimeWarning
+            )
         yield
 
 
@@ -102,6 +109,63 @@ def calibration_key(
     return f"{cfg.accountant}:eps={cfg.target_epsilon!r}:delta={delta!r}:q={q!r}:T={planned_steps}"
 
 
+@lru_cache(maxsize=64)
+def _calibrate_after(
+    cfg: PrivacySection,
+    *,
+    delta: float,
+    sample_rate: float,
+    planned_steps: int,
+    spent: tuple[tuple[float, float, int], ...],
+) -> float:
+    """The smallest sigma (to Opacus's tolerance: epsilon within 0.01 under the target) whose
+    ``planned_steps`` composed with the mechanisms already ``spent`` stay within
+    ``target_epsilon``. Epsilon is smooth in sigma, so secant steps take a few PRV
+    evaluations where Opacus's bisection takes about twenty (each composes the whole plan:
+    about a second). Cached: the hospitals of a simulation that share a process ask the same
+    question.
+
+    Raises:
+        ValueError: If what is spent already leaves no budget for the steps.
+    """
+    from opacus.accountants import create_accountant
+
+    def excess(sigma: float) -> float:
+        acc = create_accountant(cfg.accountant)
+        acc.history = [*spent, (sigma, sample_rate, planned_steps)]
+        with _quiet_prv_domain(cfg.accountant):
+            return float(acc.get_epsilon(delta=delta)) - cfg.target_epsilon
+
+    alone = create_accountant(cfg.accountant)
+    alone.history = list(spent)
+    with _quiet_prv_domain(cfg.accountant):
+        already = float(alone.get_epsilon(delta=delta))
+    if already >= cfg.target_epsilon - 0.01:
+        raise ValueError(
+            f"config key 'privacy.embedding_noise': the embedding's release alone spends "
+            f"epsilon {already:.2f} of privacy.target_epsilon={cfg.target_epsilon}; raise "
+            "privacy.embedding_noise or set train.embedding_weight=0"
+        )
+    # Secant steps on log(epsilon) against log(sigma), which is nearly a line of slope -1,
+    # aimed just under the target; the first guess assumes that slope from sigma = 1.
+    aim = math.log(cfg.target_epsilon - 0.004)
+    x_prev = 0.0
+    y_prev = math.log(cfg.target_epsilon + excess(1.0))
+    x = x_prev + (y_prev - aim)
+    for _ in range(30):
+        epsilon = cfg.target_epsilon + excess(math.exp(x))
+        if cfg.target_epsilon - 0.01 <= epsilon <= cfg.target_epsilon:
+            return math.exp(x)
+        y = math.log(epsilon)
+        slope = (y - y_prev) / (x - x_prev) if x != x_prev else -1.0
+        if not math.isfinite(slope) or slope >= -1e-3:
+            slope = -1.0
+        x_prev, y_prev, x = x, y, x + (aim - y) / slope
+    raise RuntimeError(  # not seen: epsilon is smooth and decreasing in sigma
+        f"could not calibrate sigma for epsilon {cfg.target_epsilon} after the releases {spent}"
+    )
+
+
 def _plan(
     cfg: PrivacySection,
     *,
@@ -109,6 +173,7 @@ def _plan(
     batch_size: int,
     planned_steps: int,
     sigma: float | None = None,
+    spent: tuple[tuple[float, float, int], ...] = (),
 ) -> PrivacyPlan:
     if num_examples < 2:
         raise ValueError(
@@ -118,6 +183,9 @@ def _plan(
     delta = cfg.delta or default_delta(num_examples)
     if cfg.noise_multiplier > 0:
         sigma = cfg.noise_multiplier
+    elif sigma is None and spent:
+        sigma = _calibrate_after(cfg, delta=delta, sample_rate=q, planned_steps=planned_steps,
+                                 spent=spent)  # fmt: skip
     elif sigma is None:
         # Opacus is imported where it is used: it costs ~2.5 s, which each ClientApp process
         # of a non-private deployment would otherwise pay every round.
@@ -151,9 +219,17 @@ class HospitalAccountant:
     persistent state after every round (and reported to the server for resumed runs), and
     restored into the Opacus accountant of the next round.
 
+    Besides the DP-SGD steps it keeps the hospital's one-off releases (:meth:`release`): a
+    vector published once with Gaussian noise, such as the generator's embedding target
+    (``train.embedding_weight``). Each is charged as one Gaussian mechanism, ``(sigma, 1, 1)``
+    in Opacus's terms, composed with the steps in every epsilon and every calibration; the
+    noisy vector itself is kept here, so a later round reuses it instead of spending again.
+    It is a differentially private release, so it may travel with the history.
+
     Args:
         mechanism: ``rdp`` or ``prv``.
         history: Earlier rounds' ``(noise_multiplier, sample_rate, steps)`` entries.
+        releases: Earlier releases by name: ``(noise_multiplier, values)``.
     """
 
     def __init__(
@@ -161,10 +237,12 @@ class HospitalAccountant:
         mechanism: str,
         history: list[tuple[float, float, int]] | None = None,
         calibrated: dict[str, float] | None = None,
+        releases: dict[str, tuple[float, list[float]]] | None = None,
     ) -> None:
         self.mechanism = mechanism
         self.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
         self.calibrated = dict(calibrated or {})
+        self.releases = {k: (float(s), list(v)) for k, (s, v) in (releases or {}).items()}
         # Epsilon is a function of the history and delta alone, and under PRV it costs tenths
         # of a second (seconds on a loaded machine): a round asks for the same value twice
         # (the budget check before, the report after), so it is remembered.
@@ -182,16 +260,42 @@ class HospitalAccountant:
         key = calibration_key(
             cfg, num_examples=num_examples, batch_size=batch_size, planned_steps=planned_steps
         )
+        spent = self._one_offs()
+        if spent:  # the same question only with the same releases before it
+            key += ":after=" + ",".join(f"{s!r}" for s, _, _ in spent)
         plan = _plan(cfg, num_examples=num_examples, batch_size=batch_size,
-                     planned_steps=planned_steps, sigma=self.calibrated.get(key))  # fmt: skip
+                     planned_steps=planned_steps, sigma=self.calibrated.get(key),
+                     spent=spent)  # fmt: skip
         self.calibrated[key] = plan.noise_multiplier
         return plan
 
     @property
     def steps(self) -> int:
+        """DP-SGD steps taken (releases are not steps)."""
         return sum(n for _, _, n in self.history)
 
+    def _one_offs(self) -> tuple[tuple[float, float, int], ...]:
+        return tuple((sigma, 1.0, 1) for sigma, _ in self.releases.values())
+
+    def release(self, name: str, noise_multiplier: float, noisy: list[float]) -> None:
+        """Records that ``noisy`` was published once as ``name``: a sum with sensitivity 1
+        (under adding or removing one image) plus Gaussian noise of ``noise_multiplier``.
+
+        Raises:
+            ValueError: If ``name`` was released before (a second draw would spend again).
+        """
+        if name in self.releases:
+            raise ValueError(f"{name!r} was already released; reuse it (released({name!r}))")
+        # kept as it will be restored (float32), so every round uses the same values
+        self.releases[name] = (float(noise_multiplier), _unpack(_pack(list(noisy))))
+
+    def released(self, name: str) -> list[float] | None:
+        """The noisy values of an earlier release, or None."""
+        kept = self.releases.get(name)
+        return None if kept is None else list(kept[1])
+
     def _epsilon(self, history: list[tuple[float, float, int]], delta: float) -> float:
+        history = [*history, *self._one_offs()]
         if not history:
             return 0.0
         key = (tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
@@ -240,16 +344,40 @@ class HospitalAccountant:
         self.history = self._merged(plan, steps)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"mechanism": self.mechanism, "history": self.history, "calibrated": self.calibrated}
-        )
+        data: dict = {
+            "mechanism": self.mechanism,
+            "history": self.history,
+            "calibrated": self.calibrated,
+        }
+        if self.releases:  # float32 values as base64: a 2,000-feature embedding is ~11 kB
+            data["releases"] = {
+                name: {"noise_multiplier": sigma, "values": _pack(values)}
+                for name, (sigma, values) in self.releases.items()
+            }
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> HospitalAccountant:
         data = json.loads(text)
+        releases = {
+            name: (kept["noise_multiplier"], _unpack(kept["values"]))
+            for name, kept in (data.get("releases") or {}).items()
+        }
         return cls(
-            data["mechanism"], [tuple(h) for h in data["history"]], data.get("calibrated") or {}
+            data["mechanism"],
+            [tuple(h) for h in data["history"]],
+            data.get("calibrated") or {},
+            releases,
         )
+
+
+def _pack(values: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+def _unpack(text: str) -> list[float]:
+    raw = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
 def plan_dict(plan: PrivacyPlan) -> dict[str, float]:

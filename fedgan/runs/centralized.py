@@ -23,6 +23,7 @@ from fedgan.training import (
     shuffled_batches,
     train,
 )
+from fedgan.training.embedding import set_embedding_target
 
 
 def steps_per_round(cfg: Config) -> int:
@@ -67,6 +68,7 @@ def _train_rounds(
     optimizers = make_optimizers(nets, cfg.train)
     steps = steps_per_round(cfg)
     schedule = objective.critic_schedule()  # the hospitals' critic schedule, if any
+    set_embedding_target(objective, cfg, dataset, None, seed=cfg.run.seed)
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
         set_round_lr(optimizers, cfg.train, round_, cfg.federation.num_rounds)
         seed = round_seed(cfg.run.seed, round_)

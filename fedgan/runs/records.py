@@ -25,6 +25,8 @@ class PrivacySpent:
     dp_steps: int
     budget: float
     max_grad_norm: float
+    #: The noise of its one-off releases (the generator's embedding target), 0 if none.
+    release_noise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class HospitalReport:
                 privacy = PrivacySpent(**{  # type: ignore[arg-type]
                     f.name: metrics[f"privacy-{f.name.replace('_', '-')}"]
                     for f in fields(PrivacySpent)
+                    if f"privacy-{f.name.replace('_', '-')}" in metrics or f.default is MISSING
                 })  # fmt: skip
         except KeyError as missing:
             raise ValueError(f"hospital report lacks {missing}") from None

@@ -17,6 +17,7 @@ from fedgan.config import Config
 from fedgan.device import resolve_device
 from fedgan.models import ImageShape, load_state, pack_state
 from fedgan.privacy import HospitalAccountant
+from fedgan.training.embedding import set_embedding_target
 from fedgan.training.loop import (
     LocalStats,
     ProximalTerm,
@@ -181,6 +182,7 @@ def local_round(
     proximal = ProximalTerm(proximal_mu, nets) if proximal_mu > 0 else None
     steps = cfg.train.local_steps
     if cfg.privacy.mode != "dp-sgd":
+        set_embedding_target(objective, cfg, dataset, None, seed=seed)
         stats = train(
             objective, nets, optimizers,
             shuffled_batches(dataset, cfg.train.batch_size, ctx, seed=seed,
@@ -202,6 +204,8 @@ def local_round(
         if accountant
         else HospitalAccountant(cfg.privacy.accountant)
     )
+    # the embedding's one release (first round) comes before the plan, which composes it
+    set_embedding_target(objective, cfg, dataset, acc, seed=seed)
     plan = acc.plan(
         cfg.privacy,
         num_examples=len(dataset),
@@ -240,6 +244,7 @@ def local_round(
             "dp_steps": acc.steps,
             "budget": plan.budget,
             "max_grad_norm": plan.max_grad_norm,
+            "release_noise": sum(sigma for sigma, _ in acc.releases.values()),
         },
         accountant=acc.to_json(),
     )

@@ -16,6 +16,7 @@ from fedgan.catalog import TASKS
 from fedgan.data.transforms import augmenter
 from fedgan.models import FAMILIES, GanFamily, ImageShape
 from fedgan.training import augment
+from fedgan.training.embedding import RandomFeatures, embedding_loss, embedding_weight
 from fedgan.training.objectives.base import Batch, Nets, Objective, Phase, StepContext
 from fedgan.training.schedule import CriticSchedule
 
@@ -122,6 +123,12 @@ class SynthesisObjective(Objective):
             Phase("G", ("generator",), reads_data=False),
         )  # fmt: skip
         self.schedule_mode = schedule_mode(cfg, self.family)
+        #: ``train.embedding_weight``'s feature map, and the mean embedding the generator is
+        #: pulled towards, which the caller sets for each stretch of training
+        #: (:func:`fedgan.training.embedding.hospital_target`).
+        self.embedding_weight = embedding_weight(cfg, self.family.conditional)
+        self.embedding = RandomFeatures.for_config(cfg) if self.embedding_weight else None
+        self.embedding_target: torch.Tensor | None = None
 
     def private_steps(self, steps: int) -> int:
         t = self.cfg.train
@@ -221,6 +228,9 @@ class SynthesisObjective(Objective):
             return ctx.backward(d_loss, nets, batch)
 
         weight = self.cfg.train.mode_seeking
+        matching = self.embedding_weight
+        if self.embedding is not None and self.embedding_target is None:
+            raise RuntimeError("train.embedding_weight is set but no embedding target was given")
 
         def g_loss(nets: Nets, b: Batch) -> torch.Tensor:
             y = b.get("labels")
@@ -230,6 +240,8 @@ class SynthesisObjective(Objective):
             )
             if weight and len(fake) >= 2:
                 loss = loss + weight * mode_seeking(fake, b["z"])
+            if self.embedding is not None and self.embedding_target is not None:
+                loss = loss + matching * embedding_loss(self.embedding, fake, self.embedding_target)
             return loss
 
         return ctx.backward(g_loss, nets, batch)
