@@ -25,7 +25,8 @@ from fedgan.training import networks_for
 app = ServerApp()
 
 
-PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "dp_steps", "budget")
+PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "dp_steps", "budget",
+                "release_noise")  # fmt: skip
 
 
 class AllBudgetsExhausted(Exception):
@@ -66,13 +67,13 @@ def log_privacy_table(table: dict[str, dict], cfg: Config) -> None:
         return
     log(
         INFO,
-        "DP-SGD (%s): hospital  epsilon / budget  delta  sigma  q  steps",
+        "DP-SGD (%s): hospital  epsilon / budget  delta  sigma  q  steps  release sigma",
         cfg.privacy.accountant,
     )
     for name, row in sorted(table.items()):
         log(
             INFO,
-            "  %s  %.3f / %.3f  %.1e  %.3f  %.4f  %d%s",
+            "  %s  %.3f / %.3f  %.1e  %.3f  %.4f  %d  %s%s",
             name,
             row["epsilon"],
             row["budget"],
@@ -80,6 +81,7 @@ def log_privacy_table(table: dict[str, dict], cfg: Config) -> None:
             row["noise_multiplier"],
             row["sample_rate"],
             row["dp_steps"],
+            f"{row['release_noise']:.3f}" if row.get("release_noise") else "-",
             "  (exhausted)" if row["exhausted"] else "",
         )
 
@@ -157,7 +159,7 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         for rep in round_log.reports:
             if rep.privacy is not None:
                 row = record.hospitals[rep.name]
-                privacy_table[rep.name] = {k: row[k] for k in PRIVACY_KEYS} | {
+                privacy_table[rep.name] = {k: row.get(k, 0.0) for k in PRIVACY_KEYS} | {
                     "accountant": cfg.privacy.accountant,
                     "exhausted": False,
                 }
