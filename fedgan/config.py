@@ -266,7 +266,9 @@ class TrainSection:
             hospital releases that embedding once, with Gaussian noise
             (``privacy.embedding_noise``), and its accountant charges the release; the pull
             towards every part of the data is what keeps a private generator from dropping
-            modes (simulations/README.md, study 33). 0: off. -1 (the default): 3 under
+            modes (simulations/README.md, study 33). A hospital with fewer than
+            ``sqrt(embedding_features) * embedding_noise`` images, whose release would be
+            mostly noise, releases nothing and trains without it. 0: off. -1 (the default): 3 under
             ``dp-sgd`` for task ``synthesis`` with an unconditional family, 0 otherwise.
         embedding_features: Random Fourier features of the embedding (half cosines, half
             sines of random projections of the pixels; each image's feature vector has norm 1).

@@ -19,6 +19,7 @@ from fedgan.training.embedding import (
     embedding_loss,
     embedding_noise,
     hospital_target,
+    informative,
 )
 from fedgan.training.hospital import config_shape, local_round
 from fedgan.training.objectives import make_objective
@@ -143,6 +144,24 @@ def test_a_private_hospital_releases_its_embedding_once_and_is_charged_for_it(
     alone = local_round(plain, ds, state, None, round_=1, hospital=0)
     assert alone.privacy["noise_multiplier"] < p["noise_multiplier"]
     assert "releases" not in alone.accountant
+
+
+def test_a_hospital_too_small_for_a_useful_release_releases_nothing(
+    dp_embedding: Config, independent_epsilon
+) -> None:
+    """sqrt(2000) x 2 / 32 images = 2.8 > 1: the noise would outweigh any mean embedding, so
+    the hospital spends nothing on it and trains without the term."""
+    cfg = with_changes(dp_embedding, train={"embedding_features": 2000})
+    ds = hospital_dataset(cfg.data, 0, 0, 3)
+    assert not informative(cfg, len(ds))
+    assert informative(dp_embedding, len(ds))  # 64 features: sqrt(64) x 2 / 32 = 0.5
+    state = pack_state(build_networks(cfg.model, config_shape(cfg), seed=0))
+    result = local_round(cfg, ds, state, None, round_=1, hospital=0)
+    assert HospitalAccountant.from_json(result.accountant).releases == {}
+    p = result.privacy
+    assert p["release_noise"] == 0
+    pld = independent_epsilon(p["noise_multiplier"], p["sample_rate"], p["dp_steps"], p["delta"])
+    assert abs(p["epsilon"] - pld) <= 0.02
 
 
 def test_the_term_pulls_the_generator_towards_the_data(toy_config: Config) -> None:

@@ -34,6 +34,9 @@ def dp_config(toy_config: Config) -> Config:
         toy_config,
         privacy={"mode": "dp-sgd", "target_epsilon": 5.0},
         federation={"num_rounds": 3},
+        # few features, so that a toy hospital's embedding release is informative and the
+        # default private synthesis makes it (tests/test_embedding.py)
+        train={"embedding_features": 16},
     )
 
 

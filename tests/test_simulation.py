@@ -157,6 +157,8 @@ def test_dp_federation_skips_exhausted_hospitals_and_stops_when_all_are(tmp_path
         "privacy.target_epsilon=3",
         "privacy.noise_multiplier=0.8",  # under PRV (the default): 0, 1 and 3 rounds affordable
         "train.n_critic=1",  # one D step per local step: the budgets below count on it
+        # the budgets count DP-SGD steps alone: no embedding release (tests/test_embedding.py)
+        "train.embedding_weight=0",
     ]
     cfg = load_config(None, [*TOY, *dp])
     # What each hospital's own accountant allows: the rounds it can afford.
