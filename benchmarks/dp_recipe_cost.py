@@ -1,7 +1,7 @@
 """What the private-GAN recipe costs in time: one hospital's round (``local_round``, what a
 hospital runs) without DP, with the old private round (one D step per generator step) and with
-the recipe (the default under DP-SGD: n_D from 3, adaptive), and with each schedule at n_D 3 and
-5, same data and networks, measured interleaved in one run so the machine's noise hits every arm
+the recipe (the default under DP-SGD: n_D from 3, adaptive, and the generator's embedding
+term), the recipe without that term, and with each schedule at n_D 3 and 5, same data and networks, measured interleaved in one run so the machine's noise hits every arm
 alike. Target: recipe <= 2.5x.
 
     python benchmarks/dp_recipe_cost.py [--repeats 3] [--set key=value ...]
@@ -31,6 +31,8 @@ def arms(base: Config) -> dict[str, Config]:
             base, privacy=private, train={"n_critic": 1, "critic_schedule": "fixed"}
         ),
         "recipe": with_changes(base, privacy=private),
+        # the recipe without the generator's embedding term (on by default under DP-SGD)
+        "no_embedding": with_changes(base, privacy=private, train={"embedding_weight": 0.0}),
         "fixed_3": with_changes(
             base, privacy=private, train={"n_critic": 3, "critic_schedule": "fixed"}
         ),
