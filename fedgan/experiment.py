@@ -179,6 +179,21 @@ def _check_privacy(cfg: Config) -> None:
                 "gradient depends on the others' and DP-SGD's clipping does not bound it; set "
                 "task.relativistic=false with privacy.mode=dp-sgd",
             )
+    if cfg.privacy.mode == "dp-sgd" and cfg.privacy.embedding_noise > 0:
+        from fedgan.privacy.accounting import release_epsilon
+
+        # the largest delta a hospital can get (default_delta caps it at 1e-5), where the
+        # release's epsilon is smallest: what fails here fails at every hospital
+        delta = cfg.privacy.delta or 1e-5
+        spent = release_epsilon(cfg.privacy.embedding_noise, delta, cfg.privacy.accountant)
+        if spent >= cfg.privacy.target_epsilon - 0.01:
+            _fail(
+                "privacy.embedding_noise",
+                f"the embedding's one release at sigma {cfg.privacy.embedding_noise} alone "
+                f"spends epsilon {spent:.2f} of privacy.target_epsilon="
+                f"{cfg.privacy.target_epsilon}; raise it (0 takes 20 / target_epsilon) or set "
+                "train.embedding_weight=0",
+            )
     if cfg.privacy.mode == "central-dp" and cfg.federation.strategy != "fedavg":
         _fail(
             "federation.strategy",

@@ -109,6 +109,17 @@ def calibration_key(
     return f"{cfg.accountant}:eps={cfg.target_epsilon!r}:delta={delta!r}:q={q!r}:T={planned_steps}"
 
 
+def release_epsilon(noise_multiplier: float, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of one Gaussian release of sensitivity 1 at ``noise_multiplier`` (what
+    :meth:`HospitalAccountant.release` charges)."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, 1.0, 1)]
+    with _quiet_prv_domain(accountant):
+        return float(acc.get_epsilon(delta=delta))
+
+
 @lru_cache(maxsize=64)
 def _calibrate_after(
     cfg: PrivacySection,
