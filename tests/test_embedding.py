@@ -16,6 +16,7 @@ from fedgan.training.embedding import (
     RandomFeatures,
     embedding_loss,
     embedding_noise,
+    embedding_weight,
     hospital_target,
     informative,
 )
@@ -215,6 +216,26 @@ def test_the_term_is_refused_where_it_cannot_apply(toy_config: Config) -> None:
         ctx_free = objective.free_batch("G", None, _ctx())
         nets = build_networks(toy_config.model, config_shape(toy_config), seed=0)
         objective.accumulate_gradients("G", nets, ctx_free, _ctx())
+
+
+def test_the_default_weight_follows_the_budget(toy_config: Config) -> None:
+    """-1: 3 * sqrt(10 / epsilon) up to 10 under DP-SGD for an unconditional synthesis
+    family (the noisier the discriminator, the harder the pull); 0 everywhere else."""
+
+    def weight(privacy: dict, **changes: dict) -> float:  # type: ignore[type-arg]
+        cfg = with_changes(toy_config, privacy=privacy, **changes)
+        return embedding_weight(cfg, conditional=make_objective(cfg).family.conditional)
+
+    for budget, expected in ((10.0, 3.0), (3.0, 5.477), (1.0, 9.487), (0.5, 10.0), (40.0, 1.5)):
+        assert weight({"mode": "dp-sgd", "target_epsilon": budget}) == pytest.approx(
+            expected, abs=1e-3
+        )
+    assert weight({"mode": "none"}) == 0.0
+    assert weight({"mode": "central-dp", "target_epsilon": 1.0}) == 0.0
+    private = {"mode": "dp-sgd", "target_epsilon": 1.0}
+    assert weight(private, model={"family": "cgan"}) == 0.0
+    assert weight(private, train={"embedding_weight": 0.0}) == 0.0
+    assert weight(private, train={"embedding_weight": 2.5}) == 2.5
 
 
 def _ctx():  # type: ignore[no-untyped-def]
