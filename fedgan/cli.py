@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -40,6 +41,32 @@ def _resolve(args: argparse.Namespace) -> Config:
     return resolve(load_config(args.config, args.overrides))
 
 
+def _print_privacy(cfg: Config) -> None:
+    """Under DP-SGD, one line with the budget and what the defaults resolved to (the
+    embedding term's weight follows the budget, so the config's -1 alone does not say)."""
+    if cfg.privacy.mode != "dp-sgd":
+        return
+    from fedgan.training.embedding import embedding_noise
+    from fedgan.training.objectives import make_objective
+
+    weight = float(getattr(make_objective(cfg), "embedding_weight", 0.0))
+    sigma = embedding_noise(cfg)
+    smallest = math.ceil(math.sqrt(cfg.train.embedding_features) * sigma)
+    term = (
+        f"the generator's embedding term at weight {weight:.2f} (train.embedding_weight), "
+        f"released once at sigma {sigma:g} (privacy.embedding_noise) by each hospital of "
+        f"{smallest} images or more"
+        if weight
+        else "no embedding term (train.embedding_weight)"
+    )
+    delta = f"{cfg.privacy.delta:g}" if cfg.privacy.delta else "1/(10 n) up to 1e-05"
+    print(
+        f"fedgan: DP-SGD within epsilon {cfg.privacy.target_epsilon:g} per hospital "
+        f"(delta {delta}); {term}",
+        flush=True,
+    )
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
     if args.dry_run:
@@ -55,6 +82,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{cfg.federation.num_rounds} rounds -> {cfg.run_dir.resolve()}",
         flush=True,
     )
+    _print_privacy(cfg)
     summary = simulate(cfg)
     print(f"fedgan: done in {summary['wall_seconds']:.0f}s; results in {summary['run_dir']}")
     return 0
@@ -69,6 +97,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     from fedgan.runs.centralized import train_centralized
 
     preflight(cfg)
+    _print_privacy(cfg)
     summary = train_centralized(cfg, log=lambda line: print(line, flush=True))
     print(f"fedgan: done in {summary['wall_seconds']:.0f}s; results in {summary['run_dir']}")
     return 0

@@ -238,6 +238,24 @@ def test_the_default_weight_follows_the_budget(toy_config: Config) -> None:
     assert weight(private, train={"embedding_weight": 2.5}) == 2.5
 
 
+def test_a_private_run_says_what_the_defaults_resolved_to(
+    toy_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedgan.cli import _print_privacy
+
+    _print_privacy(toy_config)
+    assert capsys.readouterr().out == ""  # no DP: nothing to say
+    _print_privacy(with_changes(toy_config, privacy={"mode": "dp-sgd", "target_epsilon": 1.0}))
+    line = capsys.readouterr().out
+    # 3 * sqrt(10), sigma 20 / 1, and n >= sqrt(2000) * 20 = 894.4, so 895 images at the least
+    assert "epsilon 1 per hospital" in line and "weight 9.49" in line
+    assert "sigma 20 " in line and "895 images or more" in line
+    private = {"mode": "dp-sgd", "target_epsilon": 3.0, "delta": 1e-6}
+    _print_privacy(with_changes(toy_config, privacy=private, train={"embedding_weight": 0.0}))
+    line = capsys.readouterr().out
+    assert "delta 1e-06" in line and "no embedding term" in line
+
+
 def _ctx():  # type: ignore[no-untyped-def]
     from fedgan.training.objectives import StepContext
 
