@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 
@@ -46,16 +45,14 @@ def _print_privacy(cfg: Config) -> None:
     embedding term's weight follows the budget, so the config's -1 alone does not say)."""
     if cfg.privacy.mode != "dp-sgd":
         return
-    from fedgan.training.embedding import embedding_noise
+    from fedgan.training.embedding import embedding_noise, smallest_release
     from fedgan.training.objectives import make_objective
 
     weight = float(getattr(make_objective(cfg), "embedding_weight", 0.0))
-    sigma = embedding_noise(cfg)
-    smallest = math.ceil(math.sqrt(cfg.train.embedding_features) * sigma)
     term = (
         f"the generator's embedding term at weight {weight:.2f} (train.embedding_weight), "
-        f"released once at sigma {sigma:g} (privacy.embedding_noise) by each hospital of "
-        f"{smallest} images or more"
+        f"released once at sigma {embedding_noise(cfg):g} (privacy.embedding_noise) by each "
+        f"hospital of {smallest_release(cfg)} images or more"
         if weight
         else "no embedding term (train.embedding_weight)"
     )

@@ -19,6 +19,7 @@ from fedgan.training.embedding import (
     embedding_weight,
     hospital_target,
     informative,
+    smallest_release,
 )
 from fedgan.training.hospital import config_shape, local_round
 from fedgan.training.objectives import make_objective
@@ -154,6 +155,9 @@ def test_a_hospital_too_small_for_a_useful_release_releases_nothing(
     ds = hospital_dataset(cfg.data, 0, 0, 3)
     assert not informative(cfg, len(ds))
     assert informative(dp_embedding, len(ds))  # 64 features: sqrt(64) x 2 / 32 = 0.5
+    # the boundary: sqrt(2000) x 2 = 89.4, so 90 images release and 89 do not
+    assert smallest_release(cfg) == 90
+    assert informative(cfg, 90) and not informative(cfg, 89)
     state = pack_state(build_networks(cfg.model, config_shape(cfg), seed=0))
     result = local_round(cfg, ds, state, None, round_=1, hospital=0)
     assert HospitalAccountant.from_json(result.accountant).releases == {}

@@ -119,8 +119,13 @@ def informative(cfg: Config, num_examples: int) -> bool:
     unit vectors has norm at most 1, so above 1 the noise outweighs anything the data could
     say (PneumoniaMNIST under Dirichlet 0.5 at epsilon 10: 2.0 for its 44-image hospital,
     0.09 for a 942-image one). Such a hospital releases nothing and trains without the term."""
-    noise = math.sqrt(cfg.train.embedding_features) * embedding_noise(cfg) / max(num_examples, 1)
-    return noise <= 1.0
+    return num_examples >= smallest_release(cfg)
+
+
+def smallest_release(cfg: Config) -> int:
+    """The fewest images a hospital needs to release its embedding (:func:`informative`):
+    ``sqrt(D) * sigma``, rounded up (895 at epsilon 1 with the defaults, 90 at 10)."""
+    return max(math.ceil(math.sqrt(cfg.train.embedding_features) * embedding_noise(cfg)), 1)
 
 
 def hospital_target(
@@ -199,4 +204,5 @@ __all__ = [
     "hospital_target",
     "informative",
     "set_embedding_target",
+    "smallest_release",
 ]
