@@ -258,6 +258,10 @@ def test_a_private_run_says_what_the_defaults_resolved_to(
     _print_privacy(with_changes(toy_config, privacy=private, train={"embedding_weight": 0.0}))
     line = capsys.readouterr().out
     assert "delta 1e-06" in line and "no embedding term" in line
+    # the pooled baseline keeps the recipe but is not private, and must not claim a budget
+    _print_privacy(with_changes(toy_config, privacy=private), pooled=True)
+    line = capsys.readouterr().out
+    assert "without DP" in line and "weight 5.48" in line and "epsilon" not in line
 
 
 def _ctx():  # type: ignore[no-untyped-def]
