@@ -254,6 +254,19 @@ def test_a_private_run_says_what_the_defaults_resolved_to(
     # 3 * sqrt(10), sigma 20 / 1, and n >= sqrt(2000) * 20 = 894.4, so 895 images at the least
     assert "epsilon 1 per hospital" in line and "weight 9.49" in line
     assert "sigma 20 " in line and "895 images or more" in line
+    # a short plan at a small budget is told that more rounds help (study 35); a long one or
+    # a larger budget is not
+    assert "raise federation.num_rounds" in line
+    long_plan = with_changes(toy_config, privacy={"mode": "dp-sgd", "target_epsilon": 1.0},
+                             federation={"num_rounds": 40})  # fmt: skip
+    _print_privacy(long_plan)
+    assert "num_rounds" not in capsys.readouterr().out
+    _print_privacy(with_changes(toy_config, privacy={"mode": "dp-sgd", "target_epsilon": 3.0}))
+    assert "num_rounds" not in capsys.readouterr().out
+    warm = with_changes(toy_config, privacy={"mode": "dp-sgd", "target_epsilon": 1.0},
+                        model={"init_from": "runs/public"})  # fmt: skip
+    _print_privacy(warm)
+    assert "num_rounds" not in capsys.readouterr().out
     private = {"mode": "dp-sgd", "target_epsilon": 3.0, "delta": 1e-6}
     _print_privacy(with_changes(toy_config, privacy=private, train={"embedding_weight": 0.0}))
     line = capsys.readouterr().out
