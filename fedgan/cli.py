@@ -42,8 +42,8 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 #: A private synthesis plan at or below this epsilon per hospital, and shorter than
 #: :data:`LONG_PRIVATE_PLAN` rounds, gets a line of advice: at epsilon 1 the generator was
-#: still learning at round 20, and 40 and 60 rounds at the same budget lifted recall from
-#: 0.17-0.21 to 0.38-0.39 and 0.48 (simulations/README.md, study 35). A run warm-started
+#: still learning at round 20, and 40 rounds at the same budget lifted recall from 0.17-0.21
+#: to 0.38-0.39 on two seeds (simulations/README.md, study 35). A run warm-started
 #: from public data (``model.init_from``) starts past that slow start and is not told.
 SMALL_EPSILON = 1.0
 LONG_PRIVATE_PLAN = 40
@@ -88,8 +88,8 @@ def _print_privacy(cfg: Config, *, pooled: bool = False) -> None:
         print(
             f"fedgan: a private generator at epsilon {cfg.privacy.target_epsilon:g} learns "
             f"slowly, and {rounds} rounds may leave it short: on PneumoniaMNIST at epsilon 1, "
-            "40 and 60 rounds on the same budget doubled and nearly tripled its recall over 20 "
-            "(simulations/README.md, study 35); raise federation.num_rounds if the time allows",
+            "40 rounds on the same budget doubled its recall over 20 (simulations/README.md, "
+            "study 35); raise federation.num_rounds if the time allows",
             flush=True,
         )
 
