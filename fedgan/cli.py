@@ -239,6 +239,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.config or args.variants:
             raise ValueError("--study is a whole plan: give --set, but not --config or --variant")
         study = load_study(args.study, args.overrides)
+        if args.no_centralized:
+            study = study.without_centralized()
     else:
         study = study_from_args(
             args.config, args.overrides, args.variants, centralized=not args.no_centralized
@@ -373,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         "NAME@centralized:... for a centralized one",
     )
     p.add_argument("--study", help="a study plan (simulations/*.yaml) instead of --config")
-    p.add_argument("--no-centralized", action="store_true", help="skip the pooled baseline")
+    p.add_argument(
+        "--no-centralized",
+        action="store_true",
+        help="skip the pooled baseline (with --study: the plan's centralized arms)",
+    )
     p.add_argument("--out", help="the comparison's folder (default: <run.output_dir>/<study>)")
     p.set_defaults(func=cmd_compare)
     data = sub.add_parser("data", help="inspect data sets and partitions").add_subparsers(

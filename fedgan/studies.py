@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,15 @@ class Study:
             raise ValueError(f"study {self.name!r}: arm names repeat: {names}")
         if not self.arms:
             raise ValueError(f"study {self.name!r} has no arms")
+
+    def without_centralized(self) -> Study:
+        """The plan less its centralized arms (``fedgan compare --no-centralized``)."""
+        arms = tuple(a for a in self.arms if a.mode != "centralized")
+        if not arms:
+            raise ValueError(
+                f"study {self.name!r} has only centralized arms: drop --no-centralized"
+            )
+        return replace(self, arms=arms)
 
     def arm_config(self, arm: Arm, out: Path) -> Config:
         """The resolved config of ``arm``, writing into ``out/<arm.name>``."""

@@ -36,6 +36,20 @@ def test_shipped_study_plans_resolve(plan: Path, tmp_path: Path) -> None:
     assert {c.run.seed for c in configs} == {configs[0].run.seed}
 
 
+def test_no_centralized_drops_a_plans_pooled_arms(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "arms: {pooled: {mode: centralized}, fed: {}, dp: {set: {privacy.mode: dp-sgd}}}\n"
+    )
+    study = load_study(plan)
+    assert [a.name for a in study.without_centralized().arms] == ["fed", "dp"]
+    assert [a.name for a in study.arms] == ["pooled", "fed", "dp"]  # the plan itself is untouched
+    only = tmp_path / "only.yaml"
+    only.write_text("arms: {pooled: {mode: centralized}}\n")
+    with pytest.raises(ValueError, match="only centralized arms: drop --no-centralized"):
+        load_study(only).without_centralized()
+
+
 def test_study_plan_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="simulations"):
         load_study(tmp_path / "missing.yaml")
