@@ -22,6 +22,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+CHECKPOINT_HELP = "a round number, latest, best, or a checkpoint file (default: the run's latest)"
+
+
 def _load_run(run: str, overrides: list[str], checkpoint: str | None):
     """A run directory's resolved config (with ``overrides``) and one of its checkpoints.
 
@@ -150,7 +153,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluates a run's checkpoint with the named metrics and appends the result to its
     ``metrics.jsonl``."""
-    from pathlib import Path
 
     from fedgan.evaluation.metrics import parse_metric_list
     from fedgan.runs import make_evaluator
@@ -162,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     record = {
         "round": int(ckpt["round"]),
         "mode": "evaluate",
-        "checkpoint": str(Path(args.checkpoint or rd.latest_checkpoint_path() or "")),
+        "checkpoint": str(rd.checkpoint_path(args.checkpoint)),
         "eval": result,
         "skipped": evaluator.skipped,
     }
@@ -185,7 +187,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     counts = export_samples(
         cfg, ckpt["state"], args.n, Path(args.out), label=args.label, seed=args.seed
     )
-    print(f"fedgan: wrote {sum(counts.values())} images {counts} and synthetic.npz to {args.out}")
+    classes = {k: v for k, v in counts.items() if str(k) != "-1"}
+    per_class = f" ({', '.join(f'class {k}: {v}' for k, v in classes.items())})" if classes else ""
+    print(f"fedgan: wrote {sum(counts.values())} images{per_class} and synthetic.npz to {args.out}")
     return 0
 
 
@@ -284,11 +288,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from fedgan.runs.apply import check_out_folder, check_trained, detect_files
 
     chosen = args.checkpoint
-    best = RunDir(args.run).read_best() if chosen is None else None
+    best = RunDir(args.run).read_best() if chosen in (None, "best") else None
     if best is not None:  # the round the run's eval.select chose on validation images
         chosen = str(RunDir(args.run).checkpoints / best["checkpoint"])
-    elif chosen == "latest":
-        chosen = None
     rd, cfg, ckpt = _load_run(args.run, [], chosen)
     check_trained(ckpt)
     check_out_folder(Path(args.out), args.force)
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run of task enhance/super-resolution/translate/inpaint")  # fmt: skip
     p.add_argument("--input", required=True, help="an image, DICOM or NIfTI file, or a folder")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--native", action="store_true",
                    help="apply the generator at each image's own size instead of resizing it "
                         "to the model's input size")  # fmt: skip
@@ -359,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a run of task anomaly")
     p.add_argument("--input", required=True, help="an image, DICOM or NIfTI file, or a folder")
     p.add_argument("--out", required=True, help="output folder for the overlays and scores.csv")
-    p.add_argument("--checkpoint", help="a checkpoint file, or latest (default: the round the "
-                   "run's eval.select chose on validation images, else the latest)")  # fmt: skip
+    p.add_argument("--checkpoint", help="a round number, latest, best, or a checkpoint file "
+                   "(default: best, the round the run's eval.select chose on validation images, "
+                   "else the latest)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="write into a folder that holds files")
     p.set_defaults(func=cmd_detect)
     p = sub.add_parser("compare", help="centralized vs federated (and variants), one report")
@@ -391,13 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_describe)
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint with registered metrics")
     p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--metrics", help="comma-separated metrics (default: the run's eval.metrics)")
     _overrides_arg(p, "override a key of the run's config, e.g. eval.inception_weights=PATH")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("audit", help="membership-inference attacks on a run's networks")
     p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--max-images", type=int, default=1000,
                    help="members (and non-members) attacked, at most (default 1000)")  # fmt: skip
     p.add_argument("--num-generated", type=int, default=2000,
@@ -412,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--label", type=int, help="class of every image (conditional families)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a folder that holds files")
     p.set_defaults(func=cmd_sample)

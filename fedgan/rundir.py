@@ -81,6 +81,20 @@ def best_entry(round_: int, key: str, value: float) -> dict[str, Any]:
     return {"checkpoint": f"round_{round_:04d}.pt", "round": round_, "key": key, "value": value}
 
 
+def _spans(numbers: list[int]) -> str:
+    """Sorted integers as runs: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    parts: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
 class UnreadableCheckpoint(ValueError):
     """A checkpoint file that exists but cannot be loaded (truncated, corrupt, not fedgan's)."""
 
@@ -233,18 +247,56 @@ class RunDir:
         """Whether this directory holds a run (a checkpoint or metrics)."""
         return bool(self.checkpoint_candidates()) or self.metrics_path.exists()
 
+    def checkpoint_path(self, name: str | Path | None = None) -> Path:
+        """The checkpoint file a user names: None or ``latest`` (the newest), ``best`` (the
+        round ``eval.select`` chose), a round number (``12``), a file of the run's
+        ``checkpoints/`` (``round_0012.pt``) or any path to a checkpoint file.
+
+        Raises:
+            FileNotFoundError: If there is no such checkpoint; the message lists the rounds
+                the run has.
+        """
+        if name is None or str(name) == "latest":
+            latest = self.latest_checkpoint_path()
+            if latest is None:
+                raise FileNotFoundError(
+                    f"no checkpoint in {self.checkpoints}; has the run started?"
+                )
+            return latest
+        text = str(name)
+        if text == "best":
+            best = self.read_best()
+            if best is not None:
+                return self.checkpoints / str(best["checkpoint"])
+        elif Path(text).is_file():
+            return Path(text)
+        elif text.isdigit():
+            candidate = self.checkpoints / f"round_{int(text):04d}.pt"
+            if candidate.is_file():
+                return candidate
+        elif (self.checkpoints / text).is_file() and Path(text).name == text:
+            return self.checkpoints / text
+        rounds = sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("round_*.pt")
+                        if p.stem.split("_")[1].isdigit())  # fmt: skip
+        if text == "best":
+            why = "the run has no round chosen by eval.select"
+        else:
+            why = f"checkpoint {text!r} does not exist"
+        has = f"rounds {_spans(rounds)}" if rounds else "no checkpoint yet"
+        raise FileNotFoundError(
+            f"{why}; {str(self.path)!r} has {has}: pass --checkpoint with a round number, latest, "
+            "or a checkpoint file"
+        )
+
     def load_checkpoint(self, path: str | Path | None = None) -> dict[str, Any]:
-        """Loads a checkpoint (the latest when ``path`` is None).
+        """Loads a checkpoint (the latest when ``path`` is None; any name
+        :meth:`checkpoint_path` takes).
 
         Raises:
             FileNotFoundError: If there is none (or ``path`` does not exist).
             UnreadableCheckpoint: If the file cannot be loaded; the message names it.
         """
-        path = Path(path) if path is not None else self.latest_checkpoint_path()
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint in {self.checkpoints}; has the run started?")
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        path = self.checkpoint_path(path)
         import torch
 
         try:

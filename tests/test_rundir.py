@@ -21,6 +21,28 @@ def test_checkpoints_and_latest(tmp_path) -> None:
     assert not [p for p in rd.checkpoints.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_checkpoint_is_named_as_a_user_would(tmp_path, monkeypatch) -> None:
+    """--checkpoint takes a round number, a file of the run's checkpoints/, latest, best or a
+    path; a missing one names the rounds the run has."""
+    rd = RunDir(tmp_path / "run")
+    for r in (1, 2, 3, 5):
+        rd.save_checkpoint(r, {"generator.w": torch.full((1,), float(r))}, {})
+    assert rd.load_checkpoint("2")["round"] == 2
+    assert rd.load_checkpoint("round_0003.pt")["round"] == 3
+    assert rd.load_checkpoint("latest")["round"] == 5
+    assert rd.load_checkpoint(rd.checkpoints / "round_0001.pt")["round"] == 1
+    monkeypatch.chdir(rd.checkpoints)  # a path that exists as given is that file
+    assert rd.checkpoint_path("round_0002.pt").resolve() == rd.checkpoints / "round_0002.pt"
+    with pytest.raises(FileNotFoundError, match=r"'4' does not exist; .* has rounds 1-3, 5: "):
+        rd.load_checkpoint("4")
+    with pytest.raises(FileNotFoundError, match="no round chosen by eval.select"):
+        rd.load_checkpoint("best")
+    rd.write_best({"checkpoint": "round_0002.pt", "round": 2, "key": "k", "value": 1.0})
+    assert rd.load_checkpoint("best")["round"] == 2
+    with pytest.raises(FileNotFoundError, match="'round_0004.pt' does not exist"):
+        rd.load_checkpoint("round_0004.pt")
+
+
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch) -> None:
     target = tmp_path / "f.bin"
     atomic_write_bytes(target, b"old")
