@@ -104,9 +104,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     from fedgan.experiment import preflight
     from fedgan.federated.simulation import check_run_dir, simulate
+    from fedgan.runs.warm import check_warm_start
 
     check_run_dir(cfg)  # before reading any data: a name already taken is the first thing to say
     preflight(cfg)
+    check_warm_start(cfg)
     print(
         f"fedgan: simulating {cfg.federation.num_hospitals} hospitals, "
         f"{cfg.federation.num_rounds} rounds -> {cfg.run_dir.resolve()}",
@@ -125,8 +127,10 @@ def cmd_centralized(args: argparse.Namespace) -> int:
         return 0
     from fedgan.experiment import preflight
     from fedgan.runs.centralized import train_centralized
+    from fedgan.runs.warm import check_warm_start
 
     preflight(cfg)
+    check_warm_start(cfg)
     _print_privacy(cfg, pooled=True)
     summary = train_centralized(cfg, log=lambda line: print(line, flush=True))
     print(f"fedgan: done in {summary['wall_seconds']:.0f}s; results in {summary['run_dir']}")

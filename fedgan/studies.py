@@ -100,13 +100,14 @@ def parse_variant(text: str) -> Arm:
     """``NAME:key=value,key=value`` (federated) or ``NAME@centralized:key=value`` as an arm.
 
     Raises:
-        ValueError: If the text has no name or a setting has no ``=``.
+        ValueError: If the text has no name, no setting (it would train an arm the comparison
+            already has) or a setting without ``=``.
     """
     head, _, body = text.partition(":")
     name, _, mode = head.partition("@")
     settings = tuple(s.strip() for s in body.split(",") if s.strip())
     bad = [s for s in settings if "=" not in s]
-    if not name or bad:
+    if not name or bad or not settings:
         raise ValueError(
             f"--variant {text!r}: expected NAME:key=value[,key=value...] "
             "(e.g. iid:data.partition=iid), or NAME@centralized:..."
@@ -228,8 +229,11 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
     protocol = {name: asdict(cfg.eval) for name, cfg in configs.items()}
     if len({json.dumps(p, sort_keys=True) for p in protocol.values()}) != 1:
         raise ValueError("the arms' eval settings differ; a comparison needs one protocol")
-    for cfg in configs.values():  # and every arm's data, before anything is written
+    from fedgan.runs.warm import check_warm_start
+
+    for cfg in configs.values():  # and every arm's data and warm start, before anything is written
         preflight(cfg)
+        check_warm_start(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out / "study.yaml",

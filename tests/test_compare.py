@@ -18,6 +18,9 @@ def test_variants_parse_and_bad_ones_are_named() -> None:
     assert parse_variant("pooled@centralized:train.lr=0.001").mode == "centralized"
     with pytest.raises(ValueError, match="NAME:key=value"):
         parse_variant("iid:data.partition")
+    for changes_nothing in ("iid", "iid:", "pooled@centralized"):  # a forgotten ':' or setting
+        with pytest.raises(ValueError, match="NAME:key=value"):
+            parse_variant(changes_nothing)
     with pytest.raises(ValueError, match="mode must be one of"):
         parse_variant("x@sideways:train.lr=0.1")
     with pytest.raises(ValueError, match="evaluated the same way"):

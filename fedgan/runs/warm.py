@@ -89,4 +89,21 @@ def warm_start(
     return {k: state[k].to(fresh[k].dtype) for k in fresh}, info
 
 
-__all__ = ["describe", "warm_start"]
+def check_warm_start(cfg: Config) -> None:
+    """Fails before anything is written (before Flower starts) where ``model.init_from``
+    names nothing or other networks than ``cfg``'s. A run that resumes is not checked: it
+    goes on from its own checkpoints even if the source is gone.
+
+    Raises:
+        FileNotFoundError: If ``model.init_from`` names nothing.
+        ValueError: If its networks are not this run's model.
+    """
+    if not cfg.model.init_from or (cfg.run.resume and RunDir(cfg.run_dir).has_run()):
+        return
+    from fedgan.models import pack_state
+    from fedgan.training import networks_for
+
+    warm_start(cfg, pack_state(networks_for(cfg)))
+
+
+__all__ = ["check_warm_start", "describe", "warm_start"]
