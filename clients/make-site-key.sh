@@ -17,7 +17,7 @@ chmod 700 "$dir"
 if command -v ssh-keygen >/dev/null; then
     ssh-keygen -q -t ecdsa -b 384 -N "" -C "fedgan-site" -f "$dir/site"
 else  # the cryptography package comes with Flower
-    python3 - "$dir/site" <<'PY' || { echo "make-site-key: need ssh-keygen or Python with 'cryptography' (pip install fedgan)" >&2; exit 3; }
+    python3 - "$dir/site" <<'PY' || { echo "make-site-key: need ssh-keygen or Python with 'cryptography' (pip install fedgan)" >&2; exit 2; }
 import sys
 from pathlib import Path
 from cryptography.hazmat.primitives import serialization

@@ -8,13 +8,13 @@
 # of flower-supernode when it is not on PATH.
 set -euo pipefail
 [[ $# -eq 1 && "$1" != "-h" && "$1" != "--help" ]] || { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-[[ -f "$1" ]] || { echo "start-supernode: site config $1 not found; copy clients/site.env.example" >&2; exit 3; }
+[[ -f "$1" ]] || { echo "start-supernode: site config $1 not found; copy clients/site.env.example" >&2; exit 2; }
 env_file=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 # shellcheck disable=SC1090
 source "$env_file"
 home=${SITE_HOME:-$(dirname "$env_file")}
 [[ -n "${PYTHON_BIN:-}" ]] && export PATH="$PYTHON_BIN:$PATH"  # Flower starts its helpers by name
-fail() { echo "start-supernode: $*" >&2; exit 3; }
+fail() { echo "start-supernode: $*" >&2; exit 2; }
 
 command -v "flower-supernode" >/dev/null || fail "flower-supernode not found; install fedgan (pip install -e .) or set PYTHON_BIN"
 py=$(command -v python || command -v python3)
@@ -68,10 +68,14 @@ fi
 # waits up to 4 s for it at exit where the site has no Internet: off unless the site sets it.
 export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0}
 if [[ -n "${CPU_THREADS:-}" ]]; then export OMP_NUM_THREADS=$CPU_THREADS MKL_NUM_THREADS=$CPU_THREADS; fi
+# The site's data, read as the SuperNode's rounds will read it (the files listed, one read):
+# a folder without images or of another format is said here, not in the first round's log.
+data_ok=$("$py" -m fedgan.cli data check --path "$DATA_PATH" ${DATA_FORMAT:+--format "$DATA_FORMAT"} 2>&1) \
+    || fail "${data_ok##*fedgan: error: }"
 mkdir -p "$home"
 if [[ "${FOREGROUND:-0}" == 1 ]]; then
     exec "${cmd[@]}"
 fi
 setsid "${cmd[@]}" >>"$home/supernode.log" 2>&1 < /dev/null &
 echo $! > "$home/supernode.pid"
-echo "start-supernode: pid $! -> $SUPERLINK; data $DATA_PATH; log $home/supernode.log"
+echo "start-supernode: pid $! -> $SUPERLINK; ${data_ok#fedgan: }; log $home/supernode.log"

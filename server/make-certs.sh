@@ -10,7 +10,7 @@ set -euo pipefail
 
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 && "$1" != "-h" && "$1" != "--help" ]] || usage
-command -v openssl >/dev/null || { echo "make-certs: openssl is missing; install it (e.g. apt install openssl)" >&2; exit 3; }
+command -v openssl >/dev/null || { echo "make-certs: openssl is missing; install it (e.g. apt install openssl)" >&2; exit 2; }
 
 dir=$1; shift
 if [[ -e "$dir/ca.key" ]]; then

@@ -20,9 +20,9 @@ address=${ADDRESS:-127.0.0.1:$port}
 [[ -n "${PYTHON_BIN:-}" ]] && export PATH="$PYTHON_BIN:$PATH"  # Flower starts its helpers by name
 
 command -v "flower-superlink" >/dev/null || {
-    echo "start-superlink: flower-superlink not found; install fedgan (pip install -e .) or set PYTHON_BIN" >&2; exit 3; }
+    echo "start-superlink: flower-superlink not found; install fedgan (pip install -e .) or set PYTHON_BIN" >&2; exit 2; }
 for f in ca.crt server.pem server.key; do
-    [[ -f "$certs/$f" ]] || { echo "start-superlink: $certs/$f missing; run server/make-certs.sh $certs first" >&2; exit 3; }
+    [[ -f "$certs/$f" ]] || { echo "start-superlink: $certs/$f missing; run server/make-certs.sh $certs first" >&2; exit 2; }
 done
 if [[ -f "$home/superlink.pid" ]] && kill -0 "$(cat "$home/superlink.pid")" 2>/dev/null; then
     echo "start-superlink: already running (pid $(cat "$home/superlink.pid")); stop it with server/stop-superlink.sh $home" >&2

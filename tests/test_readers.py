@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedgan.config import load_config
-from fedgan.data import PARTITIONERS, hospital_pool, local_pool
+from fedgan.data import PARTITIONERS, check_site_data, hospital_pool, local_pool
 from fedgan.data.readers import detect_format, read_folder
 from fedgan.data.transforms import augmenter, fit_slice
 
@@ -258,3 +258,41 @@ def test_data_describe_command(tmp_path: Path, capsys) -> None:
 
     rows = json.loads((tmp_path / "describe.json").read_text())
     assert sum(r["images"] for r in rows) == 96
+
+
+# --- a site's data, checked before its SuperNode starts -------------------------------------
+
+
+def test_a_sites_data_is_checked_before_it_joins(tmp_path: Path) -> None:
+    """``fedgan data check`` (and clients/start-supernode.sh): the files listed, one read, and
+    every way a site's DATA_PATH can be wrong named in one line."""
+    for i, cls in enumerate(["normal", "normal", "pneumonia"]):
+        _png(tmp_path / "pngs" / cls / f"{i}.png", np.full((20, 20), 40 * i, np.uint8))
+    said = check_site_data(tmp_path / "pngs")
+    assert "3 image (PNG/JPEG/TIFF) files in class folders normal, pneumonia" in said
+    (ct,) = _dicom_files("CT_small.dcm")
+    shutil.copy(ct, tmp_path / "dcm.dcm")
+    (tmp_path / "dcm").mkdir()
+    shutil.copy(ct, tmp_path / "dcm" / "a.dcm")
+    assert "1 DICOM files (no class folders)" in check_site_data(tmp_path / "dcm", "dicom")
+    npz = tmp_path / "site.npz"
+    np.savez(npz, train_images=np.zeros((5, 8, 8), np.uint8), train_labels=np.zeros((5, 1), int))
+    assert "MedMNIST-layout .npz, 5 training images" in check_site_data(npz)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.dcm").write_bytes(b"not a dicom file")
+    wrong = [
+        (tmp_path / "nowhere", "", FileNotFoundError, "does not exist"),
+        (tmp_path / "dcm.dcm", "", ValueError, "is a single .dcm file"),
+        (tmp_path / "empty", "", ValueError, "no images under"),
+        (tmp_path / "pngs", "dicom", ValueError, "no dicom files"),
+        (tmp_path / "pngs", "jpeg2000", ValueError, "is not a file format"),
+        (tmp_path / "bad", "", ValueError, r"x\.dcm: .*check DATA_FORMAT \(dicom\)"),
+    ]
+    for path, fmt, kind, says in wrong:
+        with pytest.raises(kind, match=says):
+            check_site_data(path, fmt)
+    bad_npz = tmp_path / "other.npz"
+    np.savez(bad_npz, images=np.zeros((2, 8, 8)))
+    with pytest.raises(ValueError, match="no 'train_images'"):
+        check_site_data(bad_npz)

@@ -3,10 +3,12 @@ its idle waits capped; the whole kit runs it in tests/test_deployment.py."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 from flwr.supernode import start_client_internal as loop
@@ -66,29 +68,47 @@ def test_a_bad_poll_is_one_line_and_exit_2(value: str) -> None:
     assert res.stderr.strip().count("\n") == 0 and "--poll" in res.stderr
 
 
-@pytest.mark.parametrize("value", ["9", "0", "soon"])
-def test_the_kit_refuses_a_bad_poll_before_starting(tmp_path, value: str) -> None:
-    import os
-    from pathlib import Path
-
+def _start_kit(site: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """clients/start-supernode.sh on a site config of dummy credentials and ``settings``."""
     repo = Path(__file__).resolve().parent.parent
     for name in ("ca.crt", "site"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / "data").mkdir()
-    env = tmp_path / "site.env"
-    env.write_text(
-        f"SUPERLINK=127.0.0.1:1\nCA_CERT={tmp_path / 'ca.crt'}\nPRIVATE_KEY={tmp_path / 'site'}\n"
-        f"DATA_PATH={tmp_path / 'data'}\nSUPERNODE_POLL_S={value}\n"
-    )
-    res = subprocess.run(
+        (site / name).write_text("x")
+    env = site / "site.env"
+    lines = {
+        "SUPERLINK": "127.0.0.1:1",
+        "CA_CERT": str(site / "ca.crt"),
+        "PRIVATE_KEY": str(site / "site"),
+        "DATA_PATH": str(site / "data"),
+        **settings,
+    }
+    env.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+    return subprocess.run(
         [str(repo / "clients" / "start-supernode.sh"), str(env)],
         env={**os.environ, "PYTHON_BIN": str(Path(sys.executable).parent)},
         capture_output=True,
         text=True,
-        timeout=60,
-    )
-    assert res.returncode == 3, res.stdout + res.stderr
+        timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["9", "0", "soon"])
+def test_the_kit_refuses_a_bad_poll_before_starting(tmp_path: Path, value: str) -> None:
+    (tmp_path / "data").mkdir()
+    res = _start_kit(tmp_path, SUPERNODE_POLL_S=value)
+    assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.strip() == (
         f"start-supernode: SUPERNODE_POLL_S '{value}' must be a number of seconds in (0, 3]"
     )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt", "data", "site", "site.env"]
+
+
+def test_the_kit_refuses_a_site_without_images_before_starting(tmp_path: Path) -> None:
+    """A DATA_PATH with no image of the format is one line and exit 2 from
+    clients/start-supernode.sh, not an error in the first round's log; nothing is written."""
+    (tmp_path / "data" / "normal").mkdir(parents=True)
+    (tmp_path / "data" / "normal" / "notes.txt").write_text("not an image")
+    res = _start_kit(tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.stderr.startswith(f"start-supernode: no images under '{tmp_path / 'data'}'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt", "data", "site", "site.env"]

@@ -21,6 +21,7 @@ __all__ = [
     "DATASETS",
     "PARTITIONERS",
     "ImagePool",
+    "check_site_data",
     "eval_dataset",
     "eval_masks",
     "fit_images",
@@ -146,6 +147,61 @@ def local_pool(path: str, cfg: DataSection, fmt: str = "") -> ImagePool:
             f"data-format {fmt!r} is not a file format; use folder (PNG/JPEG/TIFF), dicom or nifti"
         )
     return folder_pool(p, cfg, fmt or None)
+
+
+def check_site_data(path: str | Path, fmt: str = "") -> str:
+    """What a SuperNode's ``data-path`` holds, checked before the site joins a study: a
+    MedMNIST-layout ``.npz`` (its train split read), or a folder with files of ``fmt`` (detected
+    when empty) of which the first reads. Cheap on a large site: it lists the files and reads
+    one. ``clients/start-supernode.sh`` and ``fedgan data check`` run it.
+
+    Returns:
+        One line: how many images or files, of which format, in which class folders.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: For a single non-``.npz`` file, an unknown format, a folder with no file of
+            the format, or a first file that does not read (naming it and the fix).
+    """
+    from fedgan.config import DataSection
+    from fedgan.data.readers import FORMATS, BadFile, detect_format, list_files
+    from fedgan.data.sources import npz_arrays
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"data-path {str(p)!r} does not exist; set the site's DATA_PATH (node config "
+            "data-path) to its .npz file or image folder"
+        )
+    if p.is_file():
+        if p.suffix != ".npz":
+            raise ValueError(
+                f"data-path {str(p)!r} is a single {p.suffix or 'extension-less'} file; point it "
+                "at a MedMNIST-layout .npz or at the folder holding the site's images"
+            )
+        images, _ = npz_arrays(p, "train")
+        return f"{p}: a MedMNIST-layout .npz, {len(images)} training images"
+    if fmt and fmt not in ("folder", "dicom", "nifti"):
+        raise ValueError(
+            f"data-format {fmt!r} is not a file format; use folder (PNG/JPEG/TIFF), dicom or nifti"
+        )
+    fmt = fmt or detect_format(p)
+    files = list_files(p, fmt)
+    if not files:
+        raise ValueError(
+            f"no {fmt} files ({', '.join(FORMATS.get(fmt).suffixes)}) under {str(p)!r}; check "
+            "DATA_PATH and DATA_FORMAT"
+        )
+    try:
+        FORMATS.get(fmt).read(files[0], DataSection())
+    except BadFile as err:
+        raise ValueError(
+            f"{files[0]}: {err}; check DATA_FORMAT ({fmt}) or remove the file"
+        ) from None
+    classes = sorted({f.relative_to(p).parts[0] for f in files if f.parent != p})
+    where = f"in class folders {', '.join(classes)}" if classes else "(no class folders)"
+    kind = {"folder": "image (PNG/JPEG/TIFF)", "dicom": "DICOM", "nifti": "NIfTI"}[fmt]
+    return f"{p}: {len(files)} {kind} files {where}; the first, {files[0].name}, reads"
 
 
 def local_dataset(path: str | Path, cfg: DataSection, fmt: str = "") -> TensorDataset:

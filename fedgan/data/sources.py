@@ -124,7 +124,12 @@ class PhantomSource:
         return apply_scanner(images, site_profile(hospital), seed=seed * 1000 + hospital)
 
 
-def _npz_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def npz_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of one split of a MedMNIST-layout ``.npz``, checked.
+
+    Raises:
+        ValueError: If the file is not such an ``.npz`` (naming what is wrong and the layout).
+    """
     layout = (
         "a MedMNIST .npz holds train_images/train_labels/val_images/val_labels/"
         "test_images/test_labels"
@@ -156,7 +161,7 @@ def _npz_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def npz_pool(path: Path, split: str, cfg: DataSection) -> ImagePool:
     """Reads one split of a MedMNIST-layout ``.npz`` into an :class:`ImagePool`."""
-    images, labels = _npz_arrays(path, split)
+    images, labels = npz_arrays(path, split)
     x = torch.from_numpy(np.ascontiguousarray(images)).float()
     if images.dtype.kind in "biu":  # MedMNIST's uint8; float files are taken as [0, 1]
         x = x / 255.0
