@@ -257,9 +257,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.config or args.variants:
             raise ValueError("--study is a whole plan: give --set, but not --config or --variant")
         study = load_study(args.study, args.overrides)
+        if args.arms is not None:
+            study = study.only([n.strip() for n in args.arms.split(",") if n.strip()])
         if args.no_centralized:
             study = study.without_centralized()
     else:
+        if args.arms is not None:
+            raise ValueError("--arms picks arms of a --study plan; with --config, give --variant")
         study = study_from_args(
             args.config, args.overrides, args.variants, centralized=not args.no_centralized
         )
@@ -397,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the pooled baseline (with --study: the plan's centralized arms)",
     )
+    p.add_argument("--arms", help="with --study: only these arms of the plan (comma-separated)")
     p.add_argument("--out", help="the comparison's folder (default: <run.output_dir>/<study>)")
     p.set_defaults(func=cmd_compare)
     data = sub.add_parser("data", help="inspect data sets and partitions").add_subparsers(

@@ -272,6 +272,74 @@ def check_output_dir(cfg: Config) -> None:
         _fail("run.name", f"{str(run_dir)!r} is a file; choose another run.name")
 
 
+#: Keys that only say where things are on this machine, or how this process runs: a run
+#: continued, or an arm reused, with them set otherwise is the same run.
+LOCATORS = frozenset({
+    "run.name", "run.output_dir", "run.resume", "data.path", "eval.cache_dir",
+    "eval.inception_weights", "eval.lpips_weights", "eval.background", "task.vgg_weights",
+    "train.device", "federation.concurrent_hospitals",
+})  # fmt: skip
+
+
+def changed_settings(cfg: Config, allowed: frozenset[str] = frozenset()) -> list[str]:
+    """The settings of ``cfg`` that differ from those ``cfg.run_dir`` was trained with (its
+    ``config.yaml``), as ``"key earlier -> now"``; :data:`LOCATORS` and ``allowed`` are left
+    out, and a directory without ``config.yaml`` has none.
+
+    Raises:
+        ValueError: If that ``config.yaml`` does not read.
+    """
+    from dataclasses import asdict
+
+    from fedgan.config import load_config
+    from fedgan.rundir import RunDir
+
+    path = RunDir(cfg.run_dir).config_path
+    if not path.is_file():
+        return []
+    try:
+        earlier = resolve(load_config(path))
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(
+            f"{str(path)!r} does not read ({err}); it is not a run this fedgan can continue or "
+            "reuse: choose another run.name (or --out)"
+        ) from None
+
+    def flat(c: Config) -> dict[str, object]:
+        return {f"{section}.{key}": value for section, fields in asdict(c).items()
+                for key, value in fields.items()}  # fmt: skip
+
+    before, now = flat(earlier), flat(cfg)
+    keys = sorted(now.keys() - LOCATORS - allowed)
+    return [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in keys if before.get(k) != now[k]]
+
+
+def shown(changes: list[str]) -> str:
+    """The first three of :func:`changed_settings`, and how many more."""
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return ", ".join(changes[:3]) + more
+
+
+def check_resume(cfg: Config) -> None:
+    """Refuses to continue a run (``run.resume``) with other settings than it was trained
+    with: its ``config.yaml`` would no longer say what made its figures. Only
+    ``federation.num_rounds`` may change (to train a run further), and the keys that say
+    where things are (:data:`LOCATORS`).
+
+    Raises:
+        ValueError: Naming the settings and the fix.
+    """
+    if not cfg.run.resume:
+        return
+    changes = changed_settings(cfg, frozenset({"federation.num_rounds"}))
+    if changes:
+        raise ValueError(
+            f"run.resume: {str(cfg.run_dir)!r} was trained with other settings ({shown(changes)}); "
+            "resume it with its own settings (drop those --set), or start a new run.name "
+            "(model.init_from=<this run> starts from its networks)"
+        )
+
+
 def preflight(cfg: Config) -> None:
     """Checks, before Flower starts and before anything is written, what a simulation or a
     pooled run will need: a writable output folder, and every hospital's data (readable,
@@ -308,4 +376,12 @@ def preflight(cfg: Config) -> None:
         )
 
 
-__all__ = ["check_output_dir", "preflight", "resolve"]
+__all__ = [
+    "LOCATORS",
+    "changed_settings",
+    "check_output_dir",
+    "check_resume",
+    "preflight",
+    "resolve",
+    "shown",
+]

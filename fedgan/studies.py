@@ -6,7 +6,8 @@ share the model, the data, the evaluation protocol (``eval.*`` may not differ) a
 variant says otherwise, the number of training examples seen. Each arm is an ordinary run
 directory under the study's directory, so every figure traces back to the run (and the
 ``config.yaml``) that made it. A study that stops half-way picks up where it left off: finished
-arms are reused, a started one resumes from its latest checkpoint. ``fedgan.report`` renders
+arms are reused, a started one resumes from its latest checkpoint, and an arm folder trained with
+other settings is refused (:func:`check_earlier_arm`). ``fedgan.report`` renders
 what the arms' run directories hold.
 """
 
@@ -21,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from fedgan.config import Config, dump_yaml, load_config
-from fedgan.experiment import preflight, resolve
+from fedgan.config import Config, dump_yaml, load_config, with_changes
+from fedgan.experiment import changed_settings, preflight, resolve, shown
 from fedgan.progress import track
 from fedgan.rundir import RunDir, atomic_write_text, dumps
 
@@ -87,6 +88,23 @@ class Study:
                 f"study {self.name!r} has only centralized arms: drop --no-centralized"
             )
         return replace(self, arms=arms)
+
+    def only(self, names: Sequence[str]) -> Study:
+        """The plan's arms named in ``names``, in the plan's order (``fedgan compare --study
+        PLAN --arms a,b``: one part of a plan, e.g. its ε = 10 arms on another seed).
+
+        Raises:
+            ValueError: If a name is not one of the plan's arms.
+        """
+        known = [a.name for a in self.arms]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            problem = f"has no arm {', '.join(map(repr, unknown))}" if unknown else "names none"
+            raise ValueError(
+                f"--arms {','.join(names)!r}: study {self.name!r} {problem}; name some of its "
+                f"arms: {', '.join(known)}"
+            )
+        return replace(self, arms=tuple(a for a in self.arms if a.name in names))
 
     def arm_config(self, arm: Arm, out: Path) -> Config:
         """The resolved config of ``arm``, writing into ``out/<arm.name>``."""
@@ -177,6 +195,23 @@ def _scalar(value: Any) -> str:
 # --- running -------------------------------------------------------------------------------
 
 
+def check_earlier_arm(cfg: Config) -> None:
+    """Refuses to reuse or resume an arm folder that an earlier ``fedgan compare`` trained
+    with other settings (another seed, budget, partition, number of rounds...): its figures
+    would be reported as this comparison's.
+
+    Raises:
+        ValueError: Naming the settings that differ and the fix.
+    """
+    changes = changed_settings(cfg)
+    if changes:
+        raise ValueError(
+            f"arm {cfg.run.name!r}: {str(cfg.run_dir)!r} was trained with other settings "
+            f"({shown(changes)}); choose another --out for this comparison, or delete that "
+            "folder to train the arm again"
+        )
+
+
 def _run_arm(cfg: Config, mode: str, log: Callable[[str], None]) -> dict[str, Any]:
     rd = RunDir(cfg.run_dir)
     if rd.summary_path.exists():
@@ -186,7 +221,7 @@ def _run_arm(cfg: Config, mode: str, log: Callable[[str], None]) -> dict[str, An
             return summary
     if rd.latest_checkpoint_path() is not None:
         log(f"[compare] {cfg.run.name}: resuming from {rd.latest_checkpoint_path()}")
-        cfg = resolve(load_config(rd.config_path, ["run.resume=true"]))
+        cfg = with_changes(cfg, run={"resume": True})  # the same arm (check_earlier_arm)
     if mode == "centralized":
         from fedgan.runs.centralized import train_centralized
 
@@ -232,6 +267,7 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
     from fedgan.runs.warm import check_warm_start
 
     for cfg in configs.values():  # and every arm's data and warm start, before anything is written
+        check_earlier_arm(cfg)
         preflight(cfg)
         check_warm_start(cfg)
     out.mkdir(parents=True, exist_ok=True)

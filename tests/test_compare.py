@@ -39,7 +39,7 @@ def test_shipped_study_plans_resolve(plan: Path, tmp_path: Path) -> None:
     assert {c.run.seed for c in configs} == {configs[0].run.seed}
 
 
-def test_no_centralized_drops_a_plans_pooled_arms(tmp_path: Path) -> None:
+def test_no_centralized_and_arms_pick_a_part_of_a_plan(tmp_path: Path) -> None:
     plan = tmp_path / "plan.yaml"
     plan.write_text(
         "arms: {pooled: {mode: centralized}, fed: {}, dp: {set: {privacy.mode: dp-sgd}}}\n"
@@ -47,10 +47,43 @@ def test_no_centralized_drops_a_plans_pooled_arms(tmp_path: Path) -> None:
     study = load_study(plan)
     assert [a.name for a in study.without_centralized().arms] == ["fed", "dp"]
     assert [a.name for a in study.arms] == ["pooled", "fed", "dp"]  # the plan itself is untouched
+    part = study.only(["dp", "pooled"])  # the plan's order, whatever the order asked
+    assert [a.name for a in part.arms] == ["pooled", "dp"]
+    assert [a.name for a in part.without_centralized().arms] == ["dp"]
+    with pytest.raises(ValueError, match=r"has no arm 'fedd'; name some of its arms: pooled, fed"):
+        study.only(["fed", "fedd"])
+    with pytest.raises(ValueError, match="names none"):
+        study.only([])
     only = tmp_path / "only.yaml"
     only.write_text("arms: {pooled: {mode: centralized}}\n")
     with pytest.raises(ValueError, match="only centralized arms: drop --no-centralized"):
         load_study(only).without_centralized()
+
+
+def test_an_arm_folder_trained_otherwise_is_refused_and_locators_are_not_settings(
+    tmp_path: Path,
+) -> None:
+    from fedgan.config import dump_yaml
+    from fedgan.rundir import RunDir
+    from fedgan.studies import check_earlier_arm
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("arms: {dp: {set: {privacy.mode: dp-sgd, privacy.target_epsilon: 10}}}\n")
+    study = load_study(plan)
+    cfg = study.arm_config(study.arms[0], tmp_path / "out")
+    check_earlier_arm(cfg)  # nothing there yet
+    RunDir(cfg.run_dir).write_config(dump_yaml(cfg))
+    check_earlier_arm(cfg)  # the same arm
+    for moved in ("eval.cache_dir=/elsewhere", "data.path=/data/moved", "train.device=cpu"):
+        later = load_study(plan, [moved])
+        check_earlier_arm(later.arm_config(later.arms[0], tmp_path / "out"))
+    for changed, says in (
+        ("run.seed=1", "run.seed 0 -> 1"),  # the arm's own settings win over the study's
+        ("federation.num_rounds=40", "federation.num_rounds 10 -> 40"),
+    ):
+        later = load_study(plan, [changed])
+        with pytest.raises(ValueError, match=f"{says}.*another --out"):
+            check_earlier_arm(later.arm_config(later.arms[0], tmp_path / "out"))
 
 
 def test_study_plan_errors(tmp_path: Path) -> None:
@@ -126,6 +159,28 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     again = run_study(study, out, log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 3
     assert again["arms"]["dp"]["final"] == arms["dp"]["final"]
+    # Where things are on this machine is no other arm: a new cache folder still reuses them.
+    moved = study_from_args(
+        None,
+        [*toy, f"eval.cache_dir={tmp_path / 'cache'}"],
+        ["dp:privacy.mode=dp-sgd,privacy.target_epsilon=20"],
+        centralized=True,
+    )
+    messages.clear()
+    run_study(moved, out, log=messages.append)
+    assert sum("finished earlier" in m for m in messages) == 3
+    # Another seed into the same folder is refused before anything trains: its arms would be
+    # reported as the earlier seed's.
+    seed_1 = study_from_args(
+        None,
+        [*toy, "run.seed=1"],
+        ["dp:privacy.mode=dp-sgd,privacy.target_epsilon=20"],
+        centralized=True,
+    )
+    before = sorted(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file())
+    with pytest.raises(ValueError, match=r"'centralized': .* other settings \(run.seed 0 -> 1\)"):
+        run_study(seed_1, out, log=lambda _: None)
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()) == before
 
 
 def test_real_data_values_are_a_line_on_their_metrics_panel() -> None:

@@ -76,6 +76,31 @@ def test_resuming_a_run_that_does_not_exist_is_an_error(toy_config: Config) -> N
     assert not (Path(toy_config.run.output_dir) / "typo").exists()
 
 
+def test_a_resume_with_other_settings_is_refused_and_more_rounds_are_recorded(
+    toy_config: Config,
+) -> None:
+    """A resume may train a run further and find its data elsewhere; another seed, budget or
+    model would make its config.yaml lie about its figures, so it is refused before anything
+    is written."""
+    from fedgan.config import load_config
+
+    cfg = with_changes(toy_config, federation={"num_rounds": 1})
+    _run(cfg)
+    rd = RunDir(cfg.run_dir)
+    files = {p: p.stat().st_mtime_ns for p in rd.path.rglob("*") if p.is_file()}
+    for changes, says in (
+        ({"run": {"resume": True, "seed": 7}}, "run.seed 0 -> 7"),
+        ({"run": {"resume": True}, "train": {"lr_d": 0.05}}, "train.lr_d"),
+    ):
+        with pytest.raises(ValueError, match=f"run.resume: .*other settings \\({says}"):
+            _run(cfg, **changes)
+    assert {p: p.stat().st_mtime_ns for p in rd.path.rglob("*") if p.is_file()} == files
+    _run(cfg, run={"resume": True, "output_dir": str(Path(cfg.run.output_dir).resolve())},
+         federation={"num_rounds": 2})  # fmt: skip
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2]
+    assert load_config(rd.config_path).federation.num_rounds == 2  # says what made round 2
+
+
 def test_no_readable_checkpoint_is_an_error_naming_them(toy_config: Config) -> None:
     _run(with_changes(toy_config, federation={"num_rounds": 1}))
     rd = RunDir(toy_config.run_dir)

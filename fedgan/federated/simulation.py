@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fedgan.config import Config, to_run_config, with_changes
+from fedgan.experiment import check_resume
 from fedgan.federated.launcher import (
     RunFailed,
     submit_run,
@@ -82,6 +83,7 @@ def check_run_dir(cfg: Config) -> None:
             "continue it, or --set run.name=<new name>"
         )
     if cfg.run.resume:
+        check_resume(cfg)
         check_server_state(cfg, rd)
 
 

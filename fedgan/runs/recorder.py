@@ -15,6 +15,7 @@ import torch
 
 from fedgan.config import Config, dump_yaml
 from fedgan.evaluation.metrics import LOWER, direction
+from fedgan.experiment import check_resume
 from fedgan.models import mean_state, pack_state
 from fedgan.report import plot_metrics
 from fedgan.rundir import RunDir, UnreadableCheckpoint, best_entry
@@ -88,6 +89,8 @@ class RunRecorder:
 
         Raises:
             FileExistsError: If the directory already holds a run and ``run.resume`` is false.
+            ValueError: If ``run.resume`` continues a run with other settings than it was
+                trained with (:func:`fedgan.experiment.check_resume`).
         """
         state = self._start()
         if self.cfg.eval.select:  # a resumed run's choice, from the lines it kept
@@ -106,6 +109,7 @@ class RunRecorder:
                     f"run.resume=true but {str(rd.path)!r} holds no run to continue; check "
                     "run.name and run.output_dir, or drop run.resume to start a new run"
                 )
+            check_resume(self.cfg)  # before anything is written
             ckpt, passed = rd.load_resumable()
             for why in passed:
                 self.log(f"{why}; falling back to an older checkpoint")
@@ -114,6 +118,8 @@ class RunRecorder:
             rd.truncate_metrics_after(self.start_round)  # rounds after it are trained again
             self._complete_lines(self.start_round)
             self.log(f"resuming {rd.path} from round {self.start_round}")
+            # the same settings (check_resume), with this machine's paths and the rounds asked
+            rd.write_config(dump_yaml(self.cfg))
             own = ckpt.get("train_state", ckpt["state"])
             self._refill_window(own)
             if self.cfg.model.init_from:  # the run goes on even if the source is gone
