@@ -270,8 +270,9 @@ class TrainSection:
             ``sqrt(embedding_features) * embedding_noise`` images, whose release would be
             mostly noise, releases nothing and trains without it. 0: off. -1 (the default):
             under ``dp-sgd`` for task ``synthesis`` with an unconditional family,
-            ``3 * sqrt(10 / target_epsilon)`` up to 10 (3 at epsilon 10, 5.5 at 3, 9.5 at 1:
-            the noisier the discriminator, the harder the pull; study 34), 0 otherwise.
+            ``3 * sqrt(10 / target_epsilon)`` but at least 5 (``5 * sqrt(10 / epsilon)``
+            above epsilon 10), up to 10: 5 at epsilon 10, 5.5 at 3, 9.5 at 1 (the noisier the
+            discriminator, the harder the pull; studies 34 and 37), 0 otherwise.
         embedding_features: Random Fourier features of the embedding (half cosines, half
             sines of random projections of the pixels; each image's feature vector has norm 1).
         embedding_bandwidth: The Gaussian kernel's bandwidth in pixel space (images in

@@ -223,14 +223,16 @@ def test_the_term_is_refused_where_it_cannot_apply(toy_config: Config) -> None:
 
 
 def test_the_default_weight_follows_the_budget(toy_config: Config) -> None:
-    """-1: 3 * sqrt(10 / epsilon) up to 10 under DP-SGD for an unconditional synthesis
-    family (the noisier the discriminator, the harder the pull); 0 everywhere else."""
+    """-1: 3 * sqrt(10 / epsilon), at least 5 (5 * sqrt(10 / epsilon) above epsilon 10), up
+    to 10, under DP-SGD for an unconditional synthesis family (the noisier the discriminator,
+    the harder the pull); 0 everywhere else."""
 
     def weight(privacy: dict, **changes: dict) -> float:  # type: ignore[type-arg]
         cfg = with_changes(toy_config, privacy=privacy, **changes)
         return embedding_weight(cfg, conditional=make_objective(cfg).family.conditional)
 
-    for budget, expected in ((10.0, 3.0), (3.0, 5.477), (1.0, 9.487), (0.5, 10.0), (40.0, 1.5)):
+    budgets = ((10.0, 5.0), (6.0, 5.0), (3.0, 5.477), (1.0, 9.487), (0.5, 10.0), (40.0, 2.5))
+    for budget, expected in budgets:
         assert weight({"mode": "dp-sgd", "target_epsilon": budget}) == pytest.approx(
             expected, abs=1e-3
         )
