@@ -129,24 +129,36 @@ def local_pool(path: str, cfg: DataSection, fmt: str = "") -> ImagePool:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: For an unknown format or unusable files (naming the file and the fix).
     """
+    p = _site_path(path, fmt)
+    if p.is_file():
+        return npz_pool(p, "train", cfg)
+    return folder_pool(p, cfg, fmt or None)
+
+
+def _site_path(path: str | Path, fmt: str) -> Path:
+    """A site's ``data-path`` as a path: an existing ``.npz`` file or folder, and a known
+    ``data-format`` (or none).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: For a single file that is not an ``.npz``, or an unknown format.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
-            f"data-path {str(p)!r} does not exist; set the SuperNode's node config "
-            "data-path to this site's .npz file or image folder"
+            f"data-path {str(p)!r} does not exist; set the site's DATA_PATH (the SuperNode's "
+            "node config data-path) to its .npz file or image folder"
         )
-    if p.is_file():
-        if p.suffix != ".npz":
-            raise ValueError(
-                f"data-path {str(p)!r} is a single {p.suffix or 'extension-less'} file; point it "
-                "at a MedMNIST-layout .npz or at the folder holding the site's images"
-            )
-        return npz_pool(p, "train", cfg)
+    if p.is_file() and p.suffix != ".npz":
+        raise ValueError(
+            f"data-path {str(p)!r} is a single {p.suffix or 'extension-less'} file; point it at "
+            "a MedMNIST-layout .npz or at the folder holding the site's images"
+        )
     if fmt and fmt not in ("folder", "dicom", "nifti"):
         raise ValueError(
             f"data-format {fmt!r} is not a file format; use folder (PNG/JPEG/TIFF), dicom or nifti"
         )
-    return folder_pool(p, cfg, fmt or None)
+    return p
 
 
 def check_site_data(path: str | Path, fmt: str = "") -> str:
@@ -167,24 +179,10 @@ def check_site_data(path: str | Path, fmt: str = "") -> str:
     from fedgan.data.readers import FORMATS, BadFile, detect_format, list_files
     from fedgan.data.sources import npz_arrays
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(
-            f"data-path {str(p)!r} does not exist; set the site's DATA_PATH (node config "
-            "data-path) to its .npz file or image folder"
-        )
+    p = _site_path(path, fmt)
     if p.is_file():
-        if p.suffix != ".npz":
-            raise ValueError(
-                f"data-path {str(p)!r} is a single {p.suffix or 'extension-less'} file; point it "
-                "at a MedMNIST-layout .npz or at the folder holding the site's images"
-            )
         images, _ = npz_arrays(p, "train")
         return f"{p}: a MedMNIST-layout .npz, {len(images)} training images"
-    if fmt and fmt not in ("folder", "dicom", "nifti"):
-        raise ValueError(
-            f"data-format {fmt!r} is not a file format; use folder (PNG/JPEG/TIFF), dicom or nifti"
-        )
     fmt = fmt or detect_format(p)
     files = list_files(p, fmt)
     if not files:
