@@ -9,6 +9,8 @@ the ClientApp, the ServerApp and the study runner all call :func:`resolve`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fedgan.catalog import (
     DATASETS,
     FAMILIES,
@@ -281,10 +283,17 @@ LOCATORS = frozenset({
 })  # fmt: skip
 
 
-def changed_settings(cfg: Config, allowed: frozenset[str] = frozenset()) -> list[str]:
+def changed_settings(
+    cfg: Config,
+    allowed: frozenset[str] = frozenset(),
+    settle: Callable[[Config], Config] | None = None,
+) -> list[str]:
     """The settings of ``cfg`` that differ from those ``cfg.run_dir`` was trained with (its
     ``config.yaml``), as ``"key earlier -> now"``; :data:`LOCATORS` and ``allowed`` are left
-    out, and a directory without ``config.yaml`` has none.
+    out, and a directory without ``config.yaml`` has none. ``settle`` (the training layer's
+    :func:`fedgan.training.settle`) gives both configs the values of their default rules
+    first: a run records what its rules gave, so a rule that a later fedgan changed shows
+    as a changed setting (a run recorded before fedgan did so is settled by today's rules).
 
     Raises:
         ValueError: If that ``config.yaml`` does not read.
@@ -309,6 +318,8 @@ def changed_settings(cfg: Config, allowed: frozenset[str] = frozenset()) -> list
         return {f"{section}.{key}": value for section, fields in asdict(c).items()
                 for key, value in fields.items()}  # fmt: skip
 
+    if settle is not None:
+        earlier, cfg = settle(earlier), settle(cfg)
     before, now = flat(earlier), flat(cfg)
     keys = sorted(now.keys() - LOCATORS - allowed)
     return [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in keys if before.get(k) != now[k]]
@@ -320,18 +331,18 @@ def shown(changes: list[str]) -> str:
     return ", ".join(changes[:3]) + more
 
 
-def check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config, settle: Callable[[Config], Config] | None = None) -> None:
     """Refuses to continue a run (``run.resume``) with other settings than it was trained
     with: its ``config.yaml`` would no longer say what made its figures. Only
     ``federation.num_rounds`` may change (to train a run further), and the keys that say
-    where things are (:data:`LOCATORS`).
+    where things are (:data:`LOCATORS`). ``settle``: see :func:`changed_settings`.
 
     Raises:
         ValueError: Naming the settings and the fix.
     """
     if not cfg.run.resume:
         return
-    changes = changed_settings(cfg, frozenset({"federation.num_rounds"}))
+    changes = changed_settings(cfg, frozenset({"federation.num_rounds"}), settle)
     if changes:
         raise ValueError(
             f"run.resume: {str(cfg.run_dir)!r} was trained with other settings ({shown(changes)}); "

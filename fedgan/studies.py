@@ -203,7 +203,9 @@ def check_earlier_arm(cfg: Config) -> None:
     Raises:
         ValueError: Naming the settings that differ and the fix.
     """
-    changes = changed_settings(cfg)
+    from fedgan.training import settle  # imports torch: only when an arm is run
+
+    changes = changed_settings(cfg, settle=settle)
     if changes:
         raise ValueError(
             f"arm {cfg.run.name!r}: {str(cfg.run_dir)!r} was trained with other settings "

@@ -101,6 +101,54 @@ def test_a_resume_with_other_settings_is_refused_and_more_rounds_are_recorded(
     assert load_config(rd.config_path).federation.num_rounds == 2  # says what made round 2
 
 
+def test_a_run_records_what_its_default_rules_gave_and_a_changed_rule_is_refused_on_resume(
+    toy_config: Config,
+) -> None:
+    """A setting left to a default rule (``train.n_critic: 0``, ``critic_schedule: auto``) is
+    recorded as the value the rule gave. A later fedgan whose rule gives another value would
+    otherwise continue the run on other settings than its config.yaml names, silently: here
+    an earlier rule's value stands in for that, and the resume is refused naming it."""
+    import yaml
+
+    from fedgan.config import load_config
+
+    cfg = with_changes(toy_config, federation={"num_rounds": 1})
+    assert cfg.train.n_critic == 0 and cfg.train.critic_schedule == "auto"
+    _run(cfg)
+    rd = RunDir(cfg.run_dir)
+    recorded = load_config(rd.config_path).train
+    assert (recorded.n_critic, recorded.critic_schedule) == (1, "fixed")  # dcgan's, no DP
+    _run(cfg, run={"resume": True}, federation={"num_rounds": 2})  # same rules: goes on
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2]
+    text = yaml.safe_load(rd.config_path.read_text())
+    text["train"]["n_critic"] = 2  # what an earlier rule gave
+    rd.config_path.write_text(yaml.safe_dump(text, sort_keys=False))
+    with pytest.raises(ValueError, match=r"other settings \(train.n_critic 2 -> 1\)"):
+        _run(cfg, run={"resume": True}, federation={"num_rounds": 3})
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2]
+
+
+def test_settling_a_private_config_gives_the_embedding_rule_and_changes_nothing_twice(
+    toy_config: Config,
+) -> None:
+    from fedgan.config import dump_yaml, load_config
+    from fedgan.experiment import resolve
+    from fedgan.training import settle
+    from fedgan.training.embedding import embedding_noise
+
+    private = with_changes(toy_config, privacy={"mode": "dp-sgd", "target_epsilon": 10.0})
+    settled = settle(private)
+    t = settled.train
+    assert (t.embedding_weight, t.critic_schedule, t.n_critic) == (5.0, "adaptive", 3)
+    assert t.embedding_bandwidth == pytest.approx(0.15 * 16)  # 0.15 x sqrt(1 x 16 x 16)
+    assert settled.privacy.embedding_noise == embedding_noise(private) == pytest.approx(2.0)
+    assert settle(settled) == settled
+    path = Path(toy_config.run.output_dir) / "settled.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_yaml(settled))
+    assert settle(resolve(load_config(path))) == settled  # a recorded config reads back
+
+
 def test_no_readable_checkpoint_is_an_error_naming_them(toy_config: Config) -> None:
     _run(with_changes(toy_config, federation={"num_rounds": 1}))
     rd = RunDir(toy_config.run_dir)

@@ -25,6 +25,7 @@ from fedgan.federated.launcher import (
     write_run_config,
 )
 from fedgan.rundir import RunDir, UnreadableCheckpoint
+from fedgan.training import settle
 
 
 class Stopped(KeyboardInterrupt):
@@ -83,7 +84,7 @@ def check_run_dir(cfg: Config) -> None:
             "continue it, or --set run.name=<new name>"
         )
     if cfg.run.resume:
-        check_resume(cfg)
+        check_resume(cfg, settle)
         check_server_state(cfg, rd)
 
 

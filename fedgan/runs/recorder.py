@@ -24,7 +24,7 @@ from fedgan.runs.evaluators import Evaluator, make_evaluator
 from fedgan.runs.records import RoundRecord
 from fedgan.runs.warm import describe as describe_warm_start
 from fedgan.runs.warm import warm_start
-from fedgan.training import make_objective, networks_for
+from fedgan.training import make_objective, networks_for, settle
 
 #: Evaluations that may be owed before a round waits for the oldest (they cost no memory:
 #: the evaluation process reads each round's weights from its checkpoint).
@@ -109,7 +109,7 @@ class RunRecorder:
                     f"run.resume=true but {str(rd.path)!r} holds no run to continue; check "
                     "run.name and run.output_dir, or drop run.resume to start a new run"
                 )
-            check_resume(self.cfg)  # before anything is written
+            check_resume(self.cfg, settle)  # before anything is written
             ckpt, passed = rd.load_resumable()
             for why in passed:
                 self.log(f"{why}; falling back to an older checkpoint")
@@ -119,7 +119,7 @@ class RunRecorder:
             self._complete_lines(self.start_round)
             self.log(f"resuming {rd.path} from round {self.start_round}")
             # the same settings (check_resume), with this machine's paths and the rounds asked
-            rd.write_config(dump_yaml(self.cfg))
+            rd.write_config(dump_yaml(settle(self.cfg, self.objective)))
             own = ckpt.get("train_state", ckpt["state"])
             self._refill_window(own)
             if self.cfg.model.init_from:  # the run goes on even if the source is gone
@@ -141,7 +141,7 @@ class RunRecorder:
             state, self.warm_start = warm_start(self.cfg, state)
             self.log(f"warm start from {self.warm_start['checkpoint']} "
                      f"({self.warm_start['data']})")  # fmt: skip
-        rd.write_config(dump_yaml(self.cfg))
+        rd.write_config(dump_yaml(settle(self.cfg, self.objective)))
         self.evaluator.sample_grid(0, state)
         if self.warm_start:
             self.warm_start["eval"] = self._evaluate_warm_start(state)

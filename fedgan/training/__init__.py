@@ -14,7 +14,13 @@ from fedgan.training.loop import (
     shuffled_batches,
     train,
 )
-from fedgan.training.objectives import Objective, StepContext, make_objective, networks_for
+from fedgan.training.objectives import (
+    Objective,
+    StepContext,
+    make_objective,
+    networks_for,
+    settle,
+)
 from fedgan.training.objectives.synthesis import d_step, g_step
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "round_lr_scale",
     "round_seed",
     "set_round_lr",
+    "settle",
     "shuffled_batches",
     "train",
 ]

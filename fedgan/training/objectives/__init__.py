@@ -34,6 +34,7 @@ __all__ = [
     "make_objective",
     "networks_for",
     "plain_backward",
+    "settle",
 ]
 
 
@@ -48,3 +49,16 @@ def networks_for(cfg: Config, objective: Objective | None = None) -> dict[str, n
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         return objective.build()
+
+
+def settle(cfg: Config, objective: Objective | None = None) -> Config:
+    """``cfg`` with the settings it left to a default rule (``-1``, ``0``, ``auto``) set to
+    what the rule gives (:meth:`Objective.settled`): the config a run records, and the one
+    a resumed or reused run is compared on. Settling a settled config changes nothing."""
+    from fedgan.config import with_changes
+
+    sections: dict[str, dict[str, object]] = {}
+    for key, value in (objective or make_objective(cfg)).settled().items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    return with_changes(cfg, **sections)

@@ -139,6 +139,13 @@ class Objective:
     def name(self) -> str:
         return self.cfg.task.name
 
+    def settled(self) -> dict[str, Any]:
+        """The values this objective's default rules gave the settings the config left to
+        them (``-1``, ``0``, ``auto``), as ``{"section.key": value}``: what a run records in
+        its ``config.yaml``, so that a rule changed by a later fedgan cannot make a resumed or
+        reused run train on other settings than the ones it names."""
+        return {}
+
     def build(self) -> dict[str, nn.Module]:
         """The task's networks, freshly initialized (seeding is the caller's)."""
         raise NotImplementedError

@@ -7,7 +7,7 @@ generator is private by post-processing.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,7 +16,12 @@ from fedgan.catalog import TASKS
 from fedgan.data.transforms import augmenter
 from fedgan.models import FAMILIES, GanFamily, ImageShape
 from fedgan.training import augment
-from fedgan.training.embedding import RandomFeatures, embedding_loss, embedding_weight
+from fedgan.training.embedding import (
+    RandomFeatures,
+    embedding_loss,
+    embedding_noise,
+    embedding_weight,
+)
 from fedgan.training.objectives.base import Batch, Nets, Objective, Phase, StepContext
 from fedgan.training.schedule import CriticSchedule
 
@@ -136,6 +141,20 @@ class SynthesisObjective(Objective):
             # per local_steps iterations (the pooled baseline runs several hospitals' worth)
             return t.d_steps_per_round * steps // t.local_steps
         return super().private_steps(steps)
+
+    def settled(self) -> dict[str, Any]:
+        """The discriminator's steps and schedule, and the embedding term's weight, bandwidth
+        and release noise, as the default rules gave them."""
+        values: dict[str, Any] = {
+            "train.n_critic": self.phase("D").repeats,
+            "train.critic_schedule": self.schedule_mode,
+            "train.embedding_weight": self.embedding_weight,
+        }
+        if self.embedding is not None:
+            values["train.embedding_bandwidth"] = self.embedding.bandwidth
+            if self.cfg.privacy.mode == "dp-sgd":
+                values["privacy.embedding_noise"] = embedding_noise(self.cfg)
+        return values
 
     def critic_schedule(self) -> CriticSchedule | None:
         """The adaptive schedule, or under DP-SGD the fixed one (whose accuracy on generated
