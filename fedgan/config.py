@@ -202,7 +202,6 @@ DIFF_AUGMENT_POLICIES = ("color", "translation", "cutout")
 
 #: ``train.critic_schedule`` values.
 CRITIC_SCHEDULES = ("auto", "fixed", "adaptive")
-EMBEDDING_TARGETS = ("hospital", "federation")
 
 
 @dataclass(frozen=True)
@@ -279,14 +278,6 @@ class TrainSection:
         embedding_bandwidth: The Gaussian kernel's bandwidth in pixel space (images in
             [-1, 1]); 0 takes ``0.15 * sqrt(pixels)``, a rule that reads no image (the
             median distance between chest films at 32 px is about twice that).
-        embedding_target: Under ``dp-sgd``, the embedding a federated hospital's generator is
-            pulled towards: ``hospital``, its own release; ``federation``, from the round after
-            the releases reach the server, the mean of every hospital's release weighted by
-            its images (their noisy sums over their images), which the server forms from the
-            releases it already holds and sends with the round's config. Post-processing of
-            releases already charged: it costs no privacy. A hospital too small to release
-            pulls towards it too. Without DP-SGD the exact embedding never leaves a hospital
-            and each keeps its own. The pooled baseline has one data set and one target.
     """
 
     batch_size: int = 32
@@ -312,11 +303,9 @@ class TrainSection:
     embedding_weight: float = -1.0
     embedding_features: int = 2000
     embedding_bandwidth: float = 0.0
-    embedding_target: str = "hospital"
 
     def __post_init__(self) -> None:
         _check_positive("train.batch_size", self.batch_size)
-        _check_choice("train.embedding_target", self.embedding_target, list(EMBEDDING_TARGETS))
         _check_positive("train.local_steps", self.local_steps)
         _check_positive("train.lr_g", self.lr_g)
         _check_positive("train.lr_d", self.lr_d)

@@ -167,57 +167,6 @@ def test_a_hospital_too_small_for_a_useful_release_releases_nothing(
     assert abs(p["epsilon"] - pld) <= 0.02
 
 
-def test_the_federation_target_is_the_image_weighted_mean_of_the_releases(
-    dp_embedding: Config,
-) -> None:
-    """``train.embedding_target: federation``: the server's target is the noisy sums over the
-    images of the hospitals that released; one that did not is left out."""
-    import numpy as np
-
-    from fedgan.training.embedding import federation_target, released_by
-
-    rng = np.random.default_rng(0)
-    sums = {"0": rng.normal(size=8) * 30, "1": rng.normal(size=8) * 90}
-    images = {"0": 40, "1": 120, "2": 25}
-    histories = {}
-    for h in ("0", "1"):
-        acc = HospitalAccountant("prv")
-        acc.release(RELEASE, 2.0, sums[h].tolist())
-        histories[h] = acc.to_json()
-    histories["2"] = HospitalAccountant("prv").to_json()  # too small: released nothing
-    released = {h: (histories[h], images[h]) for h in histories}
-    target = federation_target(released)
-    expected = (sums["0"] + sums["1"]) / (40 + 120)
-    assert target is not None and np.allclose(target, expected, rtol=1e-6)  # kept as float32
-    assert [released_by(histories[h]) for h in "012"] == [True, True, False]
-    assert federation_target({"2": (histories["2"], 25)}) is None
-
-
-def test_a_hospital_pulls_towards_the_federation_target_and_still_releases_its_own(
-    dp_embedding: Config,
-) -> None:
-    from fedgan.training.embedding import set_embedding_target
-
-    ds = hospital_dataset(dp_embedding.data, 0, 0, 3)
-    shared = [0.01 * i for i in range(64)]
-    objective = make_objective(dp_embedding)
-    acc = HospitalAccountant("prv")
-    set_embedding_target(objective, dp_embedding, ds, acc, seed=0, shared=shared)
-    assert torch.equal(objective.embedding_target, torch.tensor(shared))
-    assert acc.released(RELEASE) is not None  # the others' target needs it
-    # a hospital too small to release pulls towards the federation's, and spends nothing
-    small = with_changes(dp_embedding, train={"embedding_features": 2000})
-    assert not informative(small, len(ds))
-    for given, term in ((None, False), ([0.0] * 2000, True)):
-        objective, acc = make_objective(small), HospitalAccountant("prv")
-        set_embedding_target(objective, small, ds, acc, seed=0, shared=given)
-        assert (objective.embedding is not None) is term and acc.releases == {}
-    # a target of another length is another config: one line naming the key
-    with pytest.raises(ValueError, match="has 3 values .* 64 .*embedding_features"):
-        set_embedding_target(make_objective(dp_embedding), dp_embedding, ds,
-                             HospitalAccountant("prv"), seed=0, shared=[0.0] * 3)  # fmt: skip
-
-
 def test_the_term_pulls_the_generator_towards_the_data(toy_config: Config) -> None:
     """A generator step with the term lowers the embedding distance; the same step without
     it leaves the distance where the adversarial loss puts it."""

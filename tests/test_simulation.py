@@ -192,14 +192,6 @@ def test_dp_federation_skips_exhausted_hospitals_and_stops_when_all_are(tmp_path
 
 
 def test_dp_accountants_survive_a_resumed_run(tmp_path: Path) -> None:
-    """...and so does the federation's embedding target (``train.embedding_target:
-    federation``): the server forms it from the hospitals' releases after round 1 and sends
-    it from round 2 on, and a resumed run sends it from its first round."""
-    import numpy as np
-
-    from fedgan.privacy import HospitalAccountant
-    from fedgan.training.embedding import RELEASE
-
     dp = [
         "federation.num_hospitals=2",
         "train.local_steps=3",
@@ -207,23 +199,13 @@ def test_dp_accountants_survive_a_resumed_run(tmp_path: Path) -> None:
         "privacy.target_epsilon=50",
         "privacy.noise_multiplier=1.0",
         "train.n_critic=1",
-        "train.embedding_target=federation",
     ]
     first = simulate(tmp_path, *dp, "federation.num_rounds=2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    said = "the federation's embedding target from 2 hospital(s)' releases"
-    assert f"after round 1: {said}" in first.stdout + first.stderr
     rd = RunDir(tmp_path / "e2e")
     eps2 = {h: v["epsilon"] for h, v in rd.read_metrics()[-1]["hospitals"].items()}
-    meta = rd.load_checkpoint()["meta"]
-    sizes = {h: r["num_examples"] for h, r in rd.read_metrics()[-1]["hospitals"].items()}
-    assert sorted(meta["images"].values()) == sorted(sizes.values())
-    sums = [np.array(HospitalAccountant.from_json(a).released(RELEASE))
-            for a in meta["accountants"].values()]  # fmt: skip
-    assert len(sums) == 2 and all(s.shape == (2000,) for s in sums)
     more = simulate(tmp_path, *dp, "federation.num_rounds=3", "run.resume=true")
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
-    assert f"after round 2: {said}" in more.stdout + more.stderr
     last = rd.read_metrics()[-1]
     assert last["round"] == 3
     for name, h in last["hospitals"].items():

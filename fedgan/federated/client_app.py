@@ -17,14 +17,7 @@ from fedgan.config import Config, from_run_config, with_changes
 from fedgan.data import hospital_dataset, local_dataset, local_pool, to_signed
 from fedgan.experiment import resolve
 from fedgan.federated.central_dp import UNIT_WEIGHT, client_clipping_mod
-from fedgan.federated.records import (
-    EMBEDDING_TARGET_KEY,
-    PACKED_KEY,
-    from_arrays,
-    pack,
-    to_arrays,
-    unpack,
-)
+from fedgan.federated.records import PACKED_KEY, from_arrays, pack, to_arrays, unpack
 from fedgan.federated.sharing import sharing_plan
 from fedgan.federated.site_cache import cached_pool
 from fedgan.privacy import BudgetExhausted
@@ -37,16 +30,6 @@ app = ClientApp(mods=[client_clipping_mod])
 _STATE_KEY = "fedgan.hospital"
 BUDGET_ERROR_CODE = 4031  # a hospital that has spent its privacy budget
 SITE_POLICY_ERROR_CODE = 4032  # the run breaks a site's own rules (e.g. its privacy budget)
-
-
-def _embedding_target(train_config: ConfigRecord) -> list[float] | None:
-    """The federation's embedding target the server sent this round, or None."""
-    value = train_config.get(EMBEDDING_TARGET_KEY)
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, float) for v in value):
-        raise ValueError(f"the round's {EMBEDDING_TARGET_KEY!r} is not a list of floats")
-    return [float(v) for v in value]
 
 
 def _longer_history(a: str | None, b: str | None) -> str | None:
@@ -235,7 +218,6 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=float(train_config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             kept_state=deserialize_state(weights) if weights else None,
             reset_optimizers=cfg.federation.optimizer_state == "reset",
-            embedding_target=_embedding_target(train_config),
         )
     except BudgetExhausted as exhausted:
         return Message(Error(code=BUDGET_ERROR_CODE, reason=str(exhausted)), reply_to=msg)

@@ -87,11 +87,6 @@ def nbytes(arrays: ArrayRecord) -> int:
 
 #: The one key of a packed record (:func:`pack`).
 PACKED_KEY = "fedgan.packed"
-
-#: The round config's entry holding the federation's embedding target
-#: (``train.embedding_target: federation``): a list of floats, from the round after the
-#: hospitals' releases reached the server.
-EMBEDDING_TARGET_KEY = "embedding.target"
 _HEADER_BYTES = 8  # the JSON header's length, little-endian
 
 

@@ -15,13 +15,12 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from fedgan.config import Config, from_run_config, with_changes
 from fedgan.experiment import resolve
 from fedgan.federated.grid import PromptGrid
-from fedgan.federated.records import EMBEDDING_TARGET_KEY, from_arrays, to_arrays
+from fedgan.federated.records import from_arrays, to_arrays
 from fedgan.federated.strategies import RoundLog, build_strategy, server_state
 from fedgan.models import ModelKeys
 from fedgan.privacy.accounting import BUDGET_EXHAUSTED
 from fedgan.runs import Failure, RoundRecord, RunRecorder
 from fedgan.training import networks_for
-from fedgan.training.embedding import federation_target, released_by
 
 app = ServerApp()
 
@@ -146,30 +145,8 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     # Privacy accountants of every hospital, checkpointed so that a resumed run (whose fresh
     # SuperNodes have forgotten them) continues each hospital's history.
     accountants: dict[str, str] = dict(recorder.resumed_meta.get("accountants", {}))
-    # Each hospital's images (FedAvg's weight), for the federation's embedding target.
-    images: dict[str, int] = dict(recorder.resumed_meta.get("images", {}))
-    train_config = ConfigRecord({"round-offset": recorder.start_round})
-    share = cfg.privacy.mode == "dp-sgd" and cfg.train.embedding_target == "federation"
-    shared_from: list[str] = []
     privacy_table: dict[str, dict] = dict(recorder.resumed_meta.get("privacy", {}))
     nodes: dict[int, str] = {}
-
-    def share_embedding(round_: int) -> None:
-        """Sends the federation's embedding target with the next rounds' config: the image-
-        weighted mean of every release the server holds (a post-processing, at no privacy
-        cost), said in the log whenever the hospitals it comes from change."""
-        released = {h: (history, images.get(h, 0)) for h, history in accountants.items()}
-        target = federation_target(released)
-        if target is None:
-            return
-        train_config[EMBEDDING_TARGET_KEY] = target
-        sources = sorted(h for h, (history, n) in released.items()
-                         if n > 0 and released_by(history))  # fmt: skip
-        if sources != shared_from:
-            shared_from[:] = sources
-            log(INFO, "after round %s: the federation's embedding target from %s hospital(s)' "
-                "releases (%s images) goes to every hospital", round_, len(sources),
-                sum(images[h] for h in sources))  # fmt: skip
 
     def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -179,10 +156,6 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         record = round_record(round_, round_log, nodes)
         for hospital, history in round_log.accountants.items():
             accountants[str(hospital)] = history
-        for rep in round_log.reports:
-            images[str(rep.hospital)] = rep.num_examples
-        if share:
-            share_embedding(round_)
         for rep in round_log.reports:
             if rep.privacy is not None:
                 row = record.hospitals[rep.name]
@@ -218,17 +191,15 @@ def run_server(grid: Grid, cfg: Config) -> dict:
             from_arrays(arrays),
             meta={
                 "accountants": accountants,
-                "images": images,
                 "privacy": privacy_table,
                 "server": server_state(strategy),
             },
         )
         return MetricRecord(dict(done.eval or {}))
 
+    train_config = ConfigRecord({"round-offset": recorder.start_round})
     for hid, history in accountants.items():
         train_config[f"accountant.{hid}"] = history
-    if share:
-        share_embedding(recorder.start_round)
     extra: dict = {}
     try:
         strategy.start(

@@ -19,7 +19,6 @@ hospital's image count is no further release: the count travels with every round
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -171,42 +170,6 @@ def hospital_target(
     return torch.tensor(kept, dtype=torch.float32) / n
 
 
-def released_by(history: str) -> bool:
-    """Whether the hospital of this accountant history (JSON) has released its embedding."""
-    from fedgan.privacy import HospitalAccountant
-
-    return HospitalAccountant.from_json(history).released(RELEASE) is not None
-
-
-def federation_target(
-    released: Mapping[str, tuple[str, int]],
-) -> list[float] | None:
-    """``train.embedding_target: federation``'s target: the sum of the hospitals' released
-    (noisy) embedding sums over the sum of their images, i.e. the mean of their releases
-    weighted by their images, which is also the noisy mean embedding of the federation's
-    images. Post-processing of releases each hospital's accountant has charged.
-
-    Args:
-        released: Hospital -> ``(its accountant history (JSON), its images)``; hospitals
-            whose accountant holds no release (too small, or not yet trained) are left out.
-
-    Returns:
-        The target, or None when no hospital has released.
-    """
-    from fedgan.privacy import HospitalAccountant
-
-    total: torch.Tensor | None = None
-    images = 0
-    for history, n in released.values():
-        noisy = HospitalAccountant.from_json(history).released(RELEASE)
-        if noisy is None or n <= 0:
-            continue
-        values = torch.tensor(noisy, dtype=torch.float64)
-        total = values if total is None else total + values
-        images += n
-    return None if total is None else (total / images).tolist()
-
-
 def set_embedding_target(
     objective: Any,
     cfg: Config,
@@ -214,14 +177,9 @@ def set_embedding_target(
     accountant: HospitalAccountant | None,
     *,
     seed: int,
-    shared: list[float] | None = None,
 ) -> None:
     """Gives a synthesis objective with ``train.embedding_weight`` its target: the data's
-    mean embedding, released once with noise under DP-SGD (charged to ``accountant``); under
-    DP-SGD, ``shared`` (:func:`federation_target`) replaces it where given, also at a hospital
-    too small to release (which then trains with the term). The release is made either way
-    on the hospital's first private round: the others' targets need it, and its accounting
-    was planned with it."""
+    mean embedding, released once with noise under DP-SGD (charged to ``accountant``)."""
     if getattr(objective, "embedding", None) is None:
         return
     noise: torch.Generator | None = None
@@ -234,15 +192,6 @@ def set_embedding_target(
         else:
             noise = torch.Generator().manual_seed(seed + 2)
     target = hospital_target(cfg, dataset, accountant, noise=noise)
-    if accountant is not None and shared is not None:
-        features = cfg.train.embedding_features
-        if len(shared) != features:
-            raise ValueError(
-                f"the server's embedding target has {len(shared)} values where this "
-                f"hospital's embedding has {features} (train.embedding_features): the server "
-                "and this site run different configs"
-            )
-        target = torch.tensor(shared, dtype=torch.float32)
     if target is None:  # too few images: no release, no term at this hospital
         objective.embedding = None
     objective.embedding_target = target
@@ -257,10 +206,8 @@ __all__ = [
     "embedding_loss",
     "embedding_noise",
     "embedding_weight",
-    "federation_target",
     "hospital_target",
     "informative",
-    "released_by",
     "set_embedding_target",
     "smallest_release",
 ]

@@ -122,7 +122,6 @@ def local_round(
     proximal_mu: float = 0.0,
     kept_state: Mapping[str, torch.Tensor] | None = None,
     reset_optimizers: bool = False,
-    embedding_target: list[float] | None = None,
 ) -> RoundResult:
     """Trains the global networks on one hospital's data for ``train.local_steps`` iterations.
 
@@ -142,9 +141,6 @@ def local_round(
             weights, as they do at every hospital.
         reset_optimizers: A network that received any weights from ``global_state`` starts
             with fresh optimizer state (``federation.optimizer_state: reset``).
-        embedding_target: Under DP-SGD, the federation's embedding the server sent
-            (``train.embedding_target: federation``), pulled towards instead of this
-            hospital's own release.
 
     Raises:
         ValueError: If the data's image shape does not match the model config, or a network
@@ -209,7 +205,7 @@ def local_round(
         else HospitalAccountant(cfg.privacy.accountant)
     )
     # the embedding's one release (first round) comes before the plan, which composes it
-    set_embedding_target(objective, cfg, dataset, acc, seed=seed, shared=embedding_target)
+    set_embedding_target(objective, cfg, dataset, acc, seed=seed)
     plan = acc.plan(
         cfg.privacy,
         num_examples=len(dataset),
