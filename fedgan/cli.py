@@ -7,9 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fedgan.config import Config, dump_yaml, load_config
 from fedgan.experiment import resolve
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fedgan.studies import Study
 
 
 def _overrides_arg(p: argparse.ArgumentParser, help_: str) -> None:
@@ -47,11 +53,39 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 #: A private synthesis plan at or below this epsilon per hospital, and shorter than
 #: :data:`LONG_PRIVATE_PLAN` rounds, gets a line of advice: at epsilon 1 the generator was
-#: still learning at round 20, and 40 rounds at the same budget lifted recall from 0.17-0.21
-#: to 0.38-0.39 on two seeds (simulations/README.md, study 35). A run warm-started
+#: still learning at round 20, and 40 rounds at the same budget lifted recall from 0.06-0.21
+#: to 0.24-0.39 on three seeds (simulations/README.md, studies 35 and 38). A run warm-started
 #: from public data (``model.init_from``) starts past that slow start and is not told.
 SMALL_EPSILON = 1.0
 LONG_PRIVATE_PLAN = 40
+
+
+def short_plan_advice(cfg: Config) -> str | None:
+    """The line of advice for a federated private synthesis plan too short for its budget
+    (:data:`SMALL_EPSILON`, :data:`LONG_PRIVATE_PLAN`), or None."""
+    rounds = cfg.federation.num_rounds
+    small = cfg.privacy.mode == "dp-sgd" and cfg.privacy.target_epsilon <= SMALL_EPSILON
+    cold = not cfg.model.init_from  # a public warm start skips the slow start (study 12)
+    if not (small and cold and cfg.task.name == "synthesis" and rounds < LONG_PRIVATE_PLAN):
+        return None
+    return (
+        f"a private generator at epsilon {cfg.privacy.target_epsilon:g} learns slowly, and "
+        f"{rounds} rounds may leave it short: on PneumoniaMNIST at epsilon 1, 40 rounds on the "
+        "same budget lifted recall from 0.06-0.21 to 0.24-0.39 over 20 on three seeds "
+        "(simulations/README.md, studies 35 and 38); raise federation.num_rounds if the time "
+        "allows"
+    )
+
+
+def plan_advice(study: Study, out: Path) -> list[str]:
+    """:func:`short_plan_advice` for each federated arm of a comparison that it concerns."""
+    lines = []
+    for arm in study.arms:
+        if arm.mode == "federated":
+            advice = short_plan_advice(study.arm_config(arm, out))
+            if advice:
+                lines.append(f"arm {arm.name}: {advice}")
+    return lines
 
 
 def _print_privacy(cfg: Config, *, pooled: bool = False) -> None:
@@ -86,17 +120,9 @@ def _print_privacy(cfg: Config, *, pooled: bool = False) -> None:
         f"(delta {delta}); {term}",
         flush=True,
     )
-    rounds = cfg.federation.num_rounds
-    small = cfg.privacy.target_epsilon <= SMALL_EPSILON
-    cold = not cfg.model.init_from  # a public warm start skips the slow start (study 12)
-    if small and cold and cfg.task.name == "synthesis" and rounds < LONG_PRIVATE_PLAN:
-        print(
-            f"fedgan: a private generator at epsilon {cfg.privacy.target_epsilon:g} learns "
-            f"slowly, and {rounds} rounds may leave it short: on PneumoniaMNIST at epsilon 1, "
-            "40 rounds on the same budget doubled its recall over 20 (simulations/README.md, "
-            "study 35); raise federation.num_rounds if the time allows",
-            flush=True,
-        )
+    advice = short_plan_advice(cfg)
+    if advice:
+        print(f"fedgan: {advice}", flush=True)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -273,6 +299,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(dump_study_configs(study, out), end="")
         return 0
     print(f"fedgan: comparing {', '.join(a.name for a in study.arms)} -> {out.resolve()}")
+    for line in plan_advice(study, out):
+        print(f"fedgan: {line}", flush=True)
     comparison = run_study(study, out, log=lambda line: print(line, flush=True))
     print(f"fedgan: done in {comparison['wall_seconds']:.0f}s; report in {out / 'report.md'}")
     return 0

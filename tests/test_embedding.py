@@ -3,6 +3,8 @@ release its target costs under DP-SGD."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -277,6 +279,21 @@ def test_a_private_run_says_what_the_defaults_resolved_to(
     _print_privacy(with_changes(toy_config, privacy=private), pooled=True)
     line = capsys.readouterr().out
     assert "without DP" in line and "weight 5.48" in line and "epsilon" not in line
+
+
+def test_a_comparison_tells_each_short_private_arm_to_train_longer(tmp_path: Path) -> None:
+    """``fedgan compare`` says the advice ``fedgan simulate`` says, once per arm it concerns:
+    in the shipped budget plan, the two federated epsilon = 1 arms of 20 rounds, and no
+    other (epsilon 10 and 3, the non-private arms, the pooled baseline)."""
+    from fedgan.cli import plan_advice
+    from fedgan.studies import load_study
+
+    plan = Path(__file__).resolve().parents[1] / "simulations" / "dp-as-shipped.yaml"
+    lines = plan_advice(load_study(plan), tmp_path)
+    assert [line.split(":")[0] for line in lines] == ["arm eps-1-iid", "arm eps-1-dirichlet"]
+    assert all("20 rounds may leave it short" in line for line in lines)
+    longer = load_study(plan, ["federation.num_rounds=40"])
+    assert plan_advice(longer, tmp_path) == []
 
 
 def _ctx():  # type: ignore[no-untyped-def]
