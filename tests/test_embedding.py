@@ -282,18 +282,28 @@ def test_a_private_run_says_what_the_defaults_resolved_to(
 
 
 def test_a_comparison_tells_each_short_private_arm_to_train_longer(tmp_path: Path) -> None:
-    """``fedgan compare`` says the advice ``fedgan simulate`` says, once per arm it concerns:
-    in the shipped budget plan, the two federated epsilon = 1 arms of 20 rounds, and no
-    other (epsilon 10 and 3, the non-private arms, the pooled baseline)."""
+    """``fedgan compare`` says the advice ``fedgan simulate`` says, once per arm it concerns.
+    The shipped budget plan gives its epsilon = 1 arms 40 rounds, so it draws none; the same
+    plan with those arms at the config's 20 rounds names exactly them, and no other (epsilon
+    10 and 3, the non-private arms, the pooled baseline)."""
+    from dataclasses import replace
+
     from fedgan.cli import plan_advice
     from fedgan.studies import load_study
 
-    plan = Path(__file__).resolve().parents[1] / "simulations" / "dp-as-shipped.yaml"
-    lines = plan_advice(load_study(plan), tmp_path)
+    plan = load_study(Path(__file__).resolve().parents[1] / "simulations" / "dp-as-shipped.yaml")
+    assert plan_advice(plan, tmp_path) == []
+    rounds = {a.name: plan.arm_config(a, tmp_path).federation.num_rounds for a in plan.arms}
+    assert rounds["eps-1-iid"] == rounds["eps-1-dirichlet"] == 40 == 2 * rounds["eps-10-iid"]
+
+    def at_20(arm):  # type: ignore[no-untyped-def]
+        kept = tuple(o for o in arm.overrides if not o.startswith("federation.num_rounds="))
+        return replace(arm, overrides=kept)
+
+    short = replace(plan, arms=tuple(at_20(a) for a in plan.arms))
+    lines = plan_advice(short, tmp_path)
     assert [line.split(":")[0] for line in lines] == ["arm eps-1-iid", "arm eps-1-dirichlet"]
     assert all("20 rounds may leave it short" in line for line in lines)
-    longer = load_study(plan, ["federation.num_rounds=40"])
-    assert plan_advice(longer, tmp_path) == []
 
 
 def _ctx():  # type: ignore[no-untyped-def]
