@@ -957,22 +957,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"config file {str(path)!r} not found (see configs/ for examples)"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or "not valid YAML"
-            raise ValueError(f"{path}:{where}: {problem}; fix the YAML syntax there") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded or {}
+        data = read_yaml_mapping(Path(path), "config file", "see configs/ for examples", "sections")
     return from_dict(apply_overrides(data, overrides or []))
+
+
+def read_yaml_mapping(path: Path, what: str, where_to_look: str, holding: str) -> dict[str, Any]:
+    """The top-level mapping of the YAML file ``path`` (``{}`` when it is empty): an experiment
+    config, or a study plan.
+
+    Args:
+        path: The file.
+        what: What the file is, for the messages ("config file").
+        where_to_look: Where examples are, for the messages.
+        holding: What the top-level mapping holds, for the messages ("sections").
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist or is a folder.
+        ValueError: If it is not text, not valid YAML, or not a mapping at the top level.
+    """
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{what} {str(path)!r} is a folder; name a YAML file in it ({where_to_look})"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found ({where_to_look})")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; give a YAML {what} ({where_to_look})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ValueError(f"{path}:{where}: {problem}; fix the YAML syntax there") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of {holding} at the top level, got a "
+            f"{type(loaded).__name__} ({where_to_look})"
+        )
+    return loaded or {}
 
 
 def dump_yaml(config: Config) -> str:

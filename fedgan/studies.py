@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fedgan.config import Config, dump_yaml, load_config, with_changes
+from fedgan.config import Config, dump_yaml, load_config, read_yaml_mapping, with_changes
 from fedgan.experiment import changed_settings, preflight, resolve, shown
 from fedgan.progress import track
 from fedgan.rundir import RunDir, atomic_write_text, dumps
@@ -153,9 +153,7 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = ()) -> Study:
         ValueError: For unknown keys or malformed arms.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"study plan {str(p)!r} not found (see simulations/)")
-    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    raw = read_yaml_mapping(p, "study plan", "see simulations/", "the plan's keys")
     known = {"name", "description", "config", "set", "arms", "expected_runtime", "audit"}
     unknown = set(raw) - known
     if unknown:
@@ -164,20 +162,42 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = ()) -> Study:
     if config:
         config = str((p.parent / config).resolve()) if not Path(config).is_absolute() else config
     arms = []
-    for name, spec in (raw.get("arms") or {}).items():
-        spec = spec or {}
-        settings = tuple(f"{k}={_scalar(v)}" for k, v in (spec.get("set") or {}).items())
+    plan_arms = _mapping(raw.get("arms"), f"{p}: arms", "each arm's name to its mode and set")
+    for name, spec in plan_arms.items():
+        spec = _mapping(spec, f"{p}: arm {name!r}", "mode and set")
+        extra = set(spec) - {"mode", "set"}
+        if extra:
+            raise ValueError(
+                f"{p}: arm {name!r} has unknown keys {sorted(extra)}; allowed: ['mode', 'set'] "
+                "(its settings go under set)"
+            )
+        settings = _settings(spec.get("set"), f"{p}: arm {name!r}: set")
         arms.append(Arm(str(name), str(spec.get("mode", "federated")), settings))
-    overrides = tuple(f"{k}={_scalar(v)}" for k, v in (raw.get("set") or {}).items())
+    expected = _mapping(raw.get("expected_runtime"), f"{p}: expected_runtime", "cpu, gpu to text")
     return Study(
         name=str(raw.get("name") or p.stem),
         config=config,
-        overrides=(*overrides, *extra_overrides),
+        overrides=(*_settings(raw.get("set"), f"{p}: set"), *extra_overrides),
         arms=tuple(arms),
         description=str(raw.get("description", "")).strip(),
-        expected={str(k): str(v) for k, v in (raw.get("expected_runtime") or {}).items()},
+        expected={str(k): str(v) for k, v in expected.items()},
         audit=_flag(raw.get("audit", False), f"{p}: audit"),
     )
+
+
+def _mapping(value: Any, where: str, maps: str) -> dict[Any, Any]:
+    """``value`` where a plan needs a mapping (``{}`` for nothing), or one line saying so."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must map {maps}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _settings(value: Any, where: str) -> tuple[str, ...]:
+    """A plan's ``set:`` mapping as ``key=value`` overrides."""
+    settings = _mapping(value, where, "config keys to values (section.key: value)")
+    return tuple(f"{k}={_scalar(v)}" for k, v in settings.items())
 
 
 def _flag(value: Any, where: str) -> bool:

@@ -99,6 +99,17 @@ def _evaluate_corrupt_checkpoint(tmp: Path) -> list[str]:
     return ["evaluate", "--run", str(_finished_run(tmp)), "--checkpoint", str(bad)]
 
 
+def _plan(tmp: Path, text: str) -> list[str]:
+    path = tmp / "plan.yaml"
+    path.write_text(text)
+    return ["compare", "--study", str(path), "--out", str(tmp / "runs")]
+
+
+def _binary_config(tmp: Path) -> list[str]:
+    (tmp / "weights.yaml").write_bytes(bytes(range(256)) * 4)
+    return ["simulate", "--config", str(tmp / "weights.yaml")]
+
+
 # (case, how to make the command, what the one line must say)
 CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("yaml syntax", lambda t: _yaml(t, "train: [1,\n"), "bad.yaml: line"),
@@ -137,6 +148,19 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("sample an untrained run", _sample_untrained, "no trained round"),
     ("evaluate a missing checkpoint", _evaluate_missing_checkpoint, "does not exist"),
     ("evaluate a corrupt checkpoint", _evaluate_corrupt_checkpoint, "unreadable"),
+    ("config that is a folder", lambda t: ["simulate", "--config", str(t)], "is a folder"),
+    ("config that is not text", _binary_config, "not a text file"),
+    ("study plan syntax", lambda t: _plan(t, "arms: {a: {set: {x: 1}\n"), "plan.yaml: line"),
+    ("study plan not a mapping", lambda t: _plan(t, "- a\n- b\n"),
+     "expected a mapping of the plan's keys"),
+    ("study arms as a list", lambda t: _plan(t, "arms: [a, b]\n"), "arms must map each arm"),
+    ("study arm as a word", lambda t: _plan(t, "arms:\n  a: federated\n"),
+     "arm 'a' must map mode and set"),
+    ("study arm with a misspelled key",
+     lambda t: _plan(t, "arms:\n  a:\n    sett: {train.lr_g: 1.0e-4}\n"),
+     "arm 'a' has unknown keys ['sett']"),
+    ("study settings as a list", lambda t: _plan(t, "set: [train.lr_g]\narms:\n  a: {}\n"),
+     "set must map config keys to values"),
     ("enhance a missing input",
      lambda t: ["enhance", "--run", str(t), "--input", str(t / "x"), "--out", str(t / "o")],
      "not found"),
