@@ -114,6 +114,13 @@ def test_dicom_rescale_window_and_truncated_file(tmp_path: Path) -> None:
         read_folder(tmp_path, "dicom", _data())
     pool = local_pool(str(tmp_path), _data("data.skip_bad_files=true"), "dicom")
     assert pool.images.shape == (2, 1, 16, 16) and len(pool.skipped) == 1
+    # a stray file without a suffix (a README, a lock file) is read as DICOM and refused in
+    # fedgan's words, not with pydicom's advice to its own callers (force=True)
+    (tmp_path / "truncated.dcm").unlink()
+    (tmp_path / "NOTES").write_text("scanner moved to room 2\n")
+    with pytest.raises(ValueError, match=r"'.*NOTES': not a DICOM file \(no DICM header") as err:
+        read_folder(tmp_path, "dicom", _data())
+    assert "force" not in str(err.value)
 
 
 # --- NIfTI --------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ def _load(reader: str, path: Path) -> torch.Tensor:
             image = _loader(reader)(str(path))
         except Exception as err:
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            if "InvalidDicomError" in reason:  # pydicom's own advice (force=True) is not ours
+                reason = "not a DICOM file (no DICM header; a file with no suffix is read as DICOM)"
             raise BadFile(f"cannot read {str(path)!r}: {reason[:300]}") from err
     array = torch.as_tensor(np.asarray(image), dtype=torch.float32)
     if not torch.isfinite(array).all():

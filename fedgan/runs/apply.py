@@ -295,10 +295,11 @@ def enhance_files(
 
     objective = make_objective(cfg)
     if not objective.paired:
+        instead = "fedgan detect" if objective.detects else "fedgan sample"
         raise ValueError(
             f"this run generates images from noise (task {cfg.task.name}); fedgan enhance "
             "needs a run of an image-to-image task such as enhance, super-resolution or "
-            "translate (use fedgan sample instead)"
+            f"translate (use {instead} instead)"
         )
     fmt, files = input_files(source)
     task = cast(ImageToImage, objective)  # paired, checked above
