@@ -353,8 +353,9 @@ def check_resume(cfg: Config, settle: Callable[[Config], Config] | None = None) 
 
 def preflight(cfg: Config) -> None:
     """Checks, before Flower starts and before anything is written, what a simulation or a
-    pooled run will need: a writable output folder, and every hospital's data (readable,
-    non-empty, finite, of the configured shape) and the evaluation split.
+    pooled run will need: a writable output folder, the ``train.device`` this machine has,
+    and every hospital's data (readable, non-empty, finite, of the configured shape) and the
+    evaluation split.
 
     Raises:
         ValueError: One line naming the problem and the fix (a file, a hospital, a key).
@@ -364,6 +365,11 @@ def preflight(cfg: Config) -> None:
     import torch
 
     from fedgan.data import eval_dataset, hospital_dataset
+    from fedgan.device import resolve_device
+
+    # a simulation's hospitals and a pooled run train on this machine: a device it lacks
+    # would fail every hospital after the run folder exists (a deployed site checks its own)
+    resolve_device(cfg.train.device)
 
     n = cfg.federation.num_hospitals
     where = cfg.data.path or cfg.data.source

@@ -49,6 +49,17 @@ def _truncated_png(tmp: Path) -> list[str]:
             "--set", "federation.num_hospitals=2"]  # fmt: skip
 
 
+def _four_pngs(tmp: Path) -> list[str]:
+    from PIL import Image
+
+    folder = tmp / "few"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return ["simulate", "--set", "data.source=folder", "--set", f"data.path={folder}",
+            "--set", "federation.num_hospitals=4"]  # fmt: skip
+
+
 def _nifti_lines(tmp: Path) -> list[str]:
     import nibabel as nib
 
@@ -124,6 +135,9 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("more hospitals than images",
      lambda t: ["simulate", "--set", "data.num_images=8", "--set", "federation.num_hospitals=20"],
      "every hospital needs at least one image"),
+    ("too few images to hold any out", _four_pngs, "the evaluation split is empty"),
+    ("a device this machine lacks", lambda t: ["simulate", "--set", "train.device=cuda:99"],
+     "train.device is 'cuda:99' but"),
     ("output dir is a file",
      lambda t: ((t / "f").write_text("x"), ["simulate", "--set", f"run.output_dir={t / 'f'}"])[1],
      "is a file, not a folder"),

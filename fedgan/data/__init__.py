@@ -107,7 +107,7 @@ def eval_dataset(cfg: DataSection, seed: int, num_hospitals: int) -> TensorDatas
     scanner so they follow the consortium's mix of sites."""
     _, pool = _pools(cfg, seed)
     images = pool.images.clone()
-    for h in range(num_hospitals):
+    for h in range(min(num_hospitals, len(images))):  # fewer images than hospitals: some get none
         idx = torch.arange(h, len(images), num_hospitals)
         images[idx] = _scanner_view(cfg, pool.images[idx], h, seed + 99_991)
     return TensorDataset(to_signed(images), pool.labels)
