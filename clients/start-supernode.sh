@@ -72,6 +72,15 @@ if [[ -n "${CPU_THREADS:-}" ]]; then export OMP_NUM_THREADS=$CPU_THREADS MKL_NUM
 # a folder without images or of another format is said here, not in the first round's log.
 data_ok=$("$py" -m fedgan.cli data check --path "$DATA_PATH" ${DATA_FORMAT:+--format "$DATA_FORMAT"} 2>&1) \
     || fail "${data_ok##*fedgan: error: }"
+# A DEVICE this machine lacks (cuda without a GPU, cuda:1 on one GPU) would fail every round.
+if [[ -n "${DEVICE:-}" && "$DEVICE" != auto ]]; then
+    device_ok=$("$py" -c 'import sys
+from fedgan.device import resolve_device
+try:
+    resolve_device(sys.argv[1], "DEVICE")
+except ValueError as err:
+    sys.exit(str(err))' "$DEVICE" 2>&1) || fail "${device_ok##*$'\n'}"
+fi
 mkdir -p "$home"
 if [[ "${FOREGROUND:-0}" == 1 ]]; then
     exec "${cmd[@]}"

@@ -112,3 +112,22 @@ def test_the_kit_refuses_a_site_without_images_before_starting(tmp_path: Path) -
     assert res.stderr.strip().count("\n") == 0, res.stderr
     assert res.stderr.startswith(f"start-supernode: no images under '{tmp_path / 'data'}'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt", "data", "site", "site.env"]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("cuda:99", "DEVICE is 'cuda:99' but"), ("gpu", "DEVICE is 'gpu': use auto, cpu, cuda")],
+)
+def test_the_kit_refuses_a_device_the_site_lacks(tmp_path: Path, value: str, says: str) -> None:
+    """A DEVICE the machine does not have (or no device at all) is one line and exit 2 from
+    clients/start-supernode.sh, not a failed ClientApp in every round; nothing is written."""
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        Image.new("L", (16, 16), 40 * i).save(tmp_path / "data" / f"{i}.png")
+    res = _start_kit(tmp_path, DEVICE=value)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.stderr.startswith(f"start-supernode: {says}"), res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt", "data", "site", "site.env"]
