@@ -184,7 +184,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluates a run's checkpoint with the named metrics and appends the result to its
-    ``metrics.jsonl``."""
+    ``metrics.jsonl``; where none of them could be computed, one line says why and nothing is
+    appended."""
 
     from fedgan.evaluation.metrics import parse_metric_list
     from fedgan.runs import make_evaluator
@@ -193,6 +194,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     names = parse_metric_list(args.metrics or cfg.eval.metrics, "--metrics")
     evaluator = make_evaluator(cfg, rd.samples)
     result = evaluator.metrics(int(ckpt["round"]), ckpt["state"], names)
+    if not result and evaluator.skipped:  # nothing to record: say why, write nothing
+        why = "; ".join(f"{name}: {reason}" for name, reason in evaluator.skipped.items())
+        raise ValueError(f"no metric computed ({why})")
     record = {
         "round": int(ckpt["round"]),
         "mode": "evaluate",

@@ -168,7 +168,9 @@ def test_inception_fid_and_kid_with_the_standard_weights(inception_weights) -> N
         InceptionFeatures("/nonexistent/weights.pth", torch.device("cpu"))
 
 
-def test_evaluate_cli_appends_to_metrics(toy_config: Config) -> None:
+def test_evaluate_cli_appends_to_metrics(
+    toy_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
     from fedgan.cli import main
 
     train_centralized(toy_config, log=lambda _: None)
@@ -177,6 +179,15 @@ def test_evaluate_cli_appends_to_metrics(toy_config: Config) -> None:
     assert last["mode"] == "evaluate" and "domain_kd_1k" in last["eval"]
     assert main(["evaluate", "--run", str(toy_config.run_dir / "nope")]) == 2
     json.dumps(last)
+    # nothing computable (a paired metric of a synthesis run, TSTR of an unconditional one):
+    # one line with each metric's reason, exit 2, and no empty record appended
+    lines = len(RunDir(toy_config.run_dir).read_metrics())
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(toy_config.run_dir), "--metrics", "psnr,tstr_auc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fedgan: error: no metric computed"), err
+    assert "psnr: a paired metric" in err and "tstr_auc: needs a conditional generator" in err
+    assert len(RunDir(toy_config.run_dir).read_metrics()) == lines
 
 
 def test_curves_leave_out_timings_and_spreads() -> None:
