@@ -136,9 +136,16 @@ def test_failed_run_exits_non_zero(tmp_path: Path) -> None:
             ],
         )
     )
-    with pytest.raises(RunFailed, match="finished:failed"):
+    with pytest.raises(RunFailed, match="finished:failed") as failed:
         run_simulation(cfg, timeout=300, app=app)
     assert not _superlinks_of(tmp_path)
+    # the one line carries the ServerApp's reason (Flower's status details) and the way on
+    message = str(failed.value)
+    assert "\n" not in message and "run.resume=true" in message, message
+    assert (
+        "(round 1: no hospital trained (2 x RuntimeError: this hospital's training crashed))"
+        in message
+    )
 
 
 def test_dp_federation_skips_exhausted_hospitals_and_stops_when_all_are(tmp_path: Path) -> None:

@@ -264,3 +264,30 @@ def test_server_optimizer_state_survives_a_checkpoint(kind: str, tmp_path) -> No
     other = ServerOptimizer("adam" if kind != "adam" else "yogi", lr=0.5)
     with pytest.raises(ValueError, match="federation.strategy"):
         other.load_state_dict(running.state_dict())
+
+
+def test_a_relayed_crash_is_one_line_naming_its_cause() -> None:
+    """Ray relays a ClientApp's crash as its traceback, and an out-of-memory kill as a
+    paragraph: the round's record, the server's log and a failed run's last line keep the
+    exception that started it, or the first sentence and what to lower."""
+    from fedgan.runs.records import one_line_reason
+
+    crash = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+        '.run()\x1b[39m (pid=26415)\n   ^^^^\n  File "x.py", line 9, in train\n    raise '
+        'RuntimeError("disk quota")\nRuntimeError: disk quota\n\nThe above exception was the '
+        "direct cause of the following exception:\n\nflwr.clientapp.client_app."
+        "ClientAppException: \nException ClientAppException occurred. Message: disk quota'>"
+    )
+    assert one_line_reason(crash) == "RuntimeError: disk quota"
+    oom = (
+        "<class 'ray.exceptions.OutOfMemoryError'>:<'1 worker(s) were killed due to the node "
+        "running low on memory. Memory on the node (IP: 192.0.2.2) was 22.45GB / 23.54GB'>"
+    )
+    assert one_line_reason(oom) == (
+        "OutOfMemoryError: 1 worker(s) were killed due to the node running low on memory "
+        "(lower train.batch_size or federation.concurrent_hospitals)"
+    )
+    own = "privacy-budget-exhausted: epsilon spent 9.9"  # fedgan's own reasons stay as they are
+    assert one_line_reason(own) == own
+    assert len(one_line_reason("ValueError: " + "x" * 1000, limit=80)) == 80

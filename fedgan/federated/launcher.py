@@ -295,8 +295,8 @@ def _run_id_from_json(stdout: str, stderr: str) -> int:
         raise RunFailed(f"`flwr run` did not start a run:\n{stdout}\n{stderr}") from None
 
 
-def run_status(flwr_home: Path, run_id: int) -> str:
-    """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
+def _listed(flwr_home: Path, run_id: int) -> tuple[dict[str, Any] | None, str]:
+    """The run's row of ``flwr ls --format json``, or None and what came back instead."""
     res = subprocess.run(
         [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
         env=flower_env(flwr_home),
@@ -306,10 +306,29 @@ def run_status(flwr_home: Path, run_id: int) -> str:
         timeout=60,
     )
     try:
-        payload = json.loads(res.stdout)
-        return str(payload["runs"][0]["status"])
+        row = json.loads(res.stdout)["runs"][0]
+        return (row, "") if isinstance(row, dict) else (None, res.stdout.strip())
     except (ValueError, KeyError, IndexError, TypeError):
-        return f"unknown ({res.stdout.strip() or res.stderr.strip()})"
+        return None, res.stdout.strip() or res.stderr.strip()
+
+
+def run_status(flwr_home: Path, run_id: int) -> str:
+    """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
+    row, other = _listed(flwr_home, run_id)
+    if row is None or "status" not in row:
+        return f"unknown ({other})"
+    return str(row["status"])
+
+
+def run_details(flwr_home: Path, run_id: int, limit: int = 300) -> str:
+    """Why a run ended as it did, in one line: the last line of ``flwr ls``'s status details,
+    where Flower puts the ServerApp's exception (at most ``limit`` characters; ``""`` when
+    there are none or the SuperLink does not answer)."""
+    row, _ = _listed(flwr_home, run_id)
+    lines = [s.strip() for s in str((row or {}).get("status-details") or "").splitlines()]
+    last = next((s for s in reversed(lines) if s), "")
+    last = last.removeprefix("Simulation failed with exception: ")
+    return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
 def wait_for_run(

@@ -171,8 +171,11 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         if not round_log.reports:
             if record.failures and all(f.budget_exhausted for f in record.failures):
                 raise AllBudgetsExhausted(round_)
-            reasons = "; ".join(r for _, r in round_log.failures) or "no replies"
-            raise RuntimeError(f"round {round_}: no hospital trained ({reasons})")
+            counted: dict[str, int] = {}
+            for _, reason in round_log.failures:
+                counted[reason] = counted.get(reason, 0) + 1
+            reasons = "; ".join(f"{n} x {r}" if n > 1 else r for r, n in counted.items())
+            raise RuntimeError(f"round {round_}: no hospital trained ({reasons or 'no replies'})")
         spent = getattr(strategy, "privacy_spent", lambda: None)()
         if spent is not None:  # central DP: one accountant for the whole federation
             record.aggregate["central_epsilon"] = spent.epsilon

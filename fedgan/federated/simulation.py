@@ -18,6 +18,7 @@ from fedgan.config import Config, to_run_config, with_changes
 from fedgan.experiment import check_resume
 from fedgan.federated.launcher import (
     RunFailed,
+    run_details,
     submit_run,
     superlink,
     wait_for_run,
@@ -167,9 +168,13 @@ def simulate(cfg: Config, *, timeout: float = 24 * 3600.0, app: Path | None = No
             app=app,
         )
         status = wait_for_run(flwr_home, run_id, timeout=timeout, link=link)
+        details = run_details(flwr_home, run_id) if status != "finished:completed" else ""
     if status != "finished:completed":
         raise RunFailed(
-            f"Flower run {run_id} ended as {status!r}; see {link.log_file} and the log above"
+            f"Flower run {run_id} ended as {status!r}"
+            + (f" ({details})" if details else "")
+            + f"; its completed rounds are kept: fix the cause, then continue with --set "
+            f"run.resume=true (log: {link.log_file})"
         )
     summary_path = RunDir(cfg.run_dir).summary_path
     if not summary_path.exists():

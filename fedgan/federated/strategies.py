@@ -26,7 +26,7 @@ from fedgan.federated.records import from_arrays, in_full_precision, nbytes, pac
 from fedgan.federated.server_opt import ServerOptimizer
 from fedgan.federated.sharing import SharingPlan
 from fedgan.models import ModelKeys
-from fedgan.runs.records import HospitalReport
+from fedgan.runs.records import HospitalReport, one_line_reason
 
 if TYPE_CHECKING:
     from fedgan.config import FederationSection, PrivacySection
@@ -297,7 +297,7 @@ def _recording(
             for node in missing:
                 reason = "no reply before the round's deadline (federation.round_timeout)"
                 if attributed:
-                    reason = str(orphans[0].error.reason)
+                    reason = one_line_reason(str(orphans[0].error.reason))
                 self.round_log.failures.append((node, reason))
             answered = []
             received: dict[int, int] = {}  # bytes each reply carried, by id
@@ -305,7 +305,8 @@ def _recording(
                 node = msg.metadata.src_node_id
                 if msg.has_error():
                     if not (attributed and msg is orphans[0]):
-                        self.round_log.failures.append((node, str(msg.error.reason)))
+                        reason = one_line_reason(str(msg.error.reason))
+                        self.round_log.failures.append((node, reason))
                     continue
                 received[id(msg)] = sum(nbytes(a) for a in msg.content.array_records.values())
                 arrays = msg.content.array_records.get("arrays")

@@ -7,6 +7,7 @@ on the server (``from_metrics``): the keys are written and parsed in this one pl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -146,6 +147,32 @@ class HospitalReport:
         if self.privacy is not None:
             out.update(asdict(self.privacy))
         return out
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Interrupt)\w*): (\S.*)$")
+_RELAYED = re.compile(r"^<class '(?:[\w.]+\.)?([\w()]+)'>:<'(.*)$", re.S)
+
+
+def one_line_reason(reason: str, limit: int = 300) -> str:
+    """Why a hospital did not train, in one line of at most ``limit`` characters. Flower and
+    Ray relay a ClientApp's crash as its whole traceback (``<class '...RayTaskError'>:<'...``);
+    this keeps the exception that started it (``RuntimeError: ...``), or the first sentence
+    of a long one-line message (Ray's out-of-memory kill, with what to lower). A reason
+    fedgan wrote itself (one line) is kept as it is."""
+    text = _ANSI.sub("", reason).strip()
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    if len(lines) > 1:
+        raised = next((m for s in lines if (m := _RAISED.match(s))), None)
+        text = (
+            f"{raised.group(1)}: {raised.group(2).rstrip(chr(39) + '>')}" if raised else lines[-1]
+        )
+    elif (relayed := _RELAYED.match(text)) is not None:
+        name, body = relayed.groups()
+        text = f"{name}: {body.split('. ')[0].rstrip(chr(39) + '>')}"
+    if "OutOfMemoryError" in text:
+        text += " (lower train.batch_size or federation.concurrent_hospitals)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
