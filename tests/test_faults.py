@@ -45,10 +45,10 @@ def train(msg, context):
     values = {k: np.array(a.numpy(), copy=True) for k, a in arrays.items()}
     torch.save({k: torch.from_numpy(v) for k, v in values.items()},
                os.path.join(os.environ["FAULT_DUMP"], f"r{round_}_h{hospital}.pt"))
-    if hospital != 0:
-        return reply
     fault, first = os.environ["FAULT"], "generator.net.0.weight"
-    if fault == "nan":
+    if hospital not in ((0, 1) if fault == "nan-most" else (0,)):
+        return reply
+    if fault in ("nan", "nan-most"):
         values[first] = np.full_like(values[first], np.nan)
     elif fault == "shape":
         values[first] = np.zeros(values[first].size + 1, values[first].dtype)
@@ -116,3 +116,37 @@ def test_a_bad_reply_is_rejected_and_the_honest_aggregate_is_kept(
         assert torch.isfinite(value.float()).all()
     final = torch.load(rd.latest_checkpoint_path())["state"]
     assert all(torch.isfinite(v.float()).all() for v in final.values())
+
+
+def test_a_round_with_fewer_updates_than_the_quorum_keeps_the_global_model(
+    faulty_app: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two of three hospitals reply with NaN: the one honest update is fewer than the quorum
+    (2), and averaging it alone would make the global model that one hospital's. The round
+    keeps the global model instead, says so, and the study goes on."""
+    dump = tmp_path / "replies"
+    dump.mkdir()
+    monkeypatch.setenv("FAULT", "nan-most")
+    monkeypatch.setenv("FAULT_DUMP", str(dump))
+    cfg = resolve(load_config(None, [
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=most", "data.image_size=16",
+        "data.num_images=96", "model.base_channels=8", "model.latent_dim=16",
+        "train.batch_size=8", "train.local_steps=2", "eval.grid_size=16",
+        "federation.num_hospitals=3", "federation.num_rounds=2",
+    ]))  # fmt: skip
+    assert cfg.federation.quorum == 2
+    summary = simulate(cfg, timeout=600, app=faulty_app)
+    assert summary["rounds"] == 2
+    rd = RunDir(cfg.run_dir)
+    records = rd.read_metrics()
+    for record in records:
+        assert set(record["hospitals"]) == {"hospital_2"}
+        assert {f["hospital"] for f in record["failures"]} == {"hospital_0", "hospital_1"}
+        assert record["aggregate"]["global_kept"] == 1
+    start = torch.load(rd.checkpoints / "round_0000.pt")["state"]
+    for name in ("round_0001.pt", "round_0002.pt"):
+        state = torch.load(rd.checkpoints / name)["state"]
+        for key, value in state.items():
+            torch.testing.assert_close(value, start[key], rtol=0, atol=0)
+    honest = torch.load(dump / "r1_h2.pt")
+    assert any(not torch.equal(honest[k], start[k]) for k in honest if k in start)

@@ -37,6 +37,25 @@ def _link(tmp_path: Path, *, alive: bool) -> SuperLinkProcess:
     return SuperLinkProcess(proc, "127.0.0.1:1", tmp_path / "superlink.log")
 
 
+def test_flwr_run_tries_again_while_the_superlink_does_not_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SuperLink that has just started can refuse ``flwr run``'s first connection on a
+    loaded machine; no run exists then, so fedgan tries again, and after
+    :data:`~fedgan.federated.launcher.UNAVAILABLE_TRIES` says so in one line."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher.write_connection(tmp_path, f"127.0.0.1:{port}")
+    run_config = launcher.write_run_config(tmp_path / "run_config.toml", {})
+    with pytest.raises(RunFailed, match=r"could not reach the SuperLink in 3 tries"):
+        launcher.submit_run(tmp_path, run_config)
+    assert launcher.UNAVAILABLE_TRIES == 3
+    assert capsys.readouterr().out.count("SuperLink is unavailable") == 3
+
+
 def test_a_superlink_that_stops_answering_ends_the_wait(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(launcher, "run_status", lambda home, run: "unknown (database is locked)")
     link = _link(tmp_path, alive=True)

@@ -262,29 +262,46 @@ def submit_run(
         )
         return _run_id_from_json(res.stdout, res.stderr)
     # Stream the run's logs to our stdout while it runs; the run id is read from the first lines.
-    proc = subprocess.Popen(
-        [*cmd, "--stream"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    run_id = None
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if run_id is None and "Successfully started run" in line:
-                run_id = int(line.rsplit("run", 1)[1].split()[0])
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    if run_id is None:
-        raise RunFailed(f"`flwr run` did not start a run (exit code {proc.returncode})")
-    return run_id
+    # A SuperLink that has just started can refuse the first connection on a loaded machine
+    # ("Connection to the SuperLink is unavailable"); no run exists then, so try again.
+    for attempt in range(1, UNAVAILABLE_TRIES + 1):
+        proc = subprocess.Popen(
+            [*cmd, "--stream"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        run_id = None
+        unavailable = False
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if run_id is None and "Successfully started run" in line:
+                    run_id = int(line.rsplit("run", 1)[1].split()[0])
+                unavailable = unavailable or "SuperLink is unavailable" in line
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if run_id is not None:
+            return run_id
+        if not unavailable:
+            break
+        if attempt == UNAVAILABLE_TRIES:
+            raise RunFailed(
+                f"`flwr run` could not reach the SuperLink in {UNAVAILABLE_TRIES} tries; check "
+                "that it is running and answering (its log), then run again"
+            )
+        time.sleep(2.0 * attempt)
+    raise RunFailed(f"`flwr run` did not start a run (exit code {proc.returncode})")
+
+
+#: How often ``flwr run`` is tried against a SuperLink that does not answer yet.
+UNAVAILABLE_TRIES = 3
 
 
 def _run_id_from_json(stdout: str, stderr: str) -> int:

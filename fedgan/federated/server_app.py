@@ -166,6 +166,9 @@ def run_server(grid: Grid, cfg: Config) -> dict:
         for failure in record.failures:
             log(WARNING, "round %s: %s did not train: %s", round_, failure.hospital,
                 failure.reason)  # fmt: skip
+        if round_log.kept and round_log.reports:
+            log(WARNING, "round %s: %s", round_, round_log.kept)
+            record.aggregate["global_kept"] = 1
             if failure.budget_exhausted and failure.hospital in privacy_table:
                 privacy_table[failure.hospital]["exhausted"] = True
         if not round_log.reports:

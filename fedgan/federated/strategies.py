@@ -128,6 +128,8 @@ class RoundLog:
         accountants: Under DP-SGD, each reporting hospital's accountant history, by hospital.
         failures: ``(node id, reason)`` of replies that were errors or were rejected.
         names: Hospital names of the nodes that replied (where their report said).
+        kept: Why the round's updates were not aggregated and the global model was kept
+            (fewer than the quorum arrived); empty when they were.
     """
 
     sent: int = 0
@@ -137,10 +139,12 @@ class RoundLog:
     accountants: dict[int, str] = field(default_factory=dict)
     failures: list[tuple[int, str]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)
+    kept: str = ""
 
     def reset(self, sent: int, bytes_down: int) -> None:
         self.sent, self.bytes_down, self.bytes_up = sent, bytes_down, 0
         self.reports, self.failures, self.accountants = [], [], {}
+        self.kept = ""
 
 
 REJECTED = "rejected"
@@ -341,6 +345,15 @@ def _recording(
                 privacy = msg.content.config_records.get("privacy")
                 if privacy is not None:
                     self.round_log.accountants[report.hospital] = str(privacy["accountant"])
+            # The quorum a round starts with is also the fewest updates it is averaged from:
+            # FedAvg of one small hospital's update would replace the global model with it.
+            need = int(getattr(self, "min_train_nodes", 1) or 1)
+            if len(replies) < need:
+                self.round_log.kept = (
+                    f"{len(replies)} of {self.round_log.sent} hospitals' updates arrived, fewer "
+                    f"than the quorum ({need}, federation.min_hospitals): the global model is kept"
+                )
+                return None, None
             aggregated, metrics = super().aggregate_train(server_round, replies)
             full = self.full_arrays
             if aggregated is None or full is None or set(aggregated) == set(full):
