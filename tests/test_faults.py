@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedgan.config import load_config
+from fedgan.config import Config, load_config
 from fedgan.experiment import resolve
 from fedgan.federated.simulation import simulate
 from fedgan.rundir import RunDir
@@ -81,10 +81,8 @@ def faulty_app(tmp_path: Path) -> Path:
     return app
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-def test_a_bad_reply_is_rejected_and_the_honest_aggregate_is_kept(
-    fault: str, faulty_app: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _faulty_run(fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Config, Path]:
+    """A 3-hospital, 2-round toy run of the faulty app with ``fault``, and where its replies go."""
     dump = tmp_path / "replies"
     dump.mkdir()
     monkeypatch.setenv("FAULT", fault)
@@ -95,6 +93,14 @@ def test_a_bad_reply_is_rejected_and_the_honest_aggregate_is_kept(
         "train.batch_size=8", "train.local_steps=2", "eval.grid_size=16",
         "federation.num_hospitals=3", "federation.num_rounds=2",
     ]))  # fmt: skip
+    return cfg, dump
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_bad_reply_is_rejected_and_the_honest_aggregate_is_kept(
+    fault: str, faulty_app: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, dump = _faulty_run(fault, tmp_path, monkeypatch)
     summary = simulate(cfg, timeout=600, app=faulty_app)
     assert summary["rounds"] == 2
     rd = RunDir(cfg.run_dir)
@@ -124,16 +130,7 @@ def test_a_round_with_fewer_updates_than_the_quorum_keeps_the_global_model(
     """Two of three hospitals reply with NaN: the one honest update is fewer than the quorum
     (2), and averaging it alone would make the global model that one hospital's. The round
     keeps the global model instead, says so, and the study goes on."""
-    dump = tmp_path / "replies"
-    dump.mkdir()
-    monkeypatch.setenv("FAULT", "nan-most")
-    monkeypatch.setenv("FAULT_DUMP", str(dump))
-    cfg = resolve(load_config(None, [
-        f"run.output_dir={tmp_path / 'runs'}", "run.name=most", "data.image_size=16",
-        "data.num_images=96", "model.base_channels=8", "model.latent_dim=16",
-        "train.batch_size=8", "train.local_steps=2", "eval.grid_size=16",
-        "federation.num_hospitals=3", "federation.num_rounds=2",
-    ]))  # fmt: skip
+    cfg, dump = _faulty_run("nan-most", tmp_path, monkeypatch)
     assert cfg.federation.quorum == 2
     summary = simulate(cfg, timeout=600, app=faulty_app)
     assert summary["rounds"] == 2
