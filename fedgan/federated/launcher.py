@@ -233,11 +233,11 @@ def submit_run(
     run_config_file: Path,
     *,
     federation_config: Mapping[str, Any] | None = None,
-    stream: bool = True,
     timeout: float | None = None,
     app: Path | None = None,
 ) -> int:
-    """``flwr run <app> fedgan --run-config FILE [--federation-config ...] [--stream]``.
+    """``flwr run <app> fedgan --run-config FILE [--federation-config ...] --stream``, tried
+    again while a just-started SuperLink does not answer (:data:`UNAVAILABLE_TRIES`).
 
     Args:
         app: The Flower app's folder (default: fedgan's own, :func:`app_dir`); another app can
@@ -251,16 +251,6 @@ def submit_run(
     for key, value in (federation_config or {}).items():
         cmd += ["--federation-config", f"{key}={json.dumps(value)}"]
     env = flower_env(flwr_home)
-    if not stream:
-        res = subprocess.run(
-            [*cmd, "--format", "json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        return _run_id_from_json(res.stdout, res.stderr)
     # Stream the run's logs to our stdout while it runs; the run id is read from the first lines.
     # A SuperLink that has just started can refuse the first connection on a loaded machine
     # ("Connection to the SuperLink is unavailable"); no run exists then, so try again.
@@ -302,14 +292,6 @@ def submit_run(
 
 #: How often ``flwr run`` is tried against a SuperLink that does not answer yet.
 UNAVAILABLE_TRIES = 3
-
-
-def _run_id_from_json(stdout: str, stderr: str) -> int:
-    try:
-        payload = json.loads(stdout.strip().splitlines()[-1])
-        return int(payload["run-id"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise RunFailed(f"`flwr run` did not start a run:\n{stdout}\n{stderr}") from None
 
 
 def _listed(flwr_home: Path, run_id: int) -> tuple[dict[str, Any] | None, str]:
