@@ -229,8 +229,13 @@ class TrainSection:
             otherwise.
         critic_threshold: The adaptive schedule raises n_D when the moving average of the
             discriminator's accuracy on generated images is at or below this.
+        critic_ceiling: The adaptive schedule also steps n_D one rung back down (never below
+            where it started) when that average rises to this: the discriminator is winning
+            and the generator is starved of steps. 0: it only climbs, as in the paper.
+            Otherwise it must be above ``critic_threshold``.
         critic_beta: Decay of that moving average (one value per generator step).
-        critic_grace: Generator steps after a raise (and at the start) before the next.
+        critic_grace: Generator steps after a change of n_D (and at the start) before the
+            next.
         d_steps_per_round: Under the adaptive schedule, the discriminator steps each round
             takes (what DP-SGD is calibrated and charged for); the schedule decides how many
             generator steps they buy. 0: ``local_steps`` x the starting n_D, as the fixed
@@ -292,6 +297,7 @@ class TrainSection:
     gp_weight: float = 10.0
     critic_schedule: str = "auto"
     critic_threshold: float = 0.6
+    critic_ceiling: float = 0.0
     critic_beta: float = 0.99
     critic_grace: int = 25
     d_steps_per_round: int = 0
@@ -323,6 +329,14 @@ class TrainSection:
             _fail("train.num_threads", f"must be >= 0 (0 = torch default), got {self.num_threads}")
         _check_choice("train.critic_schedule", self.critic_schedule, list(CRITIC_SCHEDULES))
         _check_range("train.critic_threshold", self.critic_threshold, 0.0, 1.0)
+        _check_range("train.critic_ceiling", self.critic_ceiling, 0.0, 1.0)
+        if 0 < self.critic_ceiling <= self.critic_threshold:
+            _fail(
+                "train.critic_ceiling",
+                f"{self.critic_ceiling} is not above train.critic_threshold "
+                f"({self.critic_threshold}): the schedule would step up and down at once; "
+                "raise it or set 0 (off)",
+            )
         _check_range("train.critic_beta", self.critic_beta, 0.0, 0.9999)
         if self.critic_grace < 0:
             _fail("train.critic_grace", f"must be >= 0, got {self.critic_grace}")

@@ -31,6 +31,28 @@ def test_the_ladder_is_climbed_only_after_the_grace_and_at_the_threshold() -> No
     assert schedule.generator_steps == 22
 
 
+def test_with_a_ceiling_the_schedule_steps_back_down_but_never_below_its_start() -> None:
+    schedule = CriticSchedule(n_d=3, adaptive=True, threshold=0.6, beta=0.5, grace=2,
+                              ceiling=0.65, floor=3)  # fmt: skip
+    seen = []
+    for _ in range(8):  # the generator wins: 3 -> 5 -> 10 -> 20 (a climb every 2 steps)
+        schedule.observe(0.0)
+        seen.append(schedule.n_d)
+    assert seen == [3, 5, 5, 10, 10, 20, 20, 50]
+    seen = []
+    for _ in range(12):  # the discriminator wins: one rung down every 2 steps, to the start
+        schedule.observe(1.0)
+        seen.append(schedule.n_d)
+    # average after k ones from ~0: 1 - 0.5**k; at the ceiling from k = 2
+    assert seen == [50, 20, 20, 10, 10, 5, 5, 3, 3, 3, 3, 3]
+    schedule.observe(1.0)  # at the start already: it stays
+    assert schedule.n_d == 3
+    plain = CriticSchedule(n_d=50, adaptive=True, grace=0, beta=0.0)  # no ceiling: never down
+    for _ in range(5):
+        plain.observe(1.0)
+    assert plain.n_d == 50
+
+
 def test_a_fixed_schedule_never_climbs_but_still_reports_the_accuracy() -> None:
     schedule = CriticSchedule(n_d=5, adaptive=False, grace=0)
     for _ in range(50):
@@ -56,18 +78,22 @@ def test_the_schedule_state_round_trips() -> None:
     accuracies=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=50),
     threshold=st.floats(0.0, 1.0),
     grace=st.integers(0, 5),
+    ceiling=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
 )
 def test_a_round_takes_exactly_its_discriminator_steps(
-    budget, start, accuracies, threshold, grace
+    budget, start, accuracies, threshold, grace, ceiling
 ) -> None:
-    schedule = CriticSchedule(n_d=start, adaptive=True, threshold=threshold, beta=0.9, grace=grace)
+    schedule = CriticSchedule(n_d=start, adaptive=True, threshold=threshold, beta=0.9,
+                              grace=grace, ceiling=ceiling, floor=start)  # fmt: skip
     blocks = []
     for i, block in enumerate(iterations(budget, schedule)):
         blocks.append(block)
         assert 1 <= block <= schedule.n_d
         schedule.observe(accuracies[i % len(accuracies)])
+        assert schedule.n_d >= start  # a step down stops at the start
     assert sum(blocks) == budget  # whatever the accuracies: the charge is known in advance
-    assert blocks[:-1] == sorted(blocks[:-1])  # n_D only climbs; the last block may be cut
+    if ceiling <= threshold:  # no ceiling: n_D only climbs; the last block may be cut
+        assert blocks[:-1] == sorted(blocks[:-1])
 
 
 @settings(max_examples=25, deadline=None)

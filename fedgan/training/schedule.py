@@ -7,7 +7,10 @@ per generator step, more as training goes on. The adaptive schedule watches the 
 of the discriminator's accuracy on *generated* images, measured on a fresh generated batch
 before each generator step: it reads no real image, so it is post-processing of the private
 discriminator and costs no privacy. When that average falls to the threshold (the generator is
-winning), n_D climbs one rung of :data:`LADDER`.
+winning), n_D climbs one rung of :data:`LADDER`. With a ceiling it also steps back down one rung
+(never below where it started) when the average rises to the ceiling: the discriminator is
+winning, and the generator, starved of steps, can fall behind for good (simulations/README.md,
+study 40: a 40-round epsilon = 1 run whose largest hospital climbed to n_D = 50 diverged).
 
 The schedule is plain data: the hospital keeps it between rounds with its optimizer state.
 """
@@ -30,10 +33,14 @@ class CriticSchedule:
         adaptive: Climb :data:`LADDER` when the accuracy average falls to ``threshold``.
         threshold: See above.
         beta: Decay of the moving average (one update per generator step).
-        grace: Generator steps after a climb (and at the start) before the next.
+        grace: Generator steps after a change of n_D (and at the start) before the next.
+        ceiling: When above ``threshold``, the adaptive schedule steps one rung down when the
+            average rises to it, never below ``floor``; 0 (or anything not above the
+            threshold): it only climbs.
+        floor: The lowest n_D a step down reaches (the schedule's start).
         accuracy: The moving average of the discriminator's accuracy on generated images
             (None before the first generator step).
-        since_climb: Generator steps since the last climb (or the start).
+        since_climb: Generator steps since n_D last changed (or the start).
         generator_steps: Generator steps under this schedule, all rounds together.
     """
 
@@ -42,6 +49,8 @@ class CriticSchedule:
     threshold: float = 0.6
     beta: float = 0.99
     grace: int = 25
+    ceiling: float = 0.0
+    floor: int = 1
     accuracy: float | None = None
     since_climb: int = 0
     generator_steps: int = 0
@@ -52,17 +61,25 @@ class CriticSchedule:
         self.accuracy = self.beta * previous + (1 - self.beta) * accuracy
         self.since_climb += 1
         self.generator_steps += 1
-        if self.adaptive and self.since_climb >= self.grace and self.accuracy <= self.threshold:
+        if not self.adaptive or self.since_climb < self.grace:
+            return
+        if self.accuracy <= self.threshold:
             self.n_d = next((n for n in LADDER if n > self.n_d), self.n_d)
             self.since_climb = 0
+        elif self.ceiling > self.threshold and self.accuracy >= self.ceiling:
+            lower = max((n for n in LADDER if n < self.n_d), default=self.floor)
+            if max(lower, self.floor) < self.n_d:
+                self.n_d = max(lower, self.floor)
+                self.since_climb = 0
 
     def state(self) -> dict[str, Any]:
         """What the hospital keeps between rounds (plain numbers)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        settings = ("threshold", "beta", "grace", "ceiling", "floor")
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in settings}
 
     def restore(self, state: dict[str, Any] | None) -> None:
         """Continues from :meth:`state` of an earlier round: its n_D, average and counters
-        (the thresholds stay this run's)."""
+        (the thresholds, ceiling and floor stay this run's)."""
         if not state:
             return
         self.n_d = int(state["n_d"])

@@ -170,6 +170,8 @@ class SynthesisObjective(Objective):
             threshold=t.critic_threshold,
             beta=t.critic_beta,
             grace=t.critic_grace,
+            ceiling=t.critic_ceiling,
+            floor=self.phase("D").repeats,
         )
 
     def critic_accuracy(self, nets: Nets, ctx: StepContext) -> float:
