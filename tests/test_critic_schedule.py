@@ -260,3 +260,21 @@ def test_adaptive_needs_a_discriminator_with_a_decision_boundary(toy_config: Con
     with pytest.raises(ValueError, match="train.critic_schedule"):
         resolve(with_changes(toy_config, task={"name": "enhance"},
                              train={"critic_schedule": "adaptive"}))  # fmt: skip
+
+
+def test_the_default_ceiling_is_the_threshold_plus_five_points_from_epsilon_3(
+    dp_adaptive: Config,
+) -> None:
+    def ceiling(epsilon: float = 8.0, **train: float) -> float:
+        cfg = with_changes(dp_adaptive, train=train, privacy={"target_epsilon": epsilon})
+        schedule = make_objective(cfg).critic_schedule()
+        assert schedule is not None and schedule.adaptive
+        return schedule.ceiling
+
+    assert ceiling(critic_threshold=0.6) == pytest.approx(0.65)
+    assert ceiling(3.0, critic_threshold=0.5) == pytest.approx(0.55)
+    assert ceiling(2.9, critic_threshold=0.6) == 0.0  # below epsilon 3: off (study 40)
+    assert ceiling(1.0, critic_threshold=0.6, critic_ceiling=0.7) == 0.7  # as asked
+    assert ceiling(critic_threshold=0.97) == 0.0  # 1.02 could never be reached: off
+    assert ceiling(critic_threshold=0.6, critic_ceiling=0.0) == 0.0
+    assert ceiling(critic_threshold=0.6, critic_ceiling=0.8) == 0.8

@@ -111,6 +111,27 @@ def schedule_mode(cfg: Config, family: GanFamily) -> str:
     return mode
 
 
+#: Under DP-SGD the default critic ceiling is off below this budget per hospital (study 40:
+#: at epsilon 1 the extra generator steps it buys are taken against a discriminator too
+#: noisy to be worth them, and two 40-round runs of three ended worse).
+CEILING_MIN_EPSILON = 3.0
+#: The default ceiling's distance above ``train.critic_threshold``.
+CEILING_MARGIN = 0.05
+
+
+def critic_ceiling(cfg: Config) -> float:
+    """``train.critic_ceiling`` with its default rule: -1 is ``critic_threshold + 0.05``
+    (0.65), or 0 (off) under DP-SGD below epsilon 3 and for a threshold above 0.95, whose
+    ceiling could never be reached; any other value as it is."""
+    t = cfg.train
+    if t.critic_ceiling != -1:
+        return t.critic_ceiling
+    if cfg.privacy.mode == "dp-sgd" and cfg.privacy.target_epsilon < CEILING_MIN_EPSILON:
+        return 0.0
+    ceiling = round(t.critic_threshold + CEILING_MARGIN, 6)
+    return ceiling if ceiling <= 1.0 else 0.0
+
+
 class SynthesisObjective(Objective):
     """A GAN family's losses: ``n_critic`` discriminator steps on real and generated images,
     then one generator step through the discriminator."""
@@ -145,9 +166,11 @@ class SynthesisObjective(Objective):
     def settled(self) -> dict[str, Any]:
         """The discriminator's steps and schedule, and the embedding term's weight, bandwidth
         and release noise, as the default rules gave them."""
+        ceiling = critic_ceiling(self.cfg) if self.schedule_mode == "adaptive" else 0.0
         values: dict[str, Any] = {
             "train.n_critic": self.phase("D").repeats,
             "train.critic_schedule": self.schedule_mode,
+            "train.critic_ceiling": ceiling,
             "train.embedding_weight": self.embedding_weight,
         }
         if self.embedding is not None:
@@ -170,7 +193,7 @@ class SynthesisObjective(Objective):
             threshold=t.critic_threshold,
             beta=t.critic_beta,
             grace=t.critic_grace,
-            ceiling=t.critic_ceiling,
+            ceiling=critic_ceiling(self.cfg),
             floor=self.phase("D").repeats,
         )
 
