@@ -236,8 +236,8 @@ class TrainSection:
             only climbs, as in the paper. Otherwise it must be above ``critic_threshold``.
             Study 40 (simulations/README.md): at epsilon 10 it lowered the private FD on
             eight of ten seeds and partitions (by 0.29-0.70) and raised it on one (by 0.15);
-            at epsilon 1 it kept one 40-round run under label skew from diverging but slowed
-            two others.
+            at epsilon 1 it helped two 40-round runs of four (one diverged without it) and
+            slowed the other two.
         critic_beta: Decay of that moving average (one value per generator step).
         critic_grace: Generator steps after a change of n_D (and at the start) before the
             next.

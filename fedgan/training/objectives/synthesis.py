@@ -112,8 +112,8 @@ def schedule_mode(cfg: Config, family: GanFamily) -> str:
 
 
 #: Under DP-SGD the default critic ceiling is off below this budget per hospital (study 40:
-#: at epsilon 1 the extra generator steps it buys are taken against a discriminator too
-#: noisy to be worth them, and two 40-round runs of three ended worse).
+#: at epsilon 1 it slowed two 40-round runs of four, helped two, one of which diverged
+#: without it: the extra generator steps are taken against a very noisy discriminator).
 CEILING_MIN_EPSILON = 3.0
 #: The default ceiling's distance above ``train.critic_threshold``.
 CEILING_MARGIN = 0.05
