@@ -335,10 +335,21 @@ def _recording(
                 self.round_log.failures.append((node, f"{REJECTED}: {reason}"))
             if not replies:
                 return None, None
-            for msg in replies:
+            reports = [
+                HospitalReport.from_metrics(
+                    next(iter(msg.content.metric_records.values()), MetricRecord()),
+                    node_id=msg.metadata.src_node_id,
+                )
+                for msg in replies
+            ]
+            # Averaged in hospital order, not in the order the replies arrived: a float sum
+            # depends on its order, and a GAN turns the last bits into different figures
+            # within a few rounds, so a seeded study would not repeat.
+            pairs = sorted(zip(replies, reports, strict=True),
+                           key=lambda p: (p[1].hospital, p[1].node_id))  # fmt: skip
+            replies = [msg for msg, _ in pairs]
+            for msg, report in pairs:
                 node = msg.metadata.src_node_id
-                metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-                report = HospitalReport.from_metrics(metrics, node_id=node)
                 self.round_log.reports.append(report)
                 self.round_log.names[node] = report.name
                 self.round_log.bytes_up += received[id(msg)]
