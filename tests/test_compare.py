@@ -240,3 +240,15 @@ def test_the_report_shows_the_round_chosen_on_validation_beside_the_last() -> No
     assert cells[columns.index("anomaly_auc")] == "0.88 (0.58)"  # chosen (last)
     assert not any(line.startswith("| pooled |") for line in lines)
     assert _selected_table({"pooled": arms["pooled"]}) == []
+
+
+def test_the_report_names_each_setting_once_with_the_value_that_ran() -> None:
+    from fedgan.config import load_config
+    from fedgan.report.compare import effective_settings
+
+    # a plan's set: (seed 0), then the command line's --set (seed 4)
+    given = ["model.family=dcgan", "run.seed=0", "data.partition=iid", "run.seed=4"]
+    shown = effective_settings(given)
+    assert shown == ["model.family=dcgan", "run.seed=4", "data.partition=iid"]
+    assert load_config(None, given).run.seed == 4  # what the loader ran is what is shown
+    assert effective_settings([]) == []

@@ -175,6 +175,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def effective_settings(overrides: Sequence[str]) -> list[str]:
+    """The settings that took effect: each key once, with its last value, where it first came.
+
+    A plan's ``set:`` and the command line's ``--set`` may both name a key (the plan's
+    ``run.seed=0``, then ``--set run.seed=4``); the config loader applies them in order, so
+    the last one is what ran, and a report that listed both would read as two seeds.
+    """
+    last: dict[str, str] = {}
+    for o in overrides:
+        last[o.split("=", 1)[0].strip()] = o
+    return list(last.values())
+
+
 def _table(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     arms = comparison["arms"]
     head = ["", *arms]
@@ -239,7 +252,7 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         md += [comparison["description"], ""]
     md += [
         f"Base config: `{comparison['base_config'] or 'defaults'}`; settings: "
-        + (", ".join(f"`{o}`" for o in comparison["overrides"]) or "none"),
+        + (", ".join(f"`{o}`" for o in effective_settings(comparison["overrides"])) or "none"),
         "",
         "## Final metrics",
         "",
@@ -396,6 +409,7 @@ def _html(comparison: dict, head: list[str], rows: list[list[str]], notes: list[
         f'{escape(a["run_dir"])}</a>, <a href="{escape(a["config"])}">config</a></li>'
         for n, a in comparison["arms"].items()
     )
+    settings = ", ".join(effective_settings(comparison["overrides"]))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{escape(comparison["study"])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
@@ -403,7 +417,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;te
 td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>{escape(comparison["study"])}</h1><p>{escape(comparison["description"])}</p>
 <p>Base config: <code>{escape(str(comparison["base_config"] or "defaults"))}</code>;
-settings: <code>{escape(", ".join(comparison["overrides"]) or "none")}</code></p>
+settings: <code>{escape(settings or "none")}</code></p>
 <h2>Final metrics</h2><table><tr>{cells}</tr>{body}</table>
 <p>↓ lower is better, ↑ higher is better; (≈ real): closest to the real data's value is
 best. ε is the largest any hospital spent.</p>
