@@ -160,7 +160,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     from fedgan.runs.centralized import train_centralized
     from fedgan.runs.warm import check_warm_start
 
-    preflight(cfg)
+    preflight(cfg, pooled=True)
     check_warm_start(cfg)
     _print_privacy(cfg, pooled=True)
     summary = train_centralized(cfg, log=lambda line: print(line, flush=True))

@@ -351,11 +351,12 @@ def check_resume(cfg: Config, settle: Callable[[Config], Config] | None = None) 
         )
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, *, pooled: bool = False) -> None:
     """Checks, before Flower starts and before anything is written, what a simulation or a
-    pooled run will need: a writable output folder, the ``train.device`` this machine has,
-    and every hospital's data (readable, non-empty, finite, of the configured shape) and the
-    evaluation split.
+    pooled run (``pooled``) will need: a writable output folder, the ``train.device`` this
+    machine has, every hospital's data (readable, non-empty, finite, of the configured shape),
+    the evaluation split, and under DP-SGD a ``privacy.delta`` below 1/n of what each
+    accountant covers (a hospital's images, or the pooled set).
 
     Raises:
         ValueError: One line naming the problem and the fix (a file, a hospital, a key).
@@ -366,6 +367,7 @@ def preflight(cfg: Config) -> None:
 
     from fedgan.data import eval_dataset, hospital_dataset
     from fedgan.device import resolve_device
+    from fedgan.privacy.accounting import check_delta
 
     # a simulation's hospitals and a pooled run train on this machine: a device it lacks
     # would fail every hospital after the run folder exists (a deployed site checks its own)
@@ -373,6 +375,7 @@ def preflight(cfg: Config) -> None:
 
     n = cfg.federation.num_hospitals
     where = cfg.data.path or cfg.data.source
+    sizes: list[int] = []
     for hospital in range(n):
         images = hospital_dataset(cfg.data, cfg.run.seed, hospital, n).tensors[0]
         shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -381,12 +384,18 @@ def preflight(cfg: Config) -> None:
                 f"hospital {hospital}'s images are {tuple(images.shape[1:])}, the config expects "
                 f"{shape}; set data.image_size / data.channels to match"
             )
+        sizes.append(len(images))
         bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
         if bad:
             raise ValueError(
                 f"{where}: {bad} image(s) of hospital {hospital}'s share hold NaN or infinite "
                 "values; clean or drop them before training"
             )
+    if cfg.privacy.mode == "dp-sgd":  # each hospital accounts for its own images
+        if pooled:
+            check_delta(cfg.privacy.delta, sum(sizes), "the pooled data")
+        for hospital, size in enumerate([] if pooled else sizes):
+            check_delta(cfg.privacy.delta, size, f"hospital {hospital}")
     if len(eval_dataset(cfg.data, cfg.run.seed, n)) == 0:
         raise ValueError(
             f"{where}: the evaluation split is empty; raise data.eval_fraction or add images"

@@ -288,9 +288,10 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
         raise ValueError("the arms' eval settings differ; a comparison needs one protocol")
     from fedgan.runs.warm import check_warm_start
 
-    for cfg in configs.values():  # and every arm's data and warm start, before anything is written
+    for arm in study.arms:  # and every arm's data and warm start, before anything is written
+        cfg = configs[arm.name]
         check_earlier_arm(cfg)
-        preflight(cfg)
+        preflight(cfg, pooled=arm.mode == "centralized")
         check_warm_start(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(

@@ -131,6 +131,13 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      lambda t: ["simulate", "--set", "train.critic_ceiling=0.5"],
      "0.5 is not above train.critic_threshold (0.6)"),
     ("unknown family", lambda t: ["simulate", "--set", "model.family=big"], "allowed: cgan"),
+    # 64 phantom images over 4 hospitals: 15 each after the evaluation split, delta 0.1 >= 1/15
+    ("a delta of 1/n or more", lambda t: ["simulate", "--set", "data.num_images=64",
+     "--set", "privacy.mode=dp-sgd", "--set", "privacy.target_epsilon=3",
+     "--set", "privacy.delta=0.1"], "privacy.delta 0.1 is not below 1 / 1"),
+    ("a pooled delta of 1/n or more", lambda t: ["centralized", "--set", "data.num_images=12",
+     "--set", "privacy.mode=dp-sgd", "--set", "privacy.target_epsilon=3",
+     "--set", "privacy.delta=0.1"], "privacy.delta 0.1 is not below 1 / "),
     ("nan data", _nan_npz, "hold NaN or infinite values"),
     ("npz of strings", _string_npz, "images must be numbers"),
     ("truncated png", _truncated_png, "3.png"),

@@ -152,6 +152,18 @@ def test_accountant_round_trips_and_merges() -> None:
     assert again.history == acc.history and again.epsilon(1e-5) == acc.epsilon(1e-5)
 
 
+def test_a_hospital_refuses_a_delta_of_one_over_its_size_or_more() -> None:
+    # a deployed site plans its own privacy: the same refusal as the simulation's pre-flight
+    cfg = load_config(None, ["privacy.mode=dp-sgd", "privacy.target_epsilon=3",
+                             "privacy.delta=0.01"]).privacy  # fmt: skip
+    with pytest.raises(ValueError, match=r"privacy.delta 0.01 is not below 1 / 100 "):
+        plan_privacy(cfg, num_examples=100, batch_size=10, planned_steps=50)
+    assert plan_privacy(cfg, num_examples=99, batch_size=10, planned_steps=50).delta == 0.01
+    default = load_config(None, ["privacy.mode=dp-sgd", "privacy.target_epsilon=3"]).privacy
+    # the default, 1/(10 n) capped at 1e-5, never trips it
+    assert plan_privacy(default, num_examples=3, batch_size=1, planned_steps=5).delta == 1e-5
+
+
 class _BadD(nn.Module):
     def __init__(self) -> None:
         super().__init__()

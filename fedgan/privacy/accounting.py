@@ -57,6 +57,21 @@ def default_delta(n: int) -> float:
     return min(1.0 / (10.0 * max(n, 1)), 1e-5)
 
 
+def check_delta(delta: float, num_examples: int, who: str = "this hospital") -> None:
+    """Refuses a delta of 1/n or more: at such a delta a mechanism that publishes one of the
+    n records outright is (0, delta)-DP, so the guarantee says nothing about a patient.
+
+    Raises:
+        ValueError: One line naming the hospital's size and the fix.
+    """
+    if delta > 0 and delta * num_examples >= 1.0:
+        raise ValueError(
+            f"privacy.delta {delta:g} is not below 1 / {num_examples} ({who}'s images): at "
+            "that delta the guarantee allows publishing a patient's image outright; set it "
+            "well below 1/n (e.g. 1e-5), or 0 for 1/(10 n) capped at 1e-5"
+        )
+
+
 def sample_rate(num_examples: int, batch_size: int) -> float:
     """The Poisson sampling rate Opacus uses for a loader of this size (1 / batches per epoch)."""
     return 1.0 / math.ceil(num_examples / batch_size)
@@ -192,6 +207,7 @@ def _plan(
         )
     q = sample_rate(num_examples, batch_size)
     delta = cfg.delta or default_delta(num_examples)
+    check_delta(delta, num_examples)
     if cfg.noise_multiplier > 0:
         sigma = cfg.noise_multiplier
     elif sigma is None and spent:
