@@ -156,6 +156,11 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = ()) -> Study:
     raw = read_yaml_mapping(p, "study plan", "see simulations/", "the plan's keys")
     known = {"name", "description", "config", "set", "arms", "expected_runtime", "audit"}
     unknown = set(raw) - known
+    if unknown and {"train", "model", "data", "federation"} & unknown:
+        raise ValueError(
+            f"{p} is a run config, not a study plan: compare it with fedgan compare --config "
+            f"{p} (federated against pooled), or name it as a plan's config:"
+        )
     if unknown:
         raise ValueError(f"{p}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
     config = raw.get("config")

@@ -11,6 +11,8 @@ import pytest
 
 from fedgan.cli import main
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def _yaml(tmp: Path, text: str) -> list[str]:
     path = tmp / "bad.yaml"
@@ -131,6 +133,10 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      lambda t: ["simulate", "--set", "train.critic_ceiling=0.5"],
      "0.5 is not above train.critic_threshold (0.6)"),
     ("unknown family", lambda t: ["simulate", "--set", "model.family=big"], "allowed: cgan"),
+    ("a run config given as a study plan",
+     lambda t: ["compare", "--study", str(REPO / "configs" / "default.yaml"), "--out",
+                str(t / "runs")],
+     "default.yaml is a run config, not a study plan"),
     # 64 phantom images over 4 hospitals: 15 each after the evaluation split, delta 0.1 >= 1/15
     ("a delta of 1/n or more", lambda t: ["simulate", "--set", "data.num_images=64",
      "--set", "privacy.mode=dp-sgd", "--set", "privacy.target_epsilon=3",
