@@ -481,6 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: Exception) -> str:
+    """The error as one line; a system error (a path that is a file, no permission, a full
+    disk) names the path, what the system said, and what to check."""
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        return (
+            f"{where}{err.strerror} (errno {err.errno}); check that the path is right, that "
+            "its folder exists and is writable, and that the disk has space"
+        )
+    return " ".join(str(err).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -493,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + int(getattr(stop, "signum", 2))
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"fedgan: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # OSError: fedgan's own (a message) or the system's
+        print(f"fedgan: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # RunFailed and SuperLink start-up problems
         print(f"fedgan: run failed: {err}", file=sys.stderr)

@@ -102,6 +102,12 @@ def _sample_untrained(tmp: Path) -> list[str]:
     return ["sample", "--run", str(run), "--n", "4", "--out", str(tmp / "synth")]
 
 
+def _sample_under_a_file(tmp: Path) -> list[str]:
+    run = _finished_run(tmp)
+    (tmp / "notes.txt").write_text("a file, not a folder")
+    return ["sample", "--run", str(run), "--n", "4", "--out", str(tmp / "notes.txt" / "synth")]
+
+
 def _evaluate_missing_checkpoint(tmp: Path) -> list[str]:
     return ["evaluate", "--run", str(_finished_run(tmp)), "--checkpoint", str(tmp / "no.pt")]
 
@@ -175,6 +181,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      lambda t: ["compare", "--variant", "iid", "--set", f"run.output_dir={t / 'runs'}"],
      "expected NAME:key=value"),
     ("sample into a used folder", _sample_into_used, "--force"),
+    ("sample under a file", _sample_under_a_file, "notes.txt/synth: Not a directory (errno 20)"),
     ("sample an untrained run", _sample_untrained, "no trained round"),
     ("evaluate a missing checkpoint", _evaluate_missing_checkpoint, "does not exist"),
     ("evaluate a corrupt checkpoint", _evaluate_corrupt_checkpoint, "unreadable"),
