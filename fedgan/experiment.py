@@ -391,10 +391,10 @@ def preflight(cfg: Config, *, pooled: bool = False) -> None:
                 f"{where}: {bad} image(s) of hospital {hospital}'s share hold NaN or infinite "
                 "values; clean or drop them before training"
             )
-    if cfg.privacy.mode == "dp-sgd":  # each hospital accounts for its own images
-        if pooled:
-            check_delta(cfg.privacy.delta, sum(sizes), "the pooled data")
-        for hospital, size in enumerate([] if pooled else sizes):
+    if cfg.privacy.mode == "dp-sgd" and pooled:  # one accountant for the pooled set
+        check_delta(cfg.privacy.delta, sum(sizes), "the pooled data")
+    elif cfg.privacy.mode == "dp-sgd":  # each hospital accounts for its own images
+        for hospital, size in enumerate(sizes):
             check_delta(cfg.privacy.delta, size, f"hospital {hospital}")
     if len(eval_dataset(cfg.data, cfg.run.seed, n)) == 0:
         raise ValueError(
