@@ -238,6 +238,14 @@ class TrainSection:
             eight of ten seeds and partitions (by 0.29-0.70) and raised it on one (by 0.15);
             at epsilon 1 it helped two 40-round runs of four (one diverged without it) and
             slowed the other two.
+        critic_max: The highest n_D the adaptive schedule climbs to (the highest rung of
+            1, 2, 5, 10, 20, 50, ... not above it), so that every round still buys its
+            hospital some generator steps. -1 (the default): 10 wherever the default
+            ceiling is on under DP-SGD (from epsilon 3), no cap elsewhere; 0: no cap, as in
+            the paper. Otherwise at least the schedule's start. At epsilon 10 under
+            Dirichlet 0.5, hospitals at n_D 50 took two or three generator steps in a round of
+            120 discriminator steps and held the federation back (simulations/README.md,
+            study 42, which measures the cap on four seeds).
         critic_beta: Decay of that moving average (one value per generator step).
         critic_grace: Generator steps after a change of n_D (and at the start) before the
             next.
@@ -303,6 +311,7 @@ class TrainSection:
     critic_schedule: str = "auto"
     critic_threshold: float = 0.6
     critic_ceiling: float = -1.0
+    critic_max: int = -1
     critic_beta: float = 0.99
     critic_grace: int = 25
     d_steps_per_round: int = 0
@@ -343,6 +352,13 @@ class TrainSection:
                 f"({self.critic_threshold}): the schedule would step up and down at once; "
                 "raise it, set -1 (the threshold + 0.05) or 0 (off)",
             )
+        if isinstance(self.critic_max, bool) or self.critic_max < -1:
+            _fail("train.critic_max", f"must be -1 (the default rule), 0 (no cap) or a number "
+                  f"of discriminator steps >= 1, got {self.critic_max!r}")  # fmt: skip
+        if self.critic_max > 0 and self.n_critic > self.critic_max:
+            _fail("train.critic_max", f"{self.critic_max} is below train.n_critic "
+                  f"({self.n_critic}), where the schedule starts; raise it, "
+                  "or set 0 for no cap")  # fmt: skip
         _check_range("train.critic_beta", self.critic_beta, 0.0, 0.9999)
         if self.critic_grace < 0:
             _fail("train.critic_grace", f"must be >= 0, got {self.critic_grace}")

@@ -53,6 +53,24 @@ def test_with_a_ceiling_the_schedule_steps_back_down_but_never_below_its_start()
     assert plain.n_d == 50
 
 
+def test_a_capped_schedule_climbs_to_the_highest_rung_not_above_its_cap() -> None:
+    def climb(top: int) -> list[int]:
+        schedule = CriticSchedule(n_d=3, adaptive=True, threshold=0.6, beta=0.0, grace=1,
+                                  ceiling=0.65, floor=3, top=top)  # fmt: skip
+        seen = []
+        for _ in range(8):  # the generator always wins
+            schedule.observe(0.0)
+            seen.append(schedule.n_d)
+        schedule.observe(1.0)  # then the discriminator: one rung down, as without a cap
+        return [*seen, schedule.n_d]
+
+    assert climb(10) == [5, 10, 10, 10, 10, 10, 10, 10, 5]
+    assert climb(15) == [5, 10, 10, 10, 10, 10, 10, 10, 5]  # 15 is no rung: 10 is the top
+    assert climb(20) == [5, 10, 20, 20, 20, 20, 20, 20, 10]
+    assert climb(0) == [5, 10, 20, 50, 100, 200, 500, 1000, 500]  # no cap
+    assert climb(3) == [3] * 9  # a cap at the start: it never moves
+
+
 def test_a_fixed_schedule_never_climbs_but_still_reports_the_accuracy() -> None:
     schedule = CriticSchedule(n_d=5, adaptive=False, grace=0)
     for _ in range(50):
@@ -79,18 +97,21 @@ def test_the_schedule_state_round_trips() -> None:
     threshold=st.floats(0.0, 1.0),
     grace=st.integers(0, 5),
     ceiling=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+    above=st.one_of(st.just(-1), st.integers(0, 300)),
 )
 def test_a_round_takes_exactly_its_discriminator_steps(
-    budget, start, accuracies, threshold, grace, ceiling
+    budget, start, accuracies, threshold, grace, ceiling, above
 ) -> None:
+    top = 0 if above < 0 else start + above  # no cap, or one at or above the start
     schedule = CriticSchedule(n_d=start, adaptive=True, threshold=threshold, beta=0.9,
-                              grace=grace, ceiling=ceiling, floor=start)  # fmt: skip
+                              grace=grace, ceiling=ceiling, floor=start, top=top)  # fmt: skip
     blocks = []
     for i, block in enumerate(iterations(budget, schedule)):
         blocks.append(block)
         assert 1 <= block <= schedule.n_d
         schedule.observe(accuracies[i % len(accuracies)])
         assert schedule.n_d >= start  # a step down stops at the start
+        assert top == 0 or schedule.n_d <= top  # a climb stops at the cap
     assert sum(blocks) == budget  # whatever the accuracies: the charge is known in advance
     if ceiling <= threshold:  # no ceiling: n_D only climbs; the last block may be cut
         assert blocks[:-1] == sorted(blocks[:-1])
@@ -168,16 +189,18 @@ def test_dp_sgd_defaults_to_the_adaptive_schedule(dp_adaptive: Config) -> None:
     assert objective.schedule_mode == "fixed" and objective.critic_schedule() is None
 
 
+@pytest.mark.parametrize(("cap", "n_ds"), [(0, [10, 20, 50]), (-1, [10, 10, 10])])
 def test_an_adaptive_private_round_charges_exactly_its_discriminator_steps(
-    dp_adaptive: Config, independent_epsilon
+    dp_adaptive: Config, independent_epsilon, cap: int, n_ds: list[int]
 ) -> None:
-    results = _rounds(dp_adaptive, 3)
+    results = _rounds(with_changes(dp_adaptive, train={"critic_max": cap}), 3)
     # n_D climbs after every generator step: round 1 takes D blocks 1, 2, 4 (7 in all, the
     # last cut to what is left), so 3 generator steps, and ends at 10; the state carries into
-    # round 2 (a block of 10 cut to 7: 1 generator step) and round 3.
+    # round 2 (a block of 10 cut to 7: 1 generator step) and round 3. Without a cap it goes
+    # on climbing; with the default one (10 at epsilon 8) it stays at 10.
     assert [r.stats.d_steps for r in results] == [7, 7, 7]
     assert [r.stats.steps for r in results] == [3, 1, 1]
-    assert [r.stats.critic["n_d"] for r in results] == [10, 20, 50]
+    assert [r.stats.critic["n_d"] for r in results] == n_ds
     last = results[-1].privacy
     assert last["dp_steps"] == 21  # every D step charged once, and nothing else
     pld = independent_epsilon(last["noise_multiplier"], last["sample_rate"], 21, last["delta"],
@@ -278,3 +301,22 @@ def test_the_default_ceiling_is_the_threshold_plus_five_points_from_epsilon_3(
     assert ceiling(critic_threshold=0.97) == 0.0  # 1.02 could never be reached: off
     assert ceiling(critic_threshold=0.6, critic_ceiling=0.0) == 0.0
     assert ceiling(critic_threshold=0.6, critic_ceiling=0.8) == 0.8
+
+
+def test_the_default_cap_is_10_where_the_default_ceiling_is_on(
+    dp_adaptive: Config, toy_config: Config
+) -> None:
+    def top(epsilon: float = 8.0, base: Config = dp_adaptive, **train: float) -> int:
+        cfg = with_changes(base, train=train, privacy={"target_epsilon": epsilon})
+        schedule = make_objective(cfg).critic_schedule()
+        assert schedule is not None and schedule.adaptive
+        return schedule.top
+
+    assert top() == top(3.0) == 10
+    assert top(2.9) == 0  # below epsilon 3: no cap, as no ceiling (studies 40, 42)
+    assert top(1.0, critic_max=20) == 20  # as asked
+    assert top(critic_max=0) == 0
+    adaptive = with_changes(toy_config, train={"critic_schedule": "adaptive"})
+    assert top(base=adaptive) == 0  # without DP-SGD: no cap
+    with pytest.raises(ValueError, match="'train.critic_max': 2 is below 3"):
+        make_objective(with_changes(dp_adaptive, train={"critic_max": 2, "n_critic": 0}))

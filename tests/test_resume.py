@@ -142,6 +142,7 @@ def test_settling_a_private_config_gives_the_embedding_rule_and_changes_nothing_
     assert (t.embedding_weight, t.critic_schedule, t.n_critic) == (5.0, "adaptive", 3)
     assert t.critic_ceiling == pytest.approx(0.65)  # the threshold 0.6 + 0.05
     assert settle(toy_config).train.critic_ceiling == 0.0  # fixed n_D: no schedule to step
+    assert (t.critic_max, settle(toy_config).train.critic_max) == (10, 0)  # the cap: likewise
     assert t.embedding_bandwidth == pytest.approx(0.15 * 16)  # 0.15 x sqrt(1 x 16 x 16)
     assert settled.privacy.embedding_noise == embedding_noise(private) == pytest.approx(2.0)
     assert settle(settled) == settled

@@ -11,6 +11,8 @@ winning), n_D climbs one rung of :data:`LADDER`. With a ceiling it also steps ba
 (never below where it started) when the average rises to the ceiling: the discriminator is
 winning, and the generator, starved of steps, can fall behind for good (simulations/README.md,
 study 40: a 40-round epsilon = 1 run whose largest hospital climbed to n_D = 50 diverged).
+A cap (``top``) stops the climb at a rung, so that each round still buys the hospital some
+generator steps (study 42).
 
 The schedule is plain data: the hospital keeps it between rounds with its optimizer state.
 """
@@ -38,6 +40,7 @@ class CriticSchedule:
             average rises to it, never below ``floor``; 0 (or anything not above the
             threshold): it only climbs.
         floor: The lowest n_D a step down reaches (the schedule's start).
+        top: The highest n_D a climb reaches (the highest rung not above it); 0: no cap.
         accuracy: The moving average of the discriminator's accuracy on generated images
             (None before the first generator step).
         since_climb: Generator steps since n_D last changed (or the start).
@@ -51,6 +54,7 @@ class CriticSchedule:
     grace: int = 25
     ceiling: float = 0.0
     floor: int = 1
+    top: int = 0
     accuracy: float | None = None
     since_climb: int = 0
     generator_steps: int = 0
@@ -64,7 +68,9 @@ class CriticSchedule:
         if not self.adaptive or self.since_climb < self.grace:
             return
         if self.accuracy <= self.threshold:
-            self.n_d = next((n for n in LADDER if n > self.n_d), self.n_d)
+            higher = next((n for n in LADDER if n > self.n_d), self.n_d)
+            if self.top <= 0 or higher <= self.top:
+                self.n_d = higher
             self.since_climb = 0
         elif self.ceiling > self.threshold and self.accuracy >= self.ceiling:
             lower = max((n for n in LADDER if n < self.n_d), default=self.floor)
@@ -74,12 +80,12 @@ class CriticSchedule:
 
     def state(self) -> dict[str, Any]:
         """What the hospital keeps between rounds (plain numbers)."""
-        settings = ("threshold", "beta", "grace", "ceiling", "floor")
+        settings = ("threshold", "beta", "grace", "ceiling", "floor", "top")
         return {k: v for k, v in asdict(self).items() if v is not None and k not in settings}
 
     def restore(self, state: dict[str, Any] | None) -> None:
         """Continues from :meth:`state` of an earlier round: its n_D, average and counters
-        (the thresholds, ceiling and floor stay this run's)."""
+        (the thresholds, ceiling, floor and cap stay this run's)."""
         if not state:
             return
         self.n_d = int(state["n_d"])

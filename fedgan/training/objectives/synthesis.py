@@ -132,6 +132,23 @@ def critic_ceiling(cfg: Config) -> float:
     return ceiling if ceiling <= 1.0 else 0.0
 
 
+#: The default cap on the adaptive schedule's n_D where the default ceiling is on under DP-SGD
+#: (study 42: a round of 120 discriminator steps at n_D 50 buys a hospital two generator steps,
+#: and under Dirichlet 0.5 the hospitals that climbed there held the federation back).
+CRITIC_MAX = 10
+
+
+def critic_max(cfg: Config) -> int:
+    """``train.critic_max`` with its default rule: -1 is :data:`CRITIC_MAX` under DP-SGD from
+    epsilon 3 (where the default ceiling is on), 0 (no cap) elsewhere; any other value as it
+    is."""
+    t = cfg.train
+    if t.critic_max != -1:
+        return t.critic_max
+    private = cfg.privacy.mode == "dp-sgd"
+    return CRITIC_MAX if private and cfg.privacy.target_epsilon >= CEILING_MIN_EPSILON else 0
+
+
 class SynthesisObjective(Objective):
     """A GAN family's losses: ``n_critic`` discriminator steps on real and generated images,
     then one generator step through the discriminator."""
@@ -149,6 +166,13 @@ class SynthesisObjective(Objective):
             Phase("G", ("generator",), reads_data=False),
         )  # fmt: skip
         self.schedule_mode = schedule_mode(cfg, self.family)
+        cap, start = critic_max(cfg), self.phases[0].repeats
+        if self.schedule_mode == "adaptive" and 0 < cap < start:
+            raise ValueError(
+                f"config key 'train.critic_max': {cap} is below {start}, where the adaptive "
+                "schedule starts (train.n_critic, at least 3 under DP-SGD); raise it, or set 0 "
+                "for no cap"
+            )
         #: ``train.embedding_weight``'s feature map, and the mean embedding the generator is
         #: pulled towards, which the caller sets for each stretch of training
         #: (:func:`fedgan.training.embedding.hospital_target`).
@@ -166,11 +190,12 @@ class SynthesisObjective(Objective):
     def settled(self) -> dict[str, Any]:
         """The discriminator's steps and schedule, and the embedding term's weight, bandwidth
         and release noise, as the default rules gave them."""
-        ceiling = critic_ceiling(self.cfg) if self.schedule_mode == "adaptive" else 0.0
+        adaptive = self.schedule_mode == "adaptive"
         values: dict[str, Any] = {
             "train.n_critic": self.phase("D").repeats,
             "train.critic_schedule": self.schedule_mode,
-            "train.critic_ceiling": ceiling,
+            "train.critic_ceiling": critic_ceiling(self.cfg) if adaptive else 0.0,
+            "train.critic_max": critic_max(self.cfg) if adaptive else 0,
             "train.embedding_weight": self.embedding_weight,
         }
         if self.embedding is not None:
@@ -195,6 +220,7 @@ class SynthesisObjective(Objective):
             grace=t.critic_grace,
             ceiling=critic_ceiling(self.cfg),
             floor=self.phase("D").repeats,
+            top=critic_max(self.cfg),
         )
 
     def critic_accuracy(self, nets: Nets, ctx: StepContext) -> float:
