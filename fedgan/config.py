@@ -355,10 +355,6 @@ class TrainSection:
         if isinstance(self.critic_max, bool) or self.critic_max < -1:
             _fail("train.critic_max", f"must be -1 (the default rule), 0 (no cap) or a number "
                   f"of discriminator steps >= 1, got {self.critic_max!r}")  # fmt: skip
-        if self.critic_max > 0 and self.n_critic > self.critic_max:
-            _fail("train.critic_max", f"{self.critic_max} is below train.n_critic "
-                  f"({self.n_critic}), where the schedule starts; raise it, "
-                  "or set 0 for no cap")  # fmt: skip
         _check_range("train.critic_beta", self.critic_beta, 0.0, 0.9999)
         if self.critic_grace < 0:
             _fail("train.critic_grace", f"must be >= 0, got {self.critic_grace}")
