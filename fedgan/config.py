@@ -576,8 +576,9 @@ class PrivacySection:
             whole planned training (rounds x local steps). With a fixed sigma a hospital stops
             training before the round that would exceed its budget.
         delta: Target delta; 0 means 1/(10 n) capped at 1e-5 (n: the hospital's images, or the
-            number of hospitals for ``central-dp``). Under ``dp-sgd`` a delta of 1/n or more
-            is refused (pre-flight, and by each hospital for its own n).
+            number of hospitals for ``central-dp``). A delta of 1/n or more is refused
+            (pre-flight, and under ``dp-sgd`` by each hospital for its own n, under
+            ``central-dp`` by the server for the hospitals).
         max_grad_norm: Per-sample (``dp-sgd``) or per-hospital update (``central-dp``) clip norm.
         accountant: ``prv`` (default; Gopi et al. 2021, Opacus's own default: for the same
             epsilon it needs 5-9 % less noise than RDP's bound) or ``rdp``. Either way a

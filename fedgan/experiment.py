@@ -355,8 +355,8 @@ def preflight(cfg: Config, *, pooled: bool = False) -> None:
     """Checks, before Flower starts and before anything is written, what a simulation or a
     pooled run (``pooled``) will need: a writable output folder, the ``train.device`` this
     machine has, every hospital's data (readable, non-empty, finite, of the configured shape),
-    the evaluation split, and under DP-SGD a ``privacy.delta`` below 1/n of what each
-    accountant covers (a hospital's images, or the pooled set).
+    the evaluation split, and a ``privacy.delta`` below 1/n of what each accountant covers
+    (under DP-SGD a hospital's images, or the pooled set; under central DP the hospitals).
 
     Raises:
         ValueError: One line naming the problem and the fix (a file, a hospital, a key).
@@ -396,6 +396,8 @@ def preflight(cfg: Config, *, pooled: bool = False) -> None:
     elif cfg.privacy.mode == "dp-sgd":  # each hospital accounts for its own images
         for hospital, size in enumerate(sizes):
             check_delta(cfg.privacy.delta, size, f"hospital {hospital}")
+    elif cfg.privacy.mode == "central-dp":  # one accountant whose records are hospitals
+        check_delta(cfg.privacy.delta, n, "the federation", unit="hospitals")
     if len(eval_dataset(cfg.data, cfg.run.seed, n)) == 0:
         raise ValueError(
             f"{where}: the evaluation split is empty; raise data.eval_fraction or add images"

@@ -154,6 +154,12 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("a pooled delta of 1/n or more", lambda t: ["centralized", "--set", "data.num_images=12",
      "--set", "privacy.mode=dp-sgd", "--set", "privacy.target_epsilon=3",
      "--set", "privacy.delta=0.1"], "privacy.delta 0.1 is not below 1 / "),
+    # central DP's records are hospitals: 10 of them, delta 0.1 >= 1/10
+    ("a central-DP delta of 1/hospitals or more", lambda t: ["simulate",
+     "--set", "federation.strategy=fedavg", "--set", "federation.num_hospitals=10",
+     "--set", "privacy.mode=central-dp", "--set", "privacy.target_epsilon=3",
+     "--set", "privacy.delta=0.1"],
+     "privacy.delta 0.1 is not below 1 / 10 (the federation's hospitals)"),
     ("nan data", _nan_npz, "hold NaN or infinite values"),
     ("npz of strings", _string_npz, "images must be numbers"),
     ("truncated png", _truncated_png, "3.png"),

@@ -12,7 +12,7 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from fedgan.config import Config, load_config, with_changes
+from fedgan.config import Config, PrivacySection, load_config, with_changes
 from fedgan.data import hospital_dataset
 from fedgan.experiment import resolve
 from fedgan.models import FAMILIES, ImageShape, build_networks, pack_state
@@ -250,6 +250,21 @@ def test_central_noise_is_calibrated_by_flowers_own_accountant() -> None:
         ["privacy.mode=central-dp", "privacy.target_epsilon=8", "privacy.noise_multiplier=2.5"],
     ).privacy
     assert central_noise(fixed, num_hospitals=10, sampled=10, rounds=5) == 2.5
+
+
+def test_central_dp_refuses_a_delta_of_one_over_the_hospitals_or_more() -> None:
+    # the server checks it too: a deployment's SuperLink runs no pre-flight
+    from fedgan.federated.central_dp import central_accountant, central_noise
+
+    def privacy(delta: float) -> PrivacySection:
+        return load_config(None, ["privacy.mode=central-dp", "privacy.target_epsilon=8",
+                                  f"privacy.delta={delta}"]).privacy  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"not below 1 / 10 \(the federation's hospitals\)"):
+        central_noise(privacy(0.1), num_hospitals=10, sampled=10, rounds=5)
+    with pytest.raises(ValueError, match="one hospital's update"):
+        central_accountant(privacy(0.05), 20)
+    assert central_accountant(privacy(0.05), 19).config.target_delta == 0.05  # 0.95 < 1
 
 
 def test_a_resumed_central_dp_run_calibrates_for_the_whole_run() -> None:

@@ -30,6 +30,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedgan.config import PrivacySection
 from fedgan.privacy import default_delta
+from fedgan.privacy.accounting import check_delta
 
 #: Every hospital reports this metric as 1: Flower's accounted central DP averages with
 #: equal weights (a weight that depends on a hospital's data would leak it).
@@ -54,7 +55,13 @@ def central_accountant(
 ) -> RdpAccountant:
     """Flower's RDP accountant for releases over all hospitals (no sampling amplification),
     with the ``prior`` releases of the rounds a resumed run already trained composed in, so
-    its budget guard counts the whole run."""
+    its budget guard counts the whole run.
+
+    Raises:
+        ValueError: If ``privacy.delta`` is 1 / ``num_hospitals`` or more: its records are
+            whole hospitals, so such a delta allows publishing one hospital's update.
+    """
+    check_delta(cfg.delta, num_hospitals, "the federation", unit="hospitals")
     acc = RdpAccountant(
         PrivacyConfig(
             target_delta=cfg.delta or default_delta(num_hospitals),

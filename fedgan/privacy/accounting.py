@@ -57,17 +57,22 @@ def default_delta(n: int) -> float:
     return min(1.0 / (10.0 * max(n, 1)), 1e-5)
 
 
-def check_delta(delta: float, num_examples: int, who: str = "this hospital") -> None:
+def check_delta(
+    delta: float, num_examples: int, who: str = "this hospital", unit: str = "images"
+) -> None:
     """Refuses a delta of 1/n or more: at such a delta a mechanism that publishes one of the
-    n records outright is (0, delta)-DP, so the guarantee says nothing about a patient.
+    n records outright is (0, delta)-DP, so the guarantee says nothing about a patient (or,
+    for central DP, whose records are whole hospitals, ``unit="hospitals"``, about a
+    hospital).
 
     Raises:
-        ValueError: One line naming the hospital's size and the fix.
+        ValueError: One line naming the number of records and the fix.
     """
     if delta > 0 and delta * num_examples >= 1.0:
+        record = "a patient's image" if unit == "images" else "one hospital's update"
         raise ValueError(
-            f"privacy.delta {delta:g} is not below 1 / {num_examples} ({who}'s images): at "
-            "that delta the guarantee allows publishing a patient's image outright; set it "
+            f"privacy.delta {delta:g} is not below 1 / {num_examples} ({who}'s {unit}): at "
+            f"that delta the guarantee allows publishing {record} outright; set it "
             "well below 1/n (e.g. 1e-5), or 0 for 1/(10 n) capped at 1e-5"
         )
 
