@@ -29,8 +29,7 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedgan.config import PrivacySection
-from fedgan.privacy import default_delta
-from fedgan.privacy.accounting import check_delta
+from fedgan.privacy.accounting import check_delta, default_delta
 
 #: Every hospital reports this metric as 1: Flower's accounted central DP averages with
 #: equal weights (a weight that depends on a hospital's data would leak it).
