@@ -284,7 +284,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Centralized baseline and federated run(s) from one config, compared in one report."""
     from pathlib import Path
 
-    from fedgan.studies import dump_study_configs, load_study, run_study, study_from_args
+    from fedgan.studies import (
+        dump_study_configs,
+        load_study,
+        parse_seeds,
+        run_seeds,
+        run_study,
+        seed_folder,
+        study_from_args,
+    )
 
     if args.study:
         if args.config or args.variants:
@@ -300,16 +308,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
         study = study_from_args(
             args.config, args.overrides, args.variants, centralized=not args.no_centralized
         )
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if seeds is not None and any(o.split("=", 1)[0].strip() == "run.seed" for o in args.overrides):
+        raise ValueError("--seeds sets run.seed for every arm: drop --set run.seed")
+    if seeds is not None:
+        study.with_seed(seeds[0])  # an arm with its own seed: refused before anything prints
     base = resolve(load_config(study.config, list(study.overrides)))
     out = Path(args.out) if args.out else Path(base.run.output_dir) / study.name
     if args.dry_run:
-        print(dump_study_configs(study, out), end="")
+        for s in seeds or ():
+            print(f"# ===== seed {s}: {seed_folder(out, s)}")
+            print(dump_study_configs(study.with_seed(s), seed_folder(out, s)), end="")
+        if seeds is None:
+            print(dump_study_configs(study, out), end="")
         return 0
-    print(f"fedgan: comparing {', '.join(a.name for a in study.arms)} -> {out.resolve()}")
+    over = f" over seeds {', '.join(map(str, seeds))}" if seeds else ""
+    print(f"fedgan: comparing {', '.join(a.name for a in study.arms)}{over} -> {out.resolve()}")
     for line in plan_advice(study, out):
         print(f"fedgan: {line}", flush=True)
-    comparison = run_study(study, out, log=lambda line: print(line, flush=True))
-    print(f"fedgan: done in {comparison['wall_seconds']:.0f}s; report in {out / 'report.md'}")
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if seeds is not None:
+        result = run_seeds(study, seeds, out, log=log)
+    else:
+        result = run_study(study, out, log=log)
+    print(f"fedgan: done in {result['wall_seconds']:.0f}s; report in {out / 'report.md'}")
     return 0
 
 
@@ -437,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the pooled baseline (with --study: the plan's centralized arms)",
     )
     p.add_argument("--arms", help="with --study: only these arms of the plan (comma-separated)")
+    p.add_argument("--seeds", help="the whole comparison once per seed, e.g. 0-4 or 0,1,2: each "
+                   "in OUT/seed-<s>, and a report of every arm across the seeds and of each "
+                   "arm's gap to its reference, seed by seed")  # fmt: skip
     p.add_argument("--out", help="the comparison's folder (default: <run.output_dir>/<study>)")
     p.set_defaults(func=cmd_compare)
     data = sub.add_parser("data", help="inspect data sets and partitions").add_subparsers(

@@ -37,6 +37,9 @@ class Arm:
     name: str
     mode: str = "federated"
     overrides: tuple[str, ...] = ()
+    #: The arm this one is measured against in the report's gaps (a private arm against its
+    #: non-private twin); ``None``: the plan's pooled arm, for a federated arm.
+    against: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +66,8 @@ class Study:
         description: What the study asks (goes into the report).
         audit: Run ``fedgan audit`` (membership inference) on every synthesis arm once it has
             trained; the report shows each arm's attacks beside its epsilon.
+        seed: ``run.seed`` for every arm, set after the plan's and the arms' settings
+            (``fedgan compare --seeds``); ``None``: the seed the settings give.
     """
 
     name: str
@@ -72,6 +77,7 @@ class Study:
     description: str = ""
     expected: dict[str, str] = field(default_factory=dict)
     audit: bool = False
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.arms]
@@ -79,6 +85,34 @@ class Study:
             raise ValueError(f"study {self.name!r}: arm names repeat: {names}")
         if not self.arms:
             raise ValueError(f"study {self.name!r} has no arms")
+
+    def references(self) -> dict[str, str]:
+        """Each arm's reference for the report's gaps, among the arms this study runs: its
+        ``against``, else (for a federated arm) the first pooled arm. An arm whose reference
+        was left out (``--arms``) has none."""
+        names = {a.name for a in self.arms}
+        pooled = next((a.name for a in self.arms if a.mode == "centralized"), None)
+        refs = {}
+        for a in self.arms:
+            ref = a.against if a.against is not None else pooled if a.mode == "federated" else None
+            if ref is not None and ref in names and ref != a.name:
+                refs[a.name] = ref
+        return refs
+
+    def with_seed(self, seed: int) -> Study:
+        """The plan with every arm at ``run.seed=seed`` (``fedgan compare --seeds``).
+
+        Raises:
+            ValueError: If an arm sets its own seed (it would not follow ``--seeds``).
+        """
+        own = [a.name for a in self.arms if any(o.split("=", 1)[0].strip() == "run.seed"
+                                                 for o in a.overrides)]  # fmt: skip
+        if own:
+            raise ValueError(
+                f"arm {own[0]!r} of study {self.name!r} sets its own run.seed, which --seeds "
+                "would override; remove it from the arm's set: (the plan's own set: is fine)"
+            )
+        return replace(self, seed=int(seed))
 
     def without_centralized(self) -> Study:
         """The plan less its centralized arms (``fedgan compare --no-centralized``)."""
@@ -108,9 +142,11 @@ class Study:
 
     def arm_config(self, arm: Arm, out: Path) -> Config:
         """The resolved config of ``arm``, writing into ``out/<arm.name>``."""
+        seed = () if self.seed is None else (f"run.seed={self.seed}",)
         return resolve(load_config(
             self.config,
-            [*self.overrides, *arm.overrides, f"run.output_dir={out}", f"run.name={arm.name}"],
+            [*self.overrides, *arm.overrides, *seed, f"run.output_dir={out}",
+             f"run.name={arm.name}"],
         ))  # fmt: skip
 
 
@@ -170,14 +206,23 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = ()) -> Study:
     plan_arms = _mapping(raw.get("arms"), f"{p}: arms", "each arm's name to its mode and set")
     for name, spec in plan_arms.items():
         spec = _mapping(spec, f"{p}: arm {name!r}", "mode and set")
-        extra = set(spec) - {"mode", "set"}
+        extra = set(spec) - {"mode", "set", "against"}
         if extra:
             raise ValueError(
-                f"{p}: arm {name!r} has unknown keys {sorted(extra)}; allowed: ['mode', 'set'] "
-                "(its settings go under set)"
+                f"{p}: arm {name!r} has unknown keys {sorted(extra)}; allowed: ['against', "
+                "'mode', 'set'] (its settings go under set)"
             )
         settings = _settings(spec.get("set"), f"{p}: arm {name!r}: set")
-        arms.append(Arm(str(name), str(spec.get("mode", "federated")), settings))
+        against = spec.get("against")
+        arms.append(Arm(str(name), str(spec.get("mode", "federated")), settings,
+                        None if against is None else str(against)))  # fmt: skip
+    names = [a.name for a in arms]
+    for a in arms:  # checked on the whole plan: --arms may leave a reference out
+        if a.against is not None and (a.against == a.name or a.against not in names):
+            raise ValueError(
+                f"{p}: arm {a.name!r} is measured against {a.against!r}, which is not another "
+                f"of the plan's arms; name one of: {', '.join(n for n in names if n != a.name)}"
+            )
     expected = _mapping(raw.get("expected_runtime"), f"{p}: expected_runtime", "cpu, gpu to text")
     return Study(
         name=str(raw.get("name") or p.stem),
@@ -279,14 +324,9 @@ def _audit_arm(cfg: Config, log: Callable[[str], None]) -> None:
     log(f"[compare] {cfg.run.name}: audit AUC {aucs}")
 
 
-def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs every arm (reusing finished ones) and writes ``comparison.json``, ``report.md``,
-    ``report.html``, ``curves.png`` and ``samples.png`` in ``out``.
-
-    Returns:
-        The comparison (what ``comparison.json`` holds).
-    """
-    out = out.resolve()
+def _prepare(study: Study, out: Path) -> dict[str, Config]:
+    """Every arm's resolved config, checked before anything is written: one evaluation
+    protocol, no arm folder trained otherwise, each arm's data and warm start."""
     configs = {arm.name: study.arm_config(arm, out) for arm in study.arms}  # validate all first
     protocol = {name: asdict(cfg.eval) for name, cfg in configs.items()}
     if len({json.dumps(p, sort_keys=True) for p in protocol.values()}) != 1:
@@ -298,12 +338,27 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
         check_earlier_arm(cfg)
         preflight(cfg, pooled=arm.mode == "centralized")
         check_warm_start(cfg)
+    return configs
+
+
+def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs every arm (reusing finished ones) and writes ``comparison.json``, ``report.md``,
+    ``report.html``, ``curves.png`` and ``samples.png`` in ``out``.
+
+    Returns:
+        The comparison (what ``comparison.json`` holds).
+    """
+    out = out.resolve()
+    configs = _prepare(study, out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out / "study.yaml",
         yaml.safe_dump(
             {"name": study.name, "config": study.config, "set": list(study.overrides),
-             "arms": {a.name: {"mode": a.mode, "set": list(a.overrides)} for a in study.arms}},
+             "seed": study.seed,
+             "arms": {a.name: {"mode": a.mode, "set": list(a.overrides),
+                               **({"against": a.against} if a.against else {})}
+                      for a in study.arms}},
             sort_keys=False,
         ),
     )  # fmt: skip
@@ -321,8 +376,11 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
         study=study.name,
         description=study.description,
         base_config=study.config,
-        overrides=study.overrides,
+        overrides=study.overrides
+        if study.seed is None
+        else (*study.overrides, f"run.seed={study.seed}"),
         expected=study.expected,
+        references=study.references(),
     )
     comparison["wall_seconds"] = time.time() - started
     atomic_write_text(out / "comparison.json", dumps(comparison, indent=2, default=str))
@@ -331,8 +389,67 @@ def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> di
     return comparison
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: ``0,1,2``, ``0-4`` or a mix (``0-2,7``), in the order given.
+
+    Raises:
+        ValueError: One line naming what does not read, or a seed given twice.
+    """
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            first, dash, last = part.partition("-")
+            lo, hi = int(first), int(last) if dash else int(first)
+            if hi < lo or lo < 0:
+                raise ValueError
+            seeds += range(lo, hi + 1)
+    except ValueError:
+        raise ValueError(
+            f"--seeds {text!r}: expected seeds such as 0,1,2 or a range 0-4 (non-negative)"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give at least one seed, each once")
+    return tuple(seeds)
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    """Where one seed's comparison of ``fedgan compare --seeds`` goes."""
+    return out / f"seed-{seed}"
+
+
+def run_seeds(
+    study: Study, seeds: Sequence[int], out: Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """The whole study once per seed (``out/seed-<s>/``, each a comparison with its own
+    report), then ``seeds.json``, ``report.md`` and ``report.html`` in ``out``: every arm's
+    metrics across the seeds and each arm's gap to its reference, seed by seed. Every seed's
+    arms are checked before any trains; a stopped run picks up where it left off (finished
+    arms are reused, as in :func:`run_study`).
+
+    Returns:
+        The summary (what ``seeds.json`` holds).
+    """
+    out = out.resolve()
+    plans = {s: study.with_seed(s) for s in seeds}
+    for s, plan in plans.items():
+        _prepare(plan, seed_folder(out, s))
+    comparisons = {}
+    started = time.time()
+    for i, (s, plan) in enumerate(plans.items(), 1):
+        log(f"[compare] seed {s} ({i} of {len(plans)})")
+        comparisons[s] = run_study(plan, seed_folder(out, s), log)
+    from fedgan.report.seeds import summarize, write_seeds_report
+
+    summary = summarize(comparisons, {s: seed_folder(out, s).name for s in seeds})
+    summary["wall_seconds"] = time.time() - started
+    atomic_write_text(out / "seeds.json", dumps(summary, indent=2, default=str))
+    write_seeds_report(summary, out)
+    log(f"[compare] report over {len(plans)} seeds: {out / 'report.md'}")
+    return summary
+
+
 def dump_study_configs(study: Study, out: Path) -> str:
-    """Every arm's resolved config, for ``--dry-run``."""
+    """Every arm's resolved config, for ``--dry-run`` (one seed's: see :func:`seed_folder`)."""
     return "".join(
         f"# --- arm {arm.name} ({arm.mode})\n{dump_yaml(study.arm_config(arm, out))}"
         for arm in study.arms

@@ -252,3 +252,143 @@ def test_the_report_names_each_setting_once_with_the_value_that_ran() -> None:
     assert shown == ["model.family=dcgan", "run.seed=4", "data.partition=iid"]
     assert load_config(None, given).run.seed == 4  # what the loader ran is what is shown
     assert effective_settings([]) == []
+
+
+def test_seeds_parse_and_every_arm_follows_them(tmp_path: Path) -> None:
+    from fedgan.studies import parse_seeds, seed_folder
+
+    assert parse_seeds("0-2,7") == (0, 1, 2, 7)
+    assert parse_seeds(" 4 ") == (4,)
+    for bad in ("", "a", "2-1", "-1", "0,0", "1-3,2"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "set: {run.seed: 0}\n"
+        "arms: {pooled: {mode: centralized}, fed: {}, dp: {against: fed, set: {privacy.mode: "
+        "dp-sgd, privacy.target_epsilon: 10}}}\n"
+    )
+    study = load_study(plan)
+    assert study.references() == {"fed": "pooled", "dp": "fed"}  # a federated arm: the pooled
+    # the seed comes after the plan's and the arms' settings; each seed in its own folder
+    for s in (3, 5):
+        configs = [study.with_seed(s).arm_config(a, seed_folder(tmp_path, s)) for a in study.arms]
+        assert {c.run.seed for c in configs} == {s}
+        assert {c.run_dir.parent for c in configs} == {tmp_path / f"seed-{s}"}
+    assert study.arm_config(study.arms[0], tmp_path).run.seed == 0  # the plan itself untouched
+    # a part of the plan keeps the references it still runs
+    assert study.only(["dp"]).references() == {}
+    assert study.without_centralized().references() == {"dp": "fed"}
+    own = tmp_path / "own.yaml"
+    own.write_text("arms: {a: {set: {run.seed: 3}}}\n")
+    with pytest.raises(ValueError, match="arm 'a' of study 'own' sets its own run.seed"):
+        load_study(own).with_seed(1)
+    for against, says in (("me", "'me' is measured against 'me'"), ("x", "against 'x'")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"arms: {{a: {{}}, me: {{against: {against}}}}}\n")
+        with pytest.raises(ValueError, match=says):
+            load_study(bad)
+
+
+def test_a_gap_is_read_seed_by_seed_with_the_metric_s_direction() -> None:
+    from fedgan.evaluation.metrics import HIGHER, LOWER
+    from fedgan.report.compare import gap
+
+    # FD (lower is better) of a private arm against its non-private twin on three seeds
+    g = gap([1.2, 1.5, None, 1.8], [3.0, 0.5, 2.0, 1.8], LOWER)
+    assert g["seeds"] == 3  # the seed without the arm's figure is left out of both means
+    assert g["arm_mean"] == pytest.approx(1.5) and g["reference_mean"] == pytest.approx(5.3 / 3)
+    assert g["ratio_of_means"] == pytest.approx(1.5 / (5.3 / 3))
+    assert g["ratios"] == pytest.approx([0.4, 3.0, 1.0])
+    assert g["level_or_ahead"] == 2  # 1.2 < 3.0 and the tie 1.8 = 1.8; not 1.5 > 0.5
+    up = gap([0.7, 0.9], [0.8, 0.8], HIGHER)
+    assert up["level_or_ahead"] == 1 and up["ratio_of_means"] == pytest.approx(1.0)
+    zero = gap([0.01, 0.0], [0.0, 0.0], LOWER)  # a ratio to nothing means nothing
+    assert zero["ratios"] == [None, None] and zero["ratio_of_means"] is None
+    assert zero["level_or_ahead"] == 1
+    assert gap([None], [1.0], LOWER)["ratio_of_means"] is None
+
+
+def _fake_arm(fd: float, recall: float, wall: float, against: str | None) -> dict:
+    return {
+        "mode": "federated", "partition": "iid", "privacy": "none", "against": against,
+        "final": {"domain_fd_1k": fd, "domain_recall": recall},
+        "recent": {"domain_fd_1k": fd + 0.1}, "wall_seconds": wall, "max_epsilon": None,
+        "samples": "x/samples/round_0002.png", "audit": None,
+    }  # fmt: skip
+
+
+def test_the_summary_over_seeds_matches_an_independent_reading(tmp_path: Path) -> None:
+    import statistics
+
+    from fedgan.report.compare import gaps
+    from fedgan.report.seeds import spread, summarize, write_seeds_report
+
+    assert spread([2.0, None, 4.0, 9.0])["sd"] == pytest.approx(statistics.stdev([2, 4, 9]))
+    assert spread([1.0])["sd"] is None and spread([None])["mean"] is None
+    fd = {0: (1.2, 3.0), 1: (1.5, 0.5), 2: (1.8, 1.8)}  # seed: (dp, no-dp)
+    comparisons = {
+        s: {"study": "s", "metrics": ["domain_fd_1k", "domain_recall"],
+            "arms": {"no-dp": _fake_arm(ref, 0.9, 100.0, None),
+                     "dp": _fake_arm(arm, 0.8, 200.0 + s, "no-dp")}}
+        for s, (arm, ref) in fd.items()
+    }  # fmt: skip
+    for c in comparisons.values():  # what collect adds to each comparison
+        c["gaps"] = gaps([c["arms"]], c["metrics"])
+    assert comparisons[1]["gaps"]["dp"]["metrics"]["domain_fd_1k"]["final"]["ratios"] == [3.0]
+    summary = summarize(comparisons, {s: f"seed-{s}" for s in comparisons})
+    fd_dp = summary["arms"]["dp"]["final"]["domain_fd_1k"]
+    assert fd_dp["mean"] == pytest.approx(statistics.mean([1.2, 1.5, 1.8]))
+    assert fd_dp["sd"] == pytest.approx(statistics.stdev([1.2, 1.5, 1.8]))
+    assert list(summary["gaps"]) == ["dp"] and summary["gaps"]["dp"]["against"] == "no-dp"
+    row = summary["gaps"]["dp"]["metrics"]
+    assert row["domain_fd_1k"]["final"]["ratio_of_means"] == pytest.approx(1.5 / (5.3 / 3))
+    assert row["domain_fd_1k"]["recent"]["ratio_of_means"] == pytest.approx(1.6 / (5.6 / 3))
+    assert row["domain_recall"]["final"]["level_or_ahead"] == 0
+    assert row["wall_seconds"]["final"]["ratio_of_means"] == pytest.approx(201 / 100)
+    assert summary["arms"]["dp"]["samples"][2] == "seed-2/x/samples/round_0002.png"
+    write_seeds_report(summary, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| | dp / no-dp |" in report
+    assert "| domain_fd_1k ↓ | 0.85x (0.86x); 0.40-3.00x; 2/3 |" in report
+    assert "| wall time (s) ↓ | 2.01x; 2.00-2.02x; 0/3 |" in report
+    assert '<a href="seed-1/report.md">' in (tmp_path / "report.html").read_text()
+    comparisons[2]["arms"].pop("dp")
+    with pytest.raises(ValueError, match="seed 2's comparison holds other arms"):
+        summarize(comparisons, {s: f"seed-{s}" for s in comparisons})
+
+
+@pytest.mark.slow
+def test_a_study_over_two_seeds_trains_each_and_reports_both(
+    tmp_path: Path, toy_overrides: list[str]
+) -> None:
+    from fedgan.config import load_config
+    from fedgan.studies import run_seeds
+
+    toy = [*toy_overrides, "data.num_images=64", "federation.num_hospitals=2",
+           "federation.num_rounds=1", "eval.final_metrics="]  # fmt: skip
+    study = study_from_args(None, toy, [], centralized=True)
+    out = tmp_path / "cmp"
+    messages: list[str] = []
+    summary = run_seeds(study, [0, 1], out, log=messages.append)
+    assert json.loads((out / "seeds.json").read_text())["seeds"] == [0, 1]
+    fds = []
+    for s in (0, 1):
+        comparison = json.loads((out / f"seed-{s}" / "comparison.json").read_text())
+        for name, arm in comparison["arms"].items():
+            assert load_config(out / f"seed-{s}" / arm["config"]).run.seed == s
+            across = summary["arms"][name]["final"]["domain_fd_1k"]["values"]
+            assert across[s] == arm["final"]["domain_fd_1k"]
+        fds.append(comparison["arms"]["federated"]["final"]["domain_fd_1k"])
+        assert comparison["gaps"]["federated"]["against"] == "centralized"
+    assert fds[0] != fds[1]  # two seeds, two draws
+    gap = summary["gaps"]["federated"]["metrics"]["domain_fd_1k"]["final"]
+    assert gap["seeds"] == 2 and len(gap["ratios"]) == 2
+    report = (out / "report.md").read_text()
+    assert "over seeds 0, 1" in report and "| | federated / centralized |" in report
+    assert (out / "seed-1" / "samples.png").is_file() and (out / "report.html").is_file()
+    # a second call trains nothing: every arm of every seed is reused
+    messages.clear()
+    again = run_seeds(study, [0, 1], out, log=messages.append)
+    assert sum("finished earlier" in m for m in messages) == 4
+    assert again["gaps"] == summary["gaps"]

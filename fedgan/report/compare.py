@@ -100,8 +100,11 @@ def collect(
     base_config: str | None = None,
     overrides: Sequence[str] = (),
     expected: dict[str, str] | None = None,
+    references: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Gathers each arm's summary, final metrics, privacy and curves from its run directory."""
+    """Gathers each arm's summary, final metrics, privacy and curves from its run directory,
+    and each arm's gap to its reference arm (``references``: arm -> the arm it is measured
+    against; see :func:`gaps`)."""
     arms: dict[str, Any] = {}
     for arm in arm_runs:
         rd = RunDir(arm.run_dir)
@@ -132,6 +135,7 @@ def collect(
             "audit": _audit(rd.path),
             "warm_start": summary.get("warm_start"),
             "selected": summary.get("selected"),
+            "against": (references or {}).get(arm.name),
         }
         arms[arm.name]["recent"] = {
             key: sum(c["value"][-RECENT:]) / len(c["value"][-RECENT:])
@@ -145,6 +149,7 @@ def collect(
         )
     metrics = sorted({k for a in arms.values() for k in a["final"] if not k.endswith("_std")})
     return {
+        "gaps": gaps([arms], metrics),
         "study": study,
         "description": description,
         "base_config": base_config,
@@ -153,6 +158,116 @@ def collect(
         "metrics": metrics,
         "arms": arms,
     }
+
+
+# --- gaps ----------------------------------------------------------------------------------
+
+#: The cost beside the metrics in a gap: each arm's wall time, lower is better.
+WALL = "wall_seconds"
+
+
+def _figure(arm: dict[str, Any], which: str, key: str) -> float | None:
+    """An arm's ``final`` or ``recent`` value of ``key`` (its wall time for :data:`WALL`)."""
+    if key == WALL:
+        value = arm.get(WALL) if which == "final" else None
+    else:
+        value = (arm.get(which) or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def gap(values: Sequence[float | None], reference: Sequence[float | None], better: str) -> dict:
+    """One metric of one arm against its reference, seed by seed (a list per seed; None where
+    a seed lacks the figure): the ratio of the two means (steadier than any one seed's, whose
+    reference can swing), each seed's ratio, and on how many seeds the arm is level with its
+    reference or ahead of it (``better``: :data:`HIGHER` or :data:`LOWER`). A ratio is None
+    where it means nothing (a reference of 0 or below, a negative figure)."""
+    pairs = [(a, r) for a, r in zip(values, reference, strict=True)
+             if a is not None and r is not None]  # fmt: skip
+
+    def ratio(a: float, r: float) -> float | None:
+        return a / r if r > 0 and a >= 0 else None
+
+    mean_a = sum(a for a, _ in pairs) / len(pairs) if pairs else None
+    mean_r = sum(r for _, r in pairs) / len(pairs) if pairs else None
+    return {
+        "seeds": len(pairs),
+        "arm_mean": mean_a,
+        "reference_mean": mean_r,
+        "ratio_of_means": None if mean_a is None or mean_r is None else ratio(mean_a, mean_r),
+        "ratios": [ratio(a, r) for a, r in pairs],
+        "level_or_ahead": sum((a <= r) if better == LOWER else (a >= r) for a, r in pairs),
+    }
+
+
+def gaps(runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
+    """Each arm against the arm it names in ``against``, on every metric with a better side
+    and on wall time: ``{arm: {"against": ref, "metrics": {key: {"final": gap, "recent":
+    gap}}}}``. ``runs``: one comparison's ``arms`` per seed (one for a single comparison)."""
+    result: dict[str, Any] = {}
+    for name, arm in runs[0].items():
+        ref = arm.get("against")
+        if not ref or ref not in runs[0]:
+            continue
+        table = {}
+        for key in [*(m for m in metrics if direction(m) in (HIGHER, LOWER)), WALL]:
+            better = LOWER if key == WALL else str(direction(key))
+            table[key] = {
+                which: gap([_figure(r[name], which, key) for r in runs],
+                           [_figure(r[ref], which, key) for r in runs], better)
+                for which in ("final", "recent")
+            }  # fmt: skip
+        result[name] = {"against": ref, "metrics": table}
+    return result
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def gap_lines(comparison_gaps: dict[str, Any], several: bool) -> list[str]:
+    """Markdown lines of :func:`gaps`: one row per metric, one column per arm and reference
+    (none if no arm has a reference). ``several``: the gaps span several seeds."""
+    if not comparison_gaps:
+        return []
+    columns = list(comparison_gaps)
+    keys = list(next(iter(comparison_gaps.values()))["metrics"])
+    rows = []
+    for key in keys:
+        cells = []
+        for name in columns:
+            final = comparison_gaps[name]["metrics"][key]["final"]
+            recent = comparison_gaps[name]["metrics"][key]["recent"]
+            cell = _ratio(final["ratio_of_means"])
+            if recent["seeds"]:
+                cell += f" ({_ratio(recent['ratio_of_means'])})"
+            ratios = [r for r in final["ratios"] if r is not None]
+            if several and ratios:
+                cell += f"; {min(ratios):.2f}-{max(ratios):.2f}x"
+            if several and final["seeds"]:
+                cell += f"; {final['level_or_ahead']}/{final['seeds']}"
+            cells.append(cell)
+        label = "wall time (s) ↓" if key == WALL else f"{key} {_direction(key)}"
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    per_seed = (
+        "The ratio of the arms' means over the seeds (of the means of their last "
+        f"{RECENT} evaluations in brackets); then the range of the seeds' own ratios, and on "
+        "how many seeds the arm was level with its reference or ahead of it (last evaluation)."
+        if several
+        else f"The arm's last evaluation over its reference's (in brackets, the means of their "
+        f"last {RECENT} evaluations)."
+    )
+    return [
+        "## Gaps: each arm against its reference",
+        "",
+        "Each arm over the arm it is measured against (a plan's `against:`; else, for a "
+        "federated arm, the pooled one). " + per_seed + " Below 1x is lower, above 1x higher: "
+        "read it with the metric's arrow.",
+        "",
+        "| | " + " | ".join(f"{n} / {comparison_gaps[n]['against']}" for n in columns) + " |",
+        "|" + "---|" * (len(columns) + 1),
+        *rows,
+        "",
+    ]
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -266,6 +381,7 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         "ε is the largest any hospital spent.",
         "",
         *(f"{n}\n" for n in notes),
+        *gap_lines(comparison.get("gaps") or {}, several=False),
         *_selected_table(arms),
         *_epsilon_table(arms),
         *_audit_table(arms),
