@@ -48,18 +48,33 @@ class RunSection:
             current directory of the process that resolves the config).
         seed: Seeds data generation, partitioning, initialization and sampling.
         resume: Continue from the run directory's latest checkpoint instead of starting over.
+        keep_checkpoints: How many of the newest rounds' checkpoints a run keeps on disk; 0
+            keeps every round's. Round 0 (the start), the round ``eval.select`` chose
+            (``checkpoints/best``) and every round whose line of ``metrics.jsonl`` is not
+            written yet are kept too, and never fewer than ``eval.average_rounds`` newest
+            (a resumed run averages them again). At least 2, so that a resume has an older
+            checkpoint to fall back on. A long study's checkpoints otherwise grow with its
+            rounds until the disk is full.
     """
 
     name: str = "default"
     output_dir: str = "runs"
     seed: int = 0
     resume: bool = False
+    keep_checkpoints: int = 0
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
             _fail("run.name", f"must be a plain folder name (no '/', spaces), got {self.name!r}")
         if not self.output_dir:
             _fail("run.output_dir", "must not be empty")
+        keep = self.keep_checkpoints
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0 or keep == 1:
+            _fail(
+                "run.keep_checkpoints",
+                f"must be 0 (keep every round's) or 2 or more (the newest rounds' kept), got "
+                f"{keep!r}: with 1 a resume would have no older checkpoint to fall back on",
+            )
 
 
 @dataclass(frozen=True)

@@ -277,7 +277,8 @@ def check_output_dir(cfg: Config) -> None:
 #: Keys that only say where things are on this machine, or how this process runs: a run
 #: continued, or an arm reused, with them set otherwise is the same run.
 LOCATORS = frozenset({
-    "run.name", "run.output_dir", "run.resume", "data.path", "eval.cache_dir",
+    "run.name", "run.output_dir", "run.resume", "run.keep_checkpoints", "data.path",
+    "eval.cache_dir",
     "eval.inception_weights", "eval.lpips_weights", "eval.background", "task.vgg_weights",
     "train.device", "federation.concurrent_hospitals",
 })  # fmt: skip

@@ -190,6 +190,24 @@ class RunDir:
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")
         return path
 
+    def prune_checkpoints(self, keep: int, protect: set[int]) -> list[int]:
+        """Deletes ``round_<k>.pt`` files but the ``keep`` newest rounds' and those in
+        ``protect`` (the file ``latest`` names is always among the newest). Returns the
+        rounds deleted."""
+        rounds = sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("round_*.pt")
+                        if p.stem.split("_")[1].isdigit())  # fmt: skip
+        newest = set(rounds[-keep:]) if keep > 0 else set(rounds)
+        pointer = self.checkpoints / "latest"
+        named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+        gone = []
+        for round_ in rounds:
+            path = self.checkpoints / f"round_{round_:04d}.pt"
+            if round_ in newest or round_ in protect or path.name == named:
+                continue
+            path.unlink(missing_ok=True)
+            gone.append(round_)
+        return gone
+
     @property
     def best_pointer(self) -> Path:
         """``checkpoints/best``: the round ``eval.select`` chose, as JSON (``checkpoint``,

@@ -142,6 +142,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      lambda t: ["simulate", "--set", "privacy.mode=dp-sgd", "--set", "privacy.target_epsilon=10",
                 "--set", "train.critic_max=2"],
      "'train.critic_max': 2 is below 3, where the adaptive schedule starts"),
+    ("one checkpoint kept", lambda t: ["simulate", "--set", "run.keep_checkpoints=1"],
+     "'run.keep_checkpoints': must be 0 (keep every round's) or 2 or more"),
     ("unknown family", lambda t: ["simulate", "--set", "model.family=big"], "allowed: cgan"),
     ("a run config given as a study plan",
      lambda t: ["compare", "--study", str(REPO / "configs" / "default.yaml"), "--out",

@@ -367,3 +367,81 @@ def test_a_round_releases_the_mean_of_the_last_rounds_and_resumes_from_its_own(
     assert level(seen.states[4]) == {3.5}  # rounds 3 and 4: round 2 is unreadable
     assert level(seen.states[5]) == {4.0}  # rounds 3, 4 and 5
     assert level(rd.load_checkpoint()["train_state"]) == {5.0}
+
+
+def test_pruning_keeps_the_newest_rounds_the_protected_and_the_latest(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "r")
+    for k in range(7):
+        rd.save_checkpoint(k, {"w": torch.zeros(1)}, {})
+    (rd.checkpoints / "latest").write_text("round_0003.pt\n")  # a pointer behind the files
+    assert rd.prune_checkpoints(2, protect={0, 1}) == [2, 4]
+    assert [p.name for p in sorted(rd.checkpoints.glob("round_*.pt"))] == [
+        "round_0000.pt", "round_0001.pt", "round_0003.pt", "round_0005.pt", "round_0006.pt"
+    ]  # fmt: skip
+    assert rd.prune_checkpoints(2, protect=set()) == [0, 1]
+    assert rd.load_checkpoint()["round"] == 3
+
+
+def test_a_run_keeps_its_newest_checkpoints_the_start_and_the_chosen_round(
+    toy_config: Config,
+) -> None:
+    from fedgan.experiment import resolve
+    from fedgan.runs import RoundRecord, RunRecorder
+
+    cfg = resolve(with_changes(toy_config, task={"name": "anomaly"}, data={"train_label": 0},
+                               federation={"num_rounds": 6}, run={"keep_checkpoints": 2},
+                               eval={"select": "anomaly_val_auc"}))  # fmt: skip
+    values = {1: 0.6, 2: 0.9, 3: 0.7, 4: 0.5, 5: 0.6, 6: 0.65, 7: 0.95, 8: 0.5}
+
+    def train(config: Config, rounds: range) -> None:
+        recorder = RunRecorder(config, "centralized", _Scripted(values), log=lambda _: None)
+        state = recorder.start()
+        for round_ in rounds:
+            record = RoundRecord.centralized(round_, num_examples=1, examples_seen=1,
+                                             d_loss=0.0, g_loss=0.0, train_seconds=0.0)  # fmt: skip
+            recorder.end_round(record, state)
+        recorder.finish()
+
+    rd = RunDir(cfg.run_dir)
+
+    def kept() -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in rd.checkpoints.glob("round_*.pt"))
+
+    train(cfg, range(1, 7))
+    assert kept() == [0, 2, 5, 6]  # the start, the chosen round, the two newest
+    assert rd.read_best()["round"] == 2 and rd.load_checkpoint("best")["round"] == 2
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3, 4, 5, 6]  # every line stays
+    # a resume with more rounds goes on from round 6; round 2 is let go once 7 is chosen
+    more = with_changes(cfg, run={"resume": True}, federation={"num_rounds": 8})
+    train(more, range(7, 9))
+    assert kept() == [0, 7, 8] and rd.read_best()["round"] == 7
+    # averaging the last three rounds needs them on a resume: never fewer are kept
+    averaged = with_changes(cfg, run={"name": "avg"}, eval={"average_rounds": 3, "select": ""})
+    train(averaged, range(1, 7))
+    assert sorted(int(p.stem[6:]) for p in RunDir(averaged.run_dir).checkpoints.glob("*.pt")) \
+        == [0, 4, 5, 6]  # fmt: skip
+
+
+def test_a_run_whose_checkpoints_will_not_fit_says_so_in_one_line(
+    toy_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    lines: list[str] = []
+    train_centralized(with_changes(toy_config, federation={"num_rounds": 2}), log=lines.append)
+    warned = [line for line in lines if line.startswith("warning: the 2 round(s) to come")]
+    assert len(warned) == 1 and "set run.keep_checkpoints=2" in warned[0], lines
+    assert "has 0 MB free" in warned[0] and "--set run.resume=true" in warned[0]
+    lines.clear()
+    kept = with_changes(toy_config, run={"name": "kept", "keep_checkpoints": 2},
+                        federation={"num_rounds": 2})  # fmt: skip
+    train_centralized(kept, log=lines.append)
+    warned = [line for line in lines if line.startswith("warning:")]
+    assert len(warned) == 1 and "free space" in warned[0] and "keep_checkpoints" not in warned[0]
+    monkeypatch.undo()
+    lines.clear()
+    train_centralized(with_changes(toy_config, run={"name": "roomy"}), log=lines.append)
+    assert not [line for line in lines if line.startswith("warning:")]

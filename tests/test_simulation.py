@@ -73,16 +73,19 @@ def test_three_hospitals_two_rounds_then_resume(tmp_path: Path) -> None:
     # The same name again is refused (nothing is overwritten) ...
     again = simulate(tmp_path, "federation.num_hospitals=3", "federation.num_rounds=2")
     assert again.returncode == 2 and "run.resume=true" in again.stderr
-    # ... and resuming continues from the latest checkpoint.
-    more = simulate(
-        tmp_path, "federation.num_hospitals=3", "federation.num_rounds=3", "run.resume=true"
-    )
+    # ... and resuming continues from the latest checkpoint, here keeping only the two
+    # newest rounds' checkpoints (and round 0) while the evaluation process reads them.
+    more = simulate(tmp_path, "federation.num_hospitals=3", "federation.num_rounds=5",
+                    "run.resume=true", "run.keep_checkpoints=2")  # fmt: skip
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
-    assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3]
+    assert [r["round"] for r in rd.read_metrics()] == [1, 2, 3, 4, 5]
+    assert all("domain_fd_1k" in r["eval"] for r in rd.read_metrics())  # none lost
+    kept = sorted(p.name for p in rd.checkpoints.glob("round_*.pt"))
+    assert kept == ["round_0000.pt", "round_0004.pt", "round_0005.pt"]
     # Each hospital's optimizer continued across the resume (kept on its side of the disk):
-    # 2 local steps a round, one discriminator step each, three rounds.
+    # 2 local steps a round, one discriminator step each, five rounds.
     last = rd.read_metrics()[-1]["hospitals"]
-    assert {h["optimizer_steps"] for h in last.values()} == {3 * 2}
+    assert {h["optimizer_steps"] for h in last.values()} == {5 * 2}
 
 
 BROKEN_CLIENT = """

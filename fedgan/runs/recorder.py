@@ -98,8 +98,32 @@ class RunRecorder:
             self.run_dir.write_best(self.best)
         if self._background_wanted:
             self.background = BackgroundEvaluator(self.cfg, self.run_dir.samples)
+        self._check_disk()
         self.last_tick = time.perf_counter()
         return state
+
+    def _check_disk(self) -> None:
+        """One line of warning when the checkpoints still to come will not fit on the disk
+        that holds them (the run goes on: a full disk stops it resumably, losing no round)."""
+        import shutil
+
+        latest = self.run_dir.latest_checkpoint_path()
+        if latest is None:
+            return
+        rounds = max(self.cfg.federation.num_rounds - self.start_round, 0)
+        keep = self.cfg.run.keep_checkpoints
+        kept = rounds if keep == 0 else min(rounds, max(keep, self.cfg.eval.average_rounds) + 2)
+        each = latest.stat().st_size * (2 if self.cfg.eval.average_rounds > 1 else 1)
+        need, free = kept * each, shutil.disk_usage(latest.parent).free
+        if need > free:
+            advice = ("set run.keep_checkpoints=2 (or more) to keep only the newest rounds', "
+                      "or free space" if keep == 0 else "free space")  # fmt: skip
+            self.log(
+                f"warning: the {rounds} round(s) to come write about {need / 1e6:,.0f} MB of "
+                f"checkpoints ({each / 1e6:.1f} MB each) and the disk holding "
+                f"{self.run_dir.checkpoints} has {free / 1e6:,.0f} MB free: {advice}; if it "
+                "fills, the run stops and continues with --set run.resume=true"
+            )
 
     def _start(self) -> dict[str, torch.Tensor]:
         rd = self.run_dir
@@ -354,6 +378,7 @@ class RunRecorder:
         """One round's line, then the plots."""
         self.run_dir.append_metrics(line)
         self._choose(line)
+        self._prune()
         if line.get("eval") is not None:
             plot_metrics(
                 self.run_dir.read_metrics(),
@@ -361,6 +386,19 @@ class RunRecorder:
                 title=f"{self.cfg.run.name} ({self.mode})",
             )
             self._tensorboard(int(line["round"]), line)
+
+    def _prune(self) -> None:
+        """Deletes the checkpoints ``run.keep_checkpoints`` lets go (see
+        :class:`fedgan.config.RunSection`): never round 0, the chosen round, a round whose
+        line is still owed (the evaluation process reads it; a crash writes the line from it)
+        or one of the newest kept."""
+        keep = self.cfg.run.keep_checkpoints
+        if keep == 0:
+            return
+        keep = max(keep, self.cfg.eval.average_rounds)
+        owed = {int(p.line["round"]) for p in self.pending}
+        chosen = {int(b["round"]) for b in (self.best, self.run_dir.read_best()) if b}
+        self.run_dir.prune_checkpoints(keep, protect={0, *owed, *chosen})
 
     def flush(self) -> None:
         """Commits every pending round (waiting for its evaluation) and stops the evaluation
