@@ -690,7 +690,7 @@ class EvalSection:
             measured on held-out images that the test figures never see may choose, so the
             chosen round's test figures stay honest. Empty keeps the last round only.
         average_rounds: The weights a round releases (its checkpoint's ``state``: what is
-            evaluated, selected, and what ``fedgan detect``, ``sample``, ``export`` and a
+            evaluated, selected, and what ``fedgan detect``, ``sample``, ``audit`` and a
             warm start read) are the mean of the global weights of the last this many
             rounds, round 0's random start left out; 1: the round's own. Training goes on
             from the round's own weights (kept as the checkpoint's ``train_state``), so the

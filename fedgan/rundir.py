@@ -190,12 +190,16 @@ class RunDir:
         atomic_write_text(self.checkpoints / "latest", path.name + "\n")
         return path
 
+    def checkpoint_rounds(self) -> list[int]:
+        """The rounds that have a ``round_<k>.pt`` file, in order."""
+        return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("round_*.pt")
+                      if p.stem.split("_")[1].isdigit())  # fmt: skip
+
     def prune_checkpoints(self, keep: int, protect: set[int]) -> list[int]:
         """Deletes ``round_<k>.pt`` files but the ``keep`` newest rounds' and those in
         ``protect`` (the file ``latest`` names is always among the newest). Returns the
         rounds deleted."""
-        rounds = sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("round_*.pt")
-                        if p.stem.split("_")[1].isdigit())  # fmt: skip
+        rounds = self.checkpoint_rounds()
         newest = set(rounds[-keep:]) if keep > 0 else set(rounds)
         pointer = self.checkpoints / "latest"
         named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
@@ -294,8 +298,7 @@ class RunDir:
                 return candidate
         elif (self.checkpoints / text).is_file() and Path(text).name == text:
             return self.checkpoints / text
-        rounds = sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("round_*.pt")
-                        if p.stem.split("_")[1].isdigit())  # fmt: skip
+        rounds = self.checkpoint_rounds()
         if text == "best":
             why = "the run has no round chosen by eval.select"
         else:

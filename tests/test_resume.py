@@ -198,22 +198,28 @@ class _Scripted:
         return {"anomaly_val_auc": self.values[round_], "anomaly_auc": -float(round_)}
 
 
+def _train_scripted(recorder: object, rounds: range) -> None:
+    """Rounds of nothing through a real recorder: what it keeps and chooses is tested."""
+    from fedgan.runs import RoundRecord, RunRecorder
+
+    assert isinstance(recorder, RunRecorder)
+    state = recorder.start()
+    for round_ in rounds:
+        record = RoundRecord.centralized(round_, num_examples=1, examples_seen=1,
+                                         d_loss=0.0, g_loss=0.0, train_seconds=0.0)  # fmt: skip
+        recorder.end_round(record, state)
+    recorder.finish()
+
+
 def test_the_round_chosen_on_validation_survives_a_resume(toy_config: Config) -> None:
     from fedgan.experiment import resolve
-    from fedgan.runs import RoundRecord, RunRecorder
+    from fedgan.runs import RunRecorder
 
     cfg = resolve(with_changes(toy_config, task={"name": "anomaly"},
                                data={"train_label": 0}, federation={"num_rounds": 4},
                                eval={"select": "anomaly_val_auc"}))  # fmt: skip
     values = {1: 0.6, 2: 0.7, 3: 0.9, 4: 0.9}
-
-    def train(recorder: RunRecorder, rounds: range) -> None:
-        state = recorder.start()
-        for round_ in rounds:
-            record = RoundRecord.centralized(round_, num_examples=1, examples_seen=1,
-                                             d_loss=0.0, g_loss=0.0, train_seconds=0.0)  # fmt: skip
-            recorder.end_round(record, state)
-        recorder.finish()
+    train = _train_scripted
 
     train(RunRecorder(cfg, "centralized", _Scripted(values), log=lambda _: None), range(1, 5))
     rd = RunDir(cfg.run_dir)
@@ -386,7 +392,7 @@ def test_a_run_keeps_its_newest_checkpoints_the_start_and_the_chosen_round(
     toy_config: Config,
 ) -> None:
     from fedgan.experiment import resolve
-    from fedgan.runs import RoundRecord, RunRecorder
+    from fedgan.runs import RunRecorder
 
     cfg = resolve(with_changes(toy_config, task={"name": "anomaly"}, data={"train_label": 0},
                                federation={"num_rounds": 6}, run={"keep_checkpoints": 2},
@@ -395,12 +401,7 @@ def test_a_run_keeps_its_newest_checkpoints_the_start_and_the_chosen_round(
 
     def train(config: Config, rounds: range) -> None:
         recorder = RunRecorder(config, "centralized", _Scripted(values), log=lambda _: None)
-        state = recorder.start()
-        for round_ in rounds:
-            record = RoundRecord.centralized(round_, num_examples=1, examples_seen=1,
-                                             d_loss=0.0, g_loss=0.0, train_seconds=0.0)  # fmt: skip
-            recorder.end_round(record, state)
-        recorder.finish()
+        _train_scripted(recorder, rounds)
 
     rd = RunDir(cfg.run_dir)
 
