@@ -341,15 +341,21 @@ def _prepare(study: Study, out: Path) -> dict[str, Config]:
     return configs
 
 
-def run_study(study: Study, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_study(
+    study: Study,
+    out: Path,
+    log: Callable[[str], None] = print,
+    prepared: dict[str, Config] | None = None,
+) -> dict[str, Any]:
     """Runs every arm (reusing finished ones) and writes ``comparison.json``, ``report.md``,
-    ``report.html``, ``curves.png`` and ``samples.png`` in ``out``.
+    ``report.html``, ``curves.png`` and ``samples.png`` in ``out``. ``prepared``: the arms'
+    configs as :func:`_prepare` checked them for this ``out`` (:func:`run_seeds`).
 
     Returns:
         The comparison (what ``comparison.json`` holds).
     """
     out = out.resolve()
-    configs = _prepare(study, out)
+    configs = prepared if prepared is not None else _prepare(study, out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out / "study.yaml",
@@ -431,13 +437,12 @@ def run_seeds(
     """
     out = out.resolve()
     plans = {s: study.with_seed(s) for s in seeds}
-    for s, plan in plans.items():
-        _prepare(plan, seed_folder(out, s))
+    prepared = {s: _prepare(plan, seed_folder(out, s)) for s, plan in plans.items()}
     comparisons = {}
     started = time.time()
     for i, (s, plan) in enumerate(plans.items(), 1):
         log(f"[compare] seed {s} ({i} of {len(plans)})")
-        comparisons[s] = run_study(plan, seed_folder(out, s), log)
+        comparisons[s] = run_study(plan, seed_folder(out, s), log, prepared[s])
     from fedgan.report.seeds import summarize, write_seeds_report
 
     summary = summarize(comparisons, {s: seed_folder(out, s).name for s in seeds})
