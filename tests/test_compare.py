@@ -386,6 +386,7 @@ def test_a_study_over_two_seeds_trains_each_and_reports_both(
     assert gap["seeds"] == 2 and len(gap["ratios"]) == 2
     report = (out / "report.md").read_text()
     assert "over seeds 0, 1" in report and "| | federated / centralized |" in report
+    assert "| partition | – | iid |" in report  # the pooled arm has no partition
     assert (out / "seed-1" / "samples.png").is_file() and (out / "report.html").is_file()
     # a second call trains nothing: every arm of every seed is reused
     messages.clear()

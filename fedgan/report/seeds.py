@@ -63,7 +63,7 @@ def summarize(comparisons: dict[int, dict[str, Any]], folders: dict[int, str]) -
         attacks = sorted({k for a in audits for k in a.get("attacks", {})})
         arms[name] = {
             "mode": runs[0]["mode"],
-            "partition": runs[0]["partition"],
+            "partition": runs[0]["partition"] if runs[0]["mode"] == "federated" else "–",
             "privacy": runs[0]["privacy"],
             "against": runs[0].get("against"),
             "final": {m: spread([_number(r["final"].get(m)) for r in runs]) for m in metrics},
