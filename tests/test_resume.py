@@ -416,6 +416,18 @@ def test_a_run_keeps_its_newest_checkpoints_the_start_and_the_chosen_round(
     more = with_changes(cfg, run={"resume": True}, federation={"num_rounds": 8})
     train(more, range(7, 9))
     assert kept() == [0, 7, 8] and rd.read_best()["round"] == 7
+    # a resume that passed over torn newer files keeps the round it started from until its
+    # own rounds replace them: a second crash still has a whole checkpoint to go back to
+    for k in (7, 8):
+        (rd.checkpoints / f"round_{k:04d}.pt").write_bytes(b"torn")
+    rd.save_checkpoint(6, rd.load_checkpoint(rd.checkpoints / "round_0000.pt")["state"], {})
+    (rd.checkpoints / "latest").write_text("round_0008.pt\n")  # the pointer names a torn one
+    torn = with_changes(cfg, run={"resume": True}, federation={"num_rounds": 9})
+    recorder = RunRecorder(torn, "centralized", _Scripted(values), log=lambda _: None)
+    recorder.start()
+    assert recorder.start_round == 6 and kept() == [0, 6, 7, 8]
+    recorder._prune(6)  # what writing a line would do before the run's own rounds exist
+    assert kept() == [0, 6, 7, 8]
     # averaging the last three rounds needs them on a resume: never fewer are kept
     averaged = with_changes(cfg, run={"name": "avg"}, eval={"average_rounds": 3, "select": ""})
     train(averaged, range(1, 7))

@@ -378,7 +378,7 @@ class RunRecorder:
         """One round's line, then the plots."""
         self.run_dir.append_metrics(line)
         self._choose(line)
-        self._prune()
+        self._prune(int(line["round"]))
         if line.get("eval") is not None:
             plot_metrics(
                 self.run_dir.read_metrics(),
@@ -387,18 +387,21 @@ class RunRecorder:
             )
             self._tensorboard(int(line["round"]), line)
 
-    def _prune(self) -> None:
+    def _prune(self, written: int) -> None:
         """Deletes the checkpoints ``run.keep_checkpoints`` lets go (see
         :class:`fedgan.config.RunSection`): never round 0, the chosen round, a round whose
-        line is still owed (the evaluation process reads it; a crash writes the line from it)
-        or one of the newest kept."""
+        line is still owed (the evaluation process reads it; a crash writes the line from it),
+        the round a resumed run started from until the run has written as many of its own
+        (newer files may be the torn ones it passed over), or one of the newest kept.
+        ``written``: the round whose line was just written."""
         keep = self.cfg.run.keep_checkpoints
         if keep == 0:
             return
         keep = max(keep, self.cfg.eval.average_rounds)
         owed = {int(p.line["round"]) for p in self.pending}
         chosen = {int(b["round"]) for b in (self.best, self.run_dir.read_best()) if b}
-        self.run_dir.prune_checkpoints(keep, protect={0, *owed, *chosen})
+        start = {self.start_round} if written - self.start_round < keep else set()
+        self.run_dir.prune_checkpoints(keep, protect={0, *start, *owed, *chosen})
 
     def flush(self) -> None:
         """Commits every pending round (waiting for its evaluation) and stops the evaluation
