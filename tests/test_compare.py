@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fedgan.cli import main
+from fedgan.rundir import RunDir
 from fedgan.studies import Arm, load_study, parse_variant, run_study, study_from_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,6 +171,29 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     messages.clear()
     run_study(moved, out, log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 3
+    # A metric computed after training on the last round's checkpoint (the standard FID of a
+    # study run with domain metrics) joins that arm's row when the study is collected again;
+    # one of an earlier round does not, nor does a later reading of a metric training recorded.
+    dp_run = out / arms["dp"]["run_dir"]
+    assert main(["evaluate", "--run", str(dp_run), "--metrics", "domain_kd_2k"]) == 0
+    assert main(["evaluate", "--run", str(dp_run), "--checkpoint", "1",
+                 "--metrics", "domain_fd_2k"]) == 0  # fmt: skip
+    RunDir(dp_run).append_metrics(
+        {"round": 2, "mode": "evaluate", "eval": {"domain_fd_1k": 999.0}, "skipped": {}}
+    )
+    later = [r for r in RunDir(dp_run).read_metrics() if r.get("mode") == "evaluate"]
+    messages.clear()
+    after = run_study(moved, out, log=messages.append)["arms"]
+    assert sum("finished earlier" in m for m in messages) == 3
+    assert after["dp"]["final"]["domain_kd_2k"] == later[0]["eval"]["domain_kd_2k"]
+    assert after["dp"]["evaluated_after"] == ["domain_kd_2k", "domain_kd_2k_std"]
+    assert "domain_fd_2k" not in after["dp"]["final"]
+    assert after["dp"]["final"]["domain_fd_1k"] == arms["dp"]["final"]["domain_fd_1k"] != 999.0
+    assert "domain_kd_2k" not in after["federated"]["final"]
+    assert after["dp"]["curves"].keys() == arms["dp"]["curves"].keys()
+    report = (out / "report.md").read_text()
+    assert "| domain_kd_2k ↓ |" in report
+    assert "by `fedgan evaluate` on dp's last-round checkpoint: domain_kd_2k" in report
     # Another seed into the same folder is refused before anything trains: its arms would be
     # reported as the earlier seed's.
     seed_1 = study_from_args(

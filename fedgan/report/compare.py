@@ -44,6 +44,20 @@ def _final_metrics(records: list[dict]) -> dict[str, float]:
     return final
 
 
+def _covered(metric: str, values: dict[str, float]) -> bool:
+    """Whether ``values`` hold an output of registered ``metric`` (one computed later)."""
+    return metric in METRICS and any(k in values for k in METRICS.get(metric).output_keys)
+
+
+def _evaluated_after(records: list[dict], last_round: int) -> dict[str, float]:
+    """Metrics that ``fedgan evaluate`` computed after training on the last round's checkpoint
+    (the Inception ``fid_2k`` of a study run on CPU with domain metrics, say); later records
+    win. Records of other rounds (``--checkpoint best``, an earlier round) are left out: the
+    table compares last rounds."""
+    later = [r for r in records if r.get("mode") == "evaluate" and r.get("round") == last_round]
+    return _final_metrics(later)
+
+
 #: The curves' x-axes: what each arm has spent when a value was measured.
 X_AXES = ("examples_seen", "generator_steps", "wall_seconds", "round")
 
@@ -109,11 +123,15 @@ def collect(
     for arm in arm_runs:
         rd = RunDir(arm.run_dir)
         cfg = load_config(rd.config_path)
-        records = [r for r in rd.read_metrics() if r.get("mode") != "evaluate"]
+        every = rd.read_metrics()
+        records = [r for r in every if r.get("mode") != "evaluate"]
         summary = json.loads(rd.summary_path.read_text(encoding="utf-8"))
         last = records[-1] if records else {}
         epsilons = {h: v["epsilon"] for h, v in last.get("hospitals", {}).items() if "epsilon" in v}
         last_round = int(last.get("round", 0))
+        final = _final_metrics(records)
+        after = {k: v for k, v in _evaluated_after(every, last_round).items() if k not in final}
+        skipped = dict(summary.get("metrics_skipped") or {})
         arms[arm.name] = {
             "mode": arm.mode,
             "overrides": list(arm.overrides),
@@ -129,8 +147,9 @@ def collect(
             "bytes_communicated": summary.get("bytes_communicated"),
             "epsilon_per_hospital": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
-            "final": _final_metrics(records),
-            "not_computed": dict(summary.get("metrics_skipped") or {}),
+            "final": {**final, **after},
+            "evaluated_after": sorted(after),
+            "not_computed": {m: why for m, why in skipped.items() if not _covered(m, after)},
             "curves": _curves(records, cfg.train.batch_size),
             "audit": _audit(rd.path),
             "warm_start": summary.get("warm_start"),
@@ -355,6 +374,12 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         + "; ".join(f"{metric} ({why})" for metric, why in a["not_computed"].items())
         for n, a in arms.items()
         if a["not_computed"]
+    ]
+    notes += [
+        f"Computed after training by `fedgan evaluate` on {n}'s last-round checkpoint: "
+        + ", ".join(a["evaluated_after"])
+        for n, a in arms.items()
+        if a.get("evaluated_after")
     ]
     if any(a["same_examples_as_baseline"] is False for a in arms.values()):
         differ = [n for n, a in arms.items() if a["same_examples_as_baseline"] is False]
