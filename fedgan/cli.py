@@ -186,31 +186,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluates a run's checkpoint with the named metrics and appends the result to its
-    ``metrics.jsonl``; where none of them could be computed, one line says why and nothing is
-    appended."""
+    """Evaluates each run's checkpoint with the named metrics and appends the result to its
+    ``metrics.jsonl``. Every run, checkpoint and metric name is read before any evaluates, so
+    a typo in the last costs nothing; where none of a run's metrics could be computed, one line
+    says why and nothing is appended."""
 
     from fedgan.evaluation.metrics import parse_metric_list
+    from fedgan.rundir import dumps
     from fedgan.runs import make_evaluator
 
-    rd, cfg, ckpt = _load_run(args.run, args.overrides, args.checkpoint)
-    names = parse_metric_list(args.metrics or cfg.eval.metrics, "--metrics")
-    evaluator = make_evaluator(cfg, rd.samples)
-    result = evaluator.metrics(int(ckpt["round"]), ckpt["state"], names)
-    if not result and evaluator.skipped:  # nothing to record: say why, write nothing
-        why = "; ".join(f"{name}: {reason}" for name, reason in evaluator.skipped.items())
-        raise ValueError(f"no metric computed ({why})")
-    record = {
-        "round": int(ckpt["round"]),
-        "mode": "evaluate",
-        "checkpoint": str(rd.checkpoint_path(args.checkpoint)),
-        "eval": result,
-        "skipped": evaluator.skipped,
-    }
-    rd.append_metrics(record)
-    from fedgan.rundir import dumps
-
-    print(dumps(record, indent=2))
+    runs = []
+    for run in args.run:
+        rd, cfg, ckpt = _load_run(run, args.overrides, args.checkpoint)
+        runs.append(
+            (rd, cfg, ckpt, parse_metric_list(args.metrics or cfg.eval.metrics, "--metrics"))
+        )
+    for rd, cfg, ckpt, names in runs:
+        evaluator = make_evaluator(cfg, rd.samples)
+        result = evaluator.metrics(int(ckpt["round"]), ckpt["state"], names)
+        if not result and evaluator.skipped:  # nothing to record: say why, write nothing
+            why = "; ".join(f"{name}: {reason}" for name, reason in evaluator.skipped.items())
+            where = f" for {rd.path}" if len(runs) > 1 else ""
+            raise ValueError(f"no metric computed{where} ({why})")
+        record = {
+            "round": int(ckpt["round"]),
+            "mode": "evaluate",
+            "checkpoint": str(rd.checkpoint_path(args.checkpoint)),
+            "eval": result,
+            "skipped": evaluator.skipped,
+        }
+        rd.append_metrics(record)
+        print(dumps({"run": str(rd.path), **record}, indent=2) if len(runs) > 1
+              else dumps(record, indent=2))  # fmt: skip
     return 0
 
 
@@ -477,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the files' format (default: detected from the files)")  # fmt: skip
     p.set_defaults(func=cmd_data_check)
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint with registered metrics")
-    p.add_argument("--run", required=True, help="the run directory, e.g. runs/default")
+    p.add_argument("--run", required=True, nargs="+",
+                   help="the run directory, e.g. runs/default, or several (a study's arms: "
+                        "OUT/seed-*/*/)")  # fmt: skip
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--metrics", help="comma-separated metrics (default: the run's eval.metrics)")
     _overrides_arg(p, "override a key of the run's config, e.g. eval.inception_weights=PATH")

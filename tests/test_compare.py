@@ -174,8 +174,9 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     # A metric computed after training on the last round's checkpoint (the standard FID of a
     # study run with domain metrics) joins that arm's row when the study is collected again;
     # one of an earlier round does not, nor does a later reading of a metric training recorded.
-    dp_run = out / arms["dp"]["run_dir"]
-    assert main(["evaluate", "--run", str(dp_run), "--metrics", "domain_kd_2k"]) == 0
+    dp_run, pooled_run = out / arms["dp"]["run_dir"], out / arms["centralized"]["run_dir"]
+    assert main(["evaluate", "--run", str(dp_run), str(pooled_run),
+                 "--metrics", "domain_kd_2k"]) == 0  # fmt: skip
     assert main(["evaluate", "--run", str(dp_run), "--checkpoint", "1",
                  "--metrics", "domain_fd_2k"]) == 0  # fmt: skip
     RunDir(dp_run).append_metrics(
@@ -190,6 +191,7 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     assert "domain_fd_2k" not in after["dp"]["final"]
     assert after["dp"]["final"]["domain_fd_1k"] == arms["dp"]["final"]["domain_fd_1k"] != 999.0
     assert "domain_kd_2k" not in after["federated"]["final"]
+    assert after["centralized"]["evaluated_after"] == ["domain_kd_2k", "domain_kd_2k_std"]
     assert after["dp"]["curves"].keys() == arms["dp"]["curves"].keys()
     report = (out / "report.md").read_text()
     assert "| domain_kd_2k ↓ |" in report

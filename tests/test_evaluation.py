@@ -179,6 +179,14 @@ def test_evaluate_cli_appends_to_metrics(
     assert last["mode"] == "evaluate" and "domain_kd_1k" in last["eval"]
     assert main(["evaluate", "--run", str(toy_config.run_dir / "nope")]) == 2
     json.dumps(last)
+    # Several runs: every one is read before any is evaluated, so a typo in the last run or
+    # metric appends nothing to the first.
+    lines = len(RunDir(toy_config.run_dir).read_metrics())
+    assert main(["evaluate", "--run", str(toy_config.run_dir), str(toy_config.run_dir / "nope"),
+                 "--metrics", "domain_kd_1k"]) == 2  # fmt: skip
+    assert main(["evaluate", "--run", str(toy_config.run_dir), str(toy_config.run_dir),
+                 "--metrics", "domain_kd_1k,no_such_metric"]) == 2  # fmt: skip
+    assert len(RunDir(toy_config.run_dir).read_metrics()) == lines
     # nothing computable (a paired metric of a synthesis run, TSTR of an unconditional one):
     # one line with each metric's reason, exit 2, and no empty record appended
     lines = len(RunDir(toy_config.run_dir).read_metrics())
