@@ -183,6 +183,12 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
         {"round": 2, "mode": "evaluate", "eval": {"domain_fd_1k": 999.0}, "skipped": {}}
     )
     later = [r for r in RunDir(dp_run).read_metrics() if r.get("mode") == "evaluate"]
+    # As if training had skipped both metrics (no weights on the training machine): the one
+    # computed later on the last round leaves "not computed", the earlier round's stays.
+    summary_path = RunDir(dp_run).summary_path
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary["metrics_skipped"] = {"domain_kd_2k": "no weights", "domain_fd_2k": "no weights"}
+    summary_path.write_text(json.dumps(summary), encoding="utf-8")
     messages.clear()
     after = run_study(moved, out, log=messages.append)["arms"]
     assert sum("finished earlier" in m for m in messages) == 3
@@ -193,9 +199,11 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     assert "domain_kd_2k" not in after["federated"]["final"]
     assert after["centralized"]["evaluated_after"] == ["domain_kd_2k", "domain_kd_2k_std"]
     assert after["dp"]["curves"].keys() == arms["dp"]["curves"].keys()
+    assert after["dp"]["not_computed"] == {"domain_fd_2k": "no weights"}
     report = (out / "report.md").read_text()
     assert "| domain_kd_2k ↓ |" in report
     assert "by `fedgan evaluate` on dp's last-round checkpoint: domain_kd_2k" in report
+    assert "Not computed for dp: domain_fd_2k (no weights)" in report
     # Another seed into the same folder is refused before anything trains: its arms would be
     # reported as the earlier seed's.
     seed_1 = study_from_args(
