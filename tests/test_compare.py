@@ -151,6 +151,11 @@ def test_tiny_comparison_report_holds_both_arms_with_matching_budgets(
     pooled_steps = arms["centralized"]["curves"]["domain_fd_1k"]["generator_steps"]
     assert fed_steps == [cfg_steps, 2 * cfg_steps]
     assert pooled_steps == [2 * cfg_steps, 4 * cfg_steps]  # two hospitals' worth a round
+    assert arms["federated"]["generator_steps"] == 2 * cfg_steps
+    assert arms["centralized"]["generator_steps"] == 4 * cfg_steps
+    assert f"| generator steps in sequence | {4 * cfg_steps} | {2 * cfg_steps} |" in report
+    assert (f"Generator steps in sequence: federated {2 * cfg_steps}" in report
+            and f"against the centralized baseline's {4 * cfg_steps}." in report)  # fmt: skip
     fd = arms["federated"]["curves"]["domain_fd_1k"]["value"]
     assert arms["federated"]["recent"]["domain_fd_1k"] == pytest.approx(sum(fd) / 2)
     wall = arms["federated"]["curves"]["domain_fd_1k"]["wall_seconds"]

@@ -67,6 +67,16 @@ X_AXES = ("examples_seen", "generator_steps", "wall_seconds", "round")
 RECENT = 3
 
 
+def _round_steps(record: dict, batch_size: int = 0) -> float:
+    """A round's sequential generator steps (see :func:`_curves`)."""
+    aggregate = record.get("aggregate", {})
+    steps = aggregate.get("generator_steps")
+    if steps is None and batch_size > 0:
+        per_hospital = aggregate.get("examples_seen", 0) / max(aggregate.get("hospitals", 0), 1)
+        steps = per_hospital / batch_size
+    return float(steps or 0)
+
+
 def _curves(records: list[dict], batch_size: int = 0) -> dict[str, dict[str, list[float]]]:
     """Each metric's values with the cumulative spend (:data:`X_AXES`) at each evaluation.
 
@@ -79,13 +89,8 @@ def _curves(records: list[dict], batch_size: int = 0) -> dict[str, dict[str, lis
     spent = dict.fromkeys(("examples_seen", "generator_steps", "wall_seconds"), 0.0)
     curves: dict[str, dict[str, list[float]]] = {}
     for r in records:
-        aggregate = r.get("aggregate", {})
-        spent["examples_seen"] += aggregate.get("examples_seen", 0)
-        steps = aggregate.get("generator_steps")
-        if steps is None and batch_size > 0:
-            per_hospital = aggregate.get("examples_seen", 0) / max(aggregate.get("hospitals", 0), 1)
-            steps = per_hospital / batch_size
-        spent["generator_steps"] += steps or 0
+        spent["examples_seen"] += r.get("aggregate", {}).get("examples_seen", 0)
+        spent["generator_steps"] += _round_steps(r, batch_size)
         spent["wall_seconds"] += r.get("round_seconds") or 0.0
         for key, value in (r.get("eval") or {}).items():
             if isinstance(value, (int, float)) and not key.startswith(_SKIP_PREFIXES):
@@ -143,6 +148,7 @@ def collect(
             "privacy": cfg.privacy.mode,
             "rounds": summary.get("rounds"),
             "examples_seen": summary.get("examples_seen"),
+            "generator_steps": round(sum(_round_steps(r, cfg.train.batch_size) for r in records)),
             "wall_seconds": summary.get("wall_seconds"),
             "bytes_communicated": summary.get("bytes_communicated"),
             "epsilon_per_hospital": epsilons,
@@ -335,6 +341,7 @@ def _table(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ["max ε per hospital", *(_fmt(a["max_epsilon"]) for a in arms.values())],
         ["rounds", *(_fmt(a["rounds"]) for a in arms.values())],
         ["examples seen", *(_fmt(a["examples_seen"]) for a in arms.values())],
+        ["generator steps in sequence", *(_fmt(a.get("generator_steps")) for a in arms.values())],
         ["wall time (s)", *(f"{a['wall_seconds']:.0f}" for a in arms.values())],
         ["MB communicated", *(f"{a['bytes_communicated'] / 1e6:.1f}" for a in arms.values())],
     ]  # fmt: skip
@@ -386,6 +393,17 @@ def write_report(comparison: dict[str, Any], out: Path) -> None:
         notes.append(
             f"Arms {', '.join(differ)} saw a different number of training examples than the "
             "centralized baseline (a deliberate variant, or a budget mismatch)."
+        )
+    baseline = next((a for a in arms.values() if a["mode"] == "centralized"), None)
+    fewer = [f"{n} {a['generator_steps']}" for n, a in arms.items()
+             if baseline and a["mode"] == "federated"
+             and 0 < a.get("generator_steps", 0) < baseline.get("generator_steps", 0)]  # fmt: skip
+    if baseline and fewer:
+        notes.append(
+            f"Generator steps in sequence: {', '.join(fewer)} against the centralized "
+            f"baseline's {baseline['generator_steps']}. Hospitals train side by side, so a "
+            "federated round advances one hospital's steps; at equal examples a federation of "
+            "N takes 1/N of the pooled run's steps (simulations/README.md, study 48)."
         )
     md = [f"# {comparison['study']}", ""]
     if comparison["description"]:
