@@ -90,3 +90,24 @@ def test_centralized_resumes_after_a_crash(toy_config: Config) -> None:
     train_centralized(more, log=lambda _: None)
     records = RunDir(toy_config.run_dir).read_metrics()
     assert [r["round"] for r in records] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
+def test_a_resumed_pooled_run_ends_as_the_uninterrupted_one(
+    toy_config: Config, schedule: str
+) -> None:
+    """The checkpoint keeps the Adam moments and the critic schedule, so stopping after round
+    2 and resuming gives round 3's weights bit for bit (fresh optimizers would not)."""
+    cfg = with_changes(toy_config, train={"critic_schedule": schedule, "critic_grace": 1})
+    straight = with_changes(cfg, run={"name": "straight"}, federation={"num_rounds": 3})
+    train_centralized(straight, log=lambda _: None)
+    train_centralized(with_changes(cfg, federation={"num_rounds": 2}), log=lambda _: None)
+    resumed = with_changes(cfg, federation={"num_rounds": 3}, run={"resume": True})
+    train_centralized(resumed, log=lambda _: None)
+    a = RunDir(straight.run_dir).load_checkpoint()
+    b = RunDir(cfg.run_dir).load_checkpoint()
+    assert a["round"] == b["round"] == 3
+    assert a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    last = [RunDir(c.run_dir).read_metrics()[-1]["aggregate"] for c in (straight, cfg)]
+    assert last[0]["d_loss"] == last[1]["d_loss"]

@@ -24,6 +24,11 @@ from fedgan.training import (
     train,
 )
 from fedgan.training.embedding import set_embedding_target
+from fedgan.training.hospital import restore_optimizers, serialize_optimizers
+
+#: Where a pooled run's checkpoint keeps its optimizers' (and critic schedule's) state, so that
+#: a resumed run goes on as the uninterrupted one would.
+OPTIMIZERS_KEY = "optimizers"
 
 
 def steps_per_round(cfg: Config) -> int:
@@ -68,6 +73,11 @@ def _train_rounds(
     optimizers = make_optimizers(nets, cfg.train)
     steps = steps_per_round(cfg)
     schedule = objective.critic_schedule()  # the hospitals' critic schedule, if any
+    kept = recorder.resumed_meta.get(OPTIMIZERS_KEY)
+    if kept:  # a resumed run goes on with its Adam moments and critic schedule
+        critic = restore_optimizers(optimizers, kept)
+        if schedule is not None:
+            schedule.restore(critic)
     set_embedding_target(objective, cfg, dataset, None, seed=cfg.run.seed)
     for round_ in range(recorder.start_round + 1, cfg.federation.num_rounds + 1):
         set_round_lr(optimizers, cfg.train, round_, cfg.federation.num_rounds)
@@ -88,4 +98,5 @@ def _train_rounds(
             d_steps=stats.d_steps,
             critic=stats.critic,
         )
-        recorder.end_round(record, pack_state(nets))
+        kept = serialize_optimizers(optimizers, schedule.state() if schedule else None)
+        recorder.end_round(record, pack_state(nets), {OPTIMIZERS_KEY: kept})
